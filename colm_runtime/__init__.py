@@ -1,0 +1,1 @@
+"""CoLM runtime: the chain model, its checkpoints and the inference engine."""

@@ -1,0 +1,142 @@
+"""ForwardBatch: what one model step computes, flattened vLLM-style over a paged KV cache.
+
+Sequences are ordered by chain count, descending, so that the rows (tokens) using chain j are a
+prefix of the batch; every chain layer then works on a prefix of the rows. `order` maps the sorted
+position back to the caller's sequence index.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from colm_runtime.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class SeqSpec:
+    """One sequence's share of a step.
+
+    token_ids: the tokens this step computes (a prefill chunk, or one decode token, or more for
+      speculative verification); ctx_len: tokens already in the KV cache before them (their positions
+      start there); chains: the chain count this step runs at; block_tables[p]: the physical blocks of
+      pool p covering positions 0..ctx_len+len(token_ids)-1 (one table per pool the chains use).
+    """
+
+    token_ids: Sequence[int]
+    ctx_len: int
+    chains: int
+    block_tables: Sequence[Sequence[int]]
+
+
+@dataclass(frozen=True)
+class PrefillGroup:
+    """A sequence computing more than one token: attended on its own with a causal mask."""
+
+    row_start: int
+    q_len: int
+    total_len: int  # ctx_len + q_len
+    chains: int
+    block_tables: list[torch.Tensor]  # per pool: [1, nb]
+    mask: torch.Tensor | None  # [1, 1, q_len, total_len] bool, None when there is no past (plain causal)
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    chains: int  # max chain count in the batch
+    rows: tuple[int, ...]  # rows[j]: leading rows that use chain j
+    order: tuple[int, ...]  # sorted sequence -> caller's index
+    seq_chains: tuple[int, ...]  # per sorted sequence
+    last_rows: torch.Tensor  # [B] row of each sorted sequence's last token
+    slots: list[torch.Tensor]  # per pool: [rows using the pool] flat cache slots of new tokens
+    dec_rows: torch.Tensor  # [Bd] rows of single-token sequences (sorted by chains, descending)
+    dec_count: tuple[int, ...]  # dec_count[j]: leading decode sequences that use chain j
+    dec_tables: list[torch.Tensor]  # per pool: [Bd_p, nb_max] block tables of decode sequences
+    dec_len: int  # longest decode context, in tokens
+    dec_mask: torch.Tensor | None  # [Bd, 1, 1, dec_len] bool
+    prefills: tuple[PrefillGroup, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def logit_rows(self) -> tuple[int, ...]:
+        """Prefix counts per chain over last_rows (one row per sorted sequence)."""
+        return tuple(sum(1 for c in self.seq_chains if c > j) for j in range(self.chains))
+
+    @staticmethod
+    def build(cfg: ModelConfig, seqs: Sequence[SeqSpec], block_size: int,
+              device: torch.device | str = "cpu") -> "ForwardBatch":
+        assert seqs, "empty batch"
+        order = sorted(range(len(seqs)), key=lambda i: -seqs[i].chains)  # stable: ties keep arrival order
+        ss = [seqs[i] for i in order]
+        for s in ss:
+            cfg.check_chains(s.chains)
+            assert len(s.block_tables) >= cfg.pools_for(s.chains), "a block table per used pool"
+            assert len(s.token_ids) >= 1
+        kmax = ss[0].chains
+        ids, pos, starts = [], [], []
+        for s in ss:
+            starts.append(len(ids))
+            ids.extend(int(t) for t in s.token_ids)
+            pos.extend(range(s.ctx_len, s.ctx_len + len(s.token_ids)))
+        n_tok = [len(s.token_ids) for s in ss]
+        rows = tuple(sum(n for n, s in zip(n_tok, ss) if s.chains > j) for j in range(kmax))
+        last_rows = [st + n - 1 for st, n in zip(starts, n_tok)]
+
+        def slots_for(p: int) -> torch.Tensor:
+            out = []
+            for s in ss:
+                if cfg.pools_for(s.chains) <= p:
+                    continue  # sorted descending: later sequences use fewer pools too
+                table = s.block_tables[p]
+                for q in range(s.ctx_len, s.ctx_len + len(s.token_ids)):
+                    out.append(table[q // block_size] * block_size + q % block_size)
+            return torch.tensor(out, dtype=torch.long, device=device)
+
+        n_pools = cfg.pools_for(kmax)
+        slots = [slots_for(p) for p in range(n_pools)]
+        dec = [i for i, s in enumerate(ss) if len(s.token_ids) == 1]
+        dec_len = max((ss[i].ctx_len + 1 for i in dec), default=0)
+        nb_max = -(-dec_len // block_size)
+
+        def table(s: SeqSpec, p: int, nb: int) -> list[int]:
+            t = list(s.block_tables[p][:nb])
+            return t + [t[0]] * (nb - len(t))  # pad with a real block; masked out below
+
+        dec_tables = [
+            torch.tensor([table(ss[i], p, nb_max) for i in dec if cfg.pools_for(ss[i].chains) > p],
+                         dtype=torch.long, device=device).reshape(-1, max(nb_max, 1))
+            for p in range(n_pools)
+        ]
+        dec_mask = None
+        if dec:
+            lens = torch.tensor([ss[i].ctx_len + 1 for i in dec], device=device)
+            dec_mask = (torch.arange(dec_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        prefills = []
+        for i, s in enumerate(ss):
+            q_len = len(s.token_ids)
+            if q_len == 1:
+                continue
+            total = s.ctx_len + q_len
+            nb = -(-total // block_size)
+            mask = None
+            if s.ctx_len:
+                qpos = torch.arange(s.ctx_len, total, device=device)[:, None]
+                mask = (torch.arange(total, device=device)[None, :] <= qpos)[None, None]
+            tables = [torch.tensor([table(s, p, nb)], dtype=torch.long, device=device)
+                      for p in range(cfg.pools_for(s.chains))]
+            prefills.append(PrefillGroup(starts[i], q_len, total, s.chains, tables, mask))
+        return ForwardBatch(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
+            positions=torch.tensor(pos, dtype=torch.long, device=device),
+            chains=kmax, rows=rows, order=tuple(order), seq_chains=tuple(s.chains for s in ss),
+            last_rows=torch.tensor(last_rows, dtype=torch.long, device=device), slots=slots,
+            dec_rows=torch.tensor([last_rows[i] for i in dec], dtype=torch.long, device=device),
+            dec_count=tuple(sum(1 for i in dec if ss[i].chains > j) for j in range(kmax)),
+            dec_tables=dec_tables, dec_len=dec_len, dec_mask=dec_mask, prefills=tuple(prefills),
+        )

@@ -1,0 +1,57 @@
+"""Chain-sliced paged K/V storage.
+
+One pool per KV pool of the model (config.n_kv_pools): plain CoLM has one pool per chain, pool j
+holding the K/V of chain j's heads for every layer; CoLM-Air has a single pool holding the K/V
+computed from chain 1, shared by every chain count. A request at k chains holds blocks in pools
+0..pools_for(k)-1, so its KV memory per token is proportional to the chains it uses.
+
+This module only stores tensors; which blocks belong to whom is the engine's block manager's job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from colm_runtime.config import ModelConfig
+
+
+class ChainKVCache:
+    """K/V tensors of every pool: k[p], v[p]: [n_layers, num_blocks[p], block_size, kv_heads[p], head_dim]."""
+
+    def __init__(self, cfg: ModelConfig, num_blocks: Sequence[int], block_size: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+        assert len(num_blocks) == cfg.n_kv_pools, "one block count per pool"
+        self.cfg, self.block_size = cfg, block_size
+        self.num_blocks = tuple(int(n) for n in num_blocks)
+        shape = lambda p: (cfg.n_layers, self.num_blocks[p], block_size, cfg.pool_kv_heads[p], cfg.head_dim)
+        self.k = [torch.zeros(shape(p), dtype=dtype, device=device) for p in range(cfg.n_kv_pools)]
+        self.v = [torch.zeros(shape(p), dtype=dtype, device=device) for p in range(cfg.n_kv_pools)]
+
+    @staticmethod
+    def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> tuple[int, ...]:
+        """Bytes one block of each pool takes (K and V, all layers)."""
+        elem = torch.empty((), dtype=dtype).element_size()
+        return tuple(2 * cfg.n_layers * block_size * h * cfg.head_dim * elem for h in cfg.pool_kv_heads)
+
+    def write(self, layer: int, pool: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store new tokens' K/V: k, v: [R, kv_heads, hd] at flat slots [R] (block * block_size + offset)."""
+        self.k[pool][layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+        self.v[pool][layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+    def gather(self, layer: int, pool: int, block_table: torch.Tensor, length: int | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of whole blocks: block_table [B, nb] -> k, v: [B, kv_heads, nb*block_size (or length), hd]."""
+        def one(t: torch.Tensor) -> torch.Tensor:
+            g = t[layer][block_table]  # [B, nb, bs, H, hd]
+            g = g.flatten(1, 2)
+            if length is not None:
+                g = g[:, :length]
+            return g.transpose(1, 2)
+        return one(self.k[pool]), one(self.v[pool])
+
+    def copy_blocks(self, pool: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy whole blocks src[i] -> dst[i] in one pool (all layers), e.g. for copy-on-write."""
+        self.k[pool][:, dst] = self.k[pool][:, src]
+        self.v[pool][:, dst] = self.v[pool][:, src]

@@ -1,0 +1,111 @@
+"""Chain layers: Chain-of-Linear, per-chain RMSNorm and rotary embeddings.
+
+Every layer takes `chains` (how many leading chains to compute) and optionally `rows`: for a mixed
+batch whose rows are ordered by chain count (descending), rows[j] is how many leading rows use chain
+j. Chain j is then computed on those rows only, so no row pays for chains it does not use. Columns
+of chains a row does not use are zero in the output and are never read by a later chain layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from itertools import accumulate
+
+import torch
+from torch import nn
+
+Rows = Sequence[int] | None
+
+
+def _offsets(widths: Sequence[int]) -> list[int]:
+    return [0, *accumulate(widths)]
+
+
+def uniform(rows: Rows, n_rows: int) -> bool:
+    return rows is None or all(r == n_rows for r in rows)
+
+
+def scatter_chain_outputs(outs: list[torch.Tensor], rows: Rows, like: torch.Tensor) -> torch.Tensor:
+    """Concatenate per-chain outputs along the last dim; rows a chain skipped stay zero."""
+    if uniform(rows, like.shape[0]):
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+    width = sum(o.shape[-1] for o in outs)
+    y = like.new_zeros(like.shape[0], width)
+    col = 0
+    for out in outs:
+        y[: out.shape[0], col : col + out.shape[-1]] = out
+        col += out.shape[-1]
+    return y
+
+
+class ChainLinear(nn.Module):
+    """Block lower-triangular linear map, storing and computing only the non-zero blocks.
+
+    Chain i's weight W_i has shape [out_widths[i], in_widths[0] + ... + in_widths[i]]: output chain i
+    reads input chains 0..i only. y = concat_i(x[:, :in_1+..+in_i] @ W_i^T).
+    """
+
+    def __init__(self, in_widths: Sequence[int], out_widths: Sequence[int], bias: bool = False):
+        super().__init__()
+        assert len(in_widths) == len(out_widths)
+        self.in_widths, self.out_widths = tuple(in_widths), tuple(out_widths)
+        self.in_offsets, self.out_offsets = _offsets(in_widths), _offsets(out_widths)
+        self.chains = nn.ModuleList(
+            nn.Linear(self.in_offsets[i + 1], out, bias=bias) for i, out in enumerate(out_widths)
+        )
+
+    def forward(self, x: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:
+        # x: [..., >= in_offsets[chains]] -> [..., out_offsets[chains]]
+        outs = []
+        for j in range(chains):
+            xin = x[..., : self.in_offsets[j + 1]] if rows is None else x[: rows[j], : self.in_offsets[j + 1]]
+            outs.append(self.chains[j](xin))
+        return scatter_chain_outputs(outs, rows, x)
+
+
+class ChainRMSNorm(nn.Module):
+    """RMSNorm applied to each chain separately, with each chain's own statistics."""
+
+    def __init__(self, widths: Sequence[int], eps: float):
+        super().__init__()
+        self.widths = tuple(widths)
+        self.offsets = _offsets(widths)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(self.offsets[-1]))
+        self._equal = len(set(self.widths)) == 1
+
+    def _norm(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:
+        # x: [..., >= offsets[chains]] -> [..., offsets[chains]]
+        width = self.offsets[chains]
+        w = self.weight[:width]
+        if self._equal and uniform(rows, x.shape[0]):
+            xs = x[..., :width].unflatten(-1, (chains, self.widths[0]))
+            return (self._norm(xs).flatten(-2) * w.float()).to(x.dtype)
+        outs = []
+        for j in range(chains):
+            lo, hi = self.offsets[j], self.offsets[j + 1]
+            xin = x[..., lo:hi] if rows is None else x[: rows[j], lo:hi]
+            outs.append((self._norm(xin) * w[lo:hi].float()).to(x.dtype))
+        return scatter_chain_outputs(outs, rows, x)
+
+
+def rope_cache(head_dim: int, max_pos: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables: [max_pos, head_dim] (Llama's rotate-half layout), in fp32."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64, device=device), inv)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x: [..., T, H, hd] with cos/sin: [..., T, hd] (already gathered at x's positions)."""
+    half = x.shape[-1] // 2
+    xf = x.float()
+    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
+    out = xf * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
+    return out.to(x.dtype)
+

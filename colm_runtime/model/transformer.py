@@ -1,0 +1,150 @@
+"""The CoLM Transformer: Llama-style pre-norm blocks built from chain layers.
+
+Any chain count k in 1..n runs from the same weights and computes only chains <= k. Two forwards:
+`forward` (a full causal pass over [B, S] tokens at one chain count: training and reference) and
+`forward_step` (one engine step over a paged KV cache, mixed chain counts per sequence).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colm_runtime.config import ModelConfig
+from colm_runtime.model.attention import ChainAttention
+from colm_runtime.model.batch import ForwardBatch
+from colm_runtime.model.kv_cache import ChainKVCache
+from colm_runtime.model.layers import ChainLinear, ChainRMSNorm, Rows, rope_cache, scatter_chain_outputs
+
+
+class ChainFFN(nn.Module):
+    """SwiGLU with chain-split gate, up and down; gate and up share one Chain-of-Linear block."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ffn_widths = cfg.ffn_widths
+        self.gate_up = ChainLinear(cfg.chain_widths, [2 * w for w in cfg.ffn_widths])
+        self.down = ChainLinear(cfg.ffn_widths, cfg.chain_widths)
+
+    def forward(self, x: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:
+        gu = self.gate_up(x, chains, rows)
+        outs, col = [], 0
+        for j in range(chains):
+            w = self.ffn_widths[j]
+            g = gu[..., col : col + w] if rows is None else gu[: rows[j], col : col + w]
+            u = gu[..., col + w : col + 2 * w] if rows is None else gu[: rows[j], col + w : col + 2 * w]
+            outs.append(F.silu(g) * u)
+            col += 2 * w
+        h = scatter_chain_outputs(outs, rows, x) if rows is not None else torch.cat(outs, dim=-1)
+        return self.down(h, chains, rows)
+
+
+class ChainBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = ChainRMSNorm(cfg.chain_widths, cfg.norm_eps)
+        self.attn = ChainAttention(cfg, layer)
+        self.ffn_norm = ChainRMSNorm(cfg.chain_widths, cfg.norm_eps)
+        self.ffn = ChainFFN(cfg)
+
+
+class CoLMModel(nn.Module):
+    """A Chain-of-Model language model. Parameter names are the checkpoint's tensor names."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(ChainBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm = ChainRMSNorm(cfg.chain_widths, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """Drop the rotary tables; they are rebuilt in fp32 on first use on each device. They are not
+        buffers on purpose: model.to(bfloat16) must not round them."""
+        self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [max_position_embeddings, head_dim], fp32, on `device`."""
+        if device not in self._rope:
+            self._rope[device] = rope_cache(self.cfg.head_dim, self.cfg.max_position_embeddings,
+                                            self.cfg.rope_theta, device=device)
+        return self._rope[device]
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """[vocab, dim]; scale k reads its first width(k) columns."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def init_weights(self, seed: int | None = None, std: float = 0.02) -> "CoLMModel":
+        """Llama-style init: N(0, std); output projections scaled down by depth; norms at one."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+                continue
+            scale = std / (2 * self.cfg.n_layers) ** 0.5 if (".o." in name or ".down." in name) else std
+            with torch.no_grad():
+                p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        return self
+
+    def _embed(self, ids: torch.Tensor, chains: int) -> torch.Tensor:
+        # Only the first width(chains) columns are read: a gather of a column slice.
+        return F.embedding(ids, self.embed.weight[:, : self.cfg.width(chains)])
+
+    def forward(self, input_ids: torch.Tensor, chains: int | None = None) -> torch.Tensor:
+        """Hidden states after the final norm: [B, S] -> [B, S, width(chains)]."""
+        k = self.cfg.n_chains if chains is None else self.cfg.check_chains(chains)
+        S = input_ids.shape[1]
+        assert S <= self.cfg.max_position_embeddings, "sequence longer than max_position_embeddings"
+        cos, sin = (t[:S] for t in self.rope(input_ids.device))
+        h = self._embed(input_ids, k)
+        for blk in self.layers:
+            h = h + blk.attn.forward_full(blk.attn_norm(h, k), k, cos, sin)
+            h = h + blk.ffn(blk.ffn_norm(h, k), k)
+        return self.norm(h, k)
+
+    def logits(self, hidden: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:
+        """LM head on normed hidden states: logits_k = sum_{j<k} W_head[:, chain j] h_j, in fp32.
+
+        rows (for rows sorted by chain count): rows[j] leading rows use chain j.
+        """
+        W = self.head_weight
+        off = self.norm.offsets
+        if rows is None or all(r == hidden.shape[0] for r in rows):
+            return F.linear(hidden[..., : off[chains]], W[:, : off[chains]]).float()
+        out = hidden.new_zeros(hidden.shape[0], W.shape[0], dtype=torch.float32)
+        for j in range(chains):
+            out[: rows[j]] += F.linear(hidden[: rows[j], off[j] : off[j + 1]], W[:, off[j] : off[j + 1]]).float()
+        return out
+
+    def scale_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every scale 1..k from one full forward's hidden states (chain rule: the first k
+        chains of the full model's hidden states are the k-chain model's). Used by the multi-chain loss."""
+        W, off = self.head_weight, self.norm.offsets
+        k = next(j for j in range(len(off)) if off[j] == hidden.shape[-1])
+        out, acc = [], None
+        for j in range(k):
+            part = F.linear(hidden[..., off[j] : off[j + 1]], W[:, off[j] : off[j + 1]])
+            acc = part if acc is None else acc + part
+            out.append(acc)
+        return out
+
+    @torch.inference_mode()
+    def forward_step(self, batch: ForwardBatch, cache: ChainKVCache, all_logits: bool = False) -> torch.Tensor:
+        """One engine step. Returns fp32 logits [B, vocab] for each sorted sequence's last token
+        (or [T, vocab] for every row when all_logits)."""
+        k, rows = batch.chains, batch.rows
+        cos, sin = (t[batch.positions] for t in self.rope(batch.input_ids.device))
+        # Columns of chains a row does not use hold embedding values that no chain layer reads.
+        h = self._embed(batch.input_ids, k)
+        for blk in self.layers:
+            h = h + blk.attn.forward_step(blk.attn_norm(h, k, rows), batch, cache, cos, sin)
+            h = h + blk.ffn(blk.ffn_norm(h, k, rows), k, rows)
+        if all_logits:
+            return self.logits(self.norm(h, k, rows), k, rows)
+        last = h[batch.last_rows]
+        lrows = batch.logit_rows()
+        return self.logits(self.norm(last, k, lrows), k, lrows)

@@ -8,8 +8,14 @@ from __future__ import annotations
 
 import math
 import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from colm_runtime.config import ModelConfig
+    from colm_runtime.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length", "abort", "error"]
 
@@ -157,3 +163,33 @@ class EngineStats:
     shrinks_total: int
     steps_total: int
     alive: bool
+
+
+class EngineClient(ABC):
+    """What the HTTP server needs from an engine. The engine's AsyncEngine implements it.
+
+    generate() yields the RequestOutput updates of every completion (index 0..n-1) of one request,
+    in order, ending once all are finished. Closing or cancelling the iterator before that (the client
+    went away) aborts the request, freeing its KV blocks at the next step. It raises RequestTooLong,
+    EngineOverloaded or EngineStopped before yielding anything when the request cannot be admitted.
+    """
+
+    config: "ModelConfig"
+    tokenizer: "Tokenizer"
+    model_name: str
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    def generate(self, request: EngineRequest) -> AsyncIterator[RequestOutput]: ...
+
+    @abstractmethod
+    async def abort(self, request_id: str) -> None: ...
+
+    @abstractmethod
+    def stats(self) -> EngineStats: ...
+
+    @abstractmethod
+    async def shutdown(self, drain_timeout: float = 0.0) -> None:
+        """Stop admitting, let running requests finish for up to drain_timeout seconds, abort the rest."""

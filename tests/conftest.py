@@ -1,0 +1,26 @@
+"""Shared fixtures: small random model directories of both variants (built once per session)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colm_runtime.testing import make_model_dir, small_config
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def plain_model_dir(tmp_path_factory):
+    """Plain CoLM, chains {2,2,2,2}, one KV head per chain."""
+    return make_model_dir(tmp_path_factory.mktemp("plain"), small_config())
+
+
+@pytest.fixture(scope="session")
+def air_model_dir(tmp_path_factory):
+    """CoLM-Air, chains {2,2,2,2}, one shared KV head."""
+    return make_model_dir(tmp_path_factory.mktemp("air"), small_config(kv_sharing=True))

@@ -36,6 +36,11 @@ class EngineStopped(EngineError):
     """The engine is draining or stopped and admits no new requests."""
 
 
+class InvalidRequest(EngineError, ValueError):
+    """The request itself is malformed (empty prompt, token id outside the vocabulary, chain count
+    outside 1..n_chains, min_chains above chains, a request id already in flight): a client error."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request sampling, OpenAI/vLLM semantics.

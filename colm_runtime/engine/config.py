@@ -1,0 +1,102 @@
+"""EngineConfig: the cache and scheduler settings of one engine (frozen; derived values are properties).
+
+The KV budget is split into pools (one per chain for plain CoLM, one for CoLM-Air). By default every
+pool gets the same number of blocks, so requests at full chains can use the whole budget. Because
+pool 0 is used by every request and pool p only by requests above p chains, pool 0 is then always
+the fullest, and shrinking a request (which frees upper pools only) cannot relieve it. `pool_weights`
+tapers the upper pools instead (for example (4, 3, 2, 1) for an even mix of chain counts): then
+full-chain load fills the upper pools first and shrinking running requests relieves the pressure.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from colm_runtime.config import ModelConfig
+from colm_runtime.model.kv_cache import ChainKVCache
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """'float32' | 'bfloat16' | 'float16' | None (the checkpoint's dtype)."""
+    if name is None or name == "auto":
+        return None
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {name!r}")
+    return _DTYPES[name]
+
+
+def default_kv_cache_memory(device: str) -> int:
+    """A budget that fits the machine: CUDA: half of the free device memory; CPU: an eighth of RAM,
+    at most 4 GiB (the CPU is shared with the tokenizer, the server and other processes)."""
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free * 0.5)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # not POSIX
+        ram = 8 << 30
+    return int(min(ram // 8, 4 << 30))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Settings of one engine.
+
+    kv_cache_memory: bytes for all K/V pools together (None: default_kv_cache_memory). The pools are
+      never made larger than max_num_seqs full-length sequences need, so a tiny model does not take
+      gigabytes for nothing.
+    max_num_seqs: running sequences at most (n > 1 completions count one each).
+    max_num_batched_tokens: tokens computed per step (decode tokens + prefill chunks).
+    max_model_len: prompt + output tokens at most (None: the model's max_position_embeddings).
+    max_waiting: requests queued before EngineOverloaded.
+    pool_weights: relative block count of each pool (None: equal; see the module docstring).
+    seed: seeds the sampling of requests without their own seed.
+    """
+
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None
+    max_waiting: int = 1024
+    device: str = "cpu"
+    dtype: str | None = None
+    pool_weights: tuple[float, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        assert self.block_size >= 1 and self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
+        assert self.max_waiting >= 0
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError("kv_cache_memory must be positive")
+        if self.pool_weights is not None:
+            object.__setattr__(self, "pool_weights", tuple(float(w) for w in self.pool_weights))
+            if any(w <= 0 for w in self.pool_weights):
+                raise ValueError("pool_weights must be positive")
+        parse_dtype(self.dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return parse_dtype(self.dtype)
+
+    def model_len(self, cfg: ModelConfig) -> int:
+        """The longest sequence (prompt + output) the engine accepts for this model."""
+        limit = cfg.max_position_embeddings
+        return limit if self.max_model_len is None else min(self.max_model_len, limit)
+
+    def num_blocks(self, cfg: ModelConfig, dtype: torch.dtype) -> tuple[int, ...]:
+        """Blocks of each pool under the memory budget."""
+        weights = self.pool_weights or (1.0,) * cfg.n_kv_pools
+        assert len(weights) == cfg.n_kv_pools, f"pool_weights needs {cfg.n_kv_pools} entries"
+        budget = self.kv_cache_memory or default_kv_cache_memory(self.device)
+        per_block = ChainKVCache.block_bytes(cfg, self.block_size, dtype)
+        top = max(weights)
+        # Blocks b_p = unit * w_p / max(w), with sum_p b_p * bytes_p <= budget.
+        unit = budget / sum(w / top * b for w, b in zip(weights, per_block))
+        cap = self.max_num_seqs * -(-self.model_len(cfg) // self.block_size)
+        return tuple(max(1, min(cap, int(unit * w / top))) for w in weights)

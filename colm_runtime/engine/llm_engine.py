@@ -1,0 +1,216 @@
+"""LLMEngine: the synchronous engine (add_request / abort / step), used directly by tests and benchmarks
+and driven by AsyncEngine's background thread in the server.
+
+One step = schedule (which sequences compute how many tokens) -> one mixed-chain forward -> sample
+the sequences that reached their last token -> append, detokenize, check stops -> RequestOutputs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from colm_runtime.engine.block_manager import BlockManager
+from colm_runtime.engine.config import EngineConfig
+from colm_runtime.engine.detokenizer import IncrementalDetokenizer
+from colm_runtime.engine.metrics import StepMetrics
+from colm_runtime.engine.output import OutputBuilder
+from colm_runtime.engine.runner import ModelRunner
+from colm_runtime.engine.scheduler import Scheduler
+from colm_runtime.engine.sequence import Request, Sequence
+from colm_runtime.engine.types import (EngineOverloaded, EngineRequest, EngineStats, InvalidRequest,
+                                       RequestOutput, RequestTooLong)
+from colm_runtime.model import ChainKVCache, CoLMModel
+from colm_runtime.tokenizer import Tokenizer
+
+
+@dataclass
+class Completion:
+    """A finished completion, accumulated from its RequestOutputs (LLMEngine.generate's result)."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    chains: list[int] = field(default_factory=list)  # chain count of each generated token
+    logprobs: list = field(default_factory=list)
+
+
+class LLMEngine:
+    """Continuous batching over a chain-sliced paged KV cache, one step at a time."""
+
+    def __init__(self, model: CoLMModel, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
+                 model_name: str = "colm"):
+        self.model, self.tokenizer, self.config, self.model_name = model, tokenizer, config, model_name
+        self.cfg = model.cfg
+        param = next(model.parameters())
+        self.num_blocks = config.num_blocks(self.cfg, param.dtype)
+        cache = ChainKVCache(self.cfg, self.num_blocks, config.block_size, param.dtype, param.device)
+        self.blocks = BlockManager(self.cfg, self.num_blocks, config.block_size)
+        self.scheduler = Scheduler(config, self.blocks)
+        self.runner = ModelRunner(model, cache, config.seed)
+        self.model_len = config.model_len(self.cfg)
+        self.requests: dict[str, Request] = {}
+        self.outputs = OutputBuilder(tokenizer)
+        self.metrics = StepMetrics()
+        self._pending: list[RequestOutput] = []  # abort outputs, handed out by the next step()
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> "LLMEngine":
+        """Load config.json + model.safetensors + tokenizer.json onto config.device / config.dtype."""
+        from colm_runtime.checkpoint import TOKENIZER, load_model
+
+        model = load_model(path, config.device, config.torch_dtype)
+        return cls(model, Tokenizer.from_file(Path(path) / TOKENIZER), config, Path(path).name)
+
+    # ---- requests ---------------------------------------------------------------------------------
+    def validate(self, req: EngineRequest) -> None:
+        """Raise InvalidRequest / RequestTooLong for a request that can never run (pure: no state change)."""
+        n = self.cfg.n_chains
+        if not isinstance(req.chains, int) or not 1 <= req.chains <= n:
+            raise InvalidRequest(f"chains must be an integer in 1..{n}, got {req.chains!r}")
+        if not isinstance(req.min_chains, int) or not 1 <= req.min_chains <= req.chains:
+            raise InvalidRequest(f"min_chains must be in 1..chains ({req.chains}), got {req.min_chains!r}")
+        if not req.prompt_token_ids:
+            raise InvalidRequest("the prompt is empty")
+        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= self.cfg.vocab_size:
+            raise InvalidRequest(f"prompt token ids must be in 0..{self.cfg.vocab_size - 1}")
+        total = len(req.prompt_token_ids) + req.params.max_tokens
+        if total > self.model_len:
+            raise RequestTooLong(f"prompt ({len(req.prompt_token_ids)} tokens) + max_tokens "
+                                 f"({req.params.max_tokens}) = {total} exceeds the maximum context of "
+                                 f"{self.model_len} tokens")
+        if not self.blocks.fits_ever(total, req.min_chains):
+            raise RequestTooLong(f"prompt + max_tokens = {total} tokens do not fit the KV cache "
+                                 f"({min(self.num_blocks) * self.config.block_size} tokens per pool)")
+
+    def add_request(self, req: EngineRequest) -> None:
+        """Queue a request; raises InvalidRequest, RequestTooLong or EngineOverloaded."""
+        self.validate(req)
+        if req.request_id in self.requests:
+            raise InvalidRequest(f"request id {req.request_id!r} is already in flight")
+        if len(self.scheduler.waiting) >= self.config.max_waiting:
+            raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are waiting; retry later")
+        r = Request(req)
+        r.seqs.append(self._new_seq(r, 0))
+        self.requests[req.request_id] = r
+        self.scheduler.add(r.seqs[0])
+
+    def _new_seq(self, r: Request, index: int) -> Sequence:
+        p = r.req.params
+        gen = None
+        if p.seed is not None:
+            gen = torch.Generator(device=self.runner.device).manual_seed(p.seed + index)
+        detok = IncrementalDetokenizer(self.tokenizer, p.stop)
+        return Sequence(r, index, r.req.prompt_token_ids, self.cfg.n_kv_pools, gen, detok)
+
+    def abort(self, request_id: str) -> bool:
+        """Abort a request: its blocks are freed now, its final outputs come with the next step()."""
+        r = self.requests.pop(request_id, None)
+        if r is None:
+            return False
+        indices = range(r.req.params.n) if not r.forked else [s.index for s in r.seqs]
+        for seq in r.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+        done = {s.index for s in r.seqs if s.finish_reason is not None}
+        self._pending.extend(self.outputs.aborted(r, i) for i in indices if i not in done)
+        return True
+
+    def take_pending(self) -> list[RequestOutput]:
+        """The abort updates not yet handed out by step()."""
+        out, self._pending = self._pending, []
+        return out
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduling step and model forward; returns the updates it produced."""
+        outputs = self.take_pending()
+        t0 = time.perf_counter()
+        so = self.scheduler.schedule()
+        if so.empty:
+            return outputs
+        logits = self.runner.forward(so)  # [B, V], the scheduler's order
+        rows, seqs = [], []
+        now = time.monotonic()
+        for i, (seq, n) in enumerate(so.scheduled):
+            seq.num_computed_tokens += n
+            r = seq.request
+            r.first_scheduled = r.first_scheduled or now
+            if seq.num_computed_tokens == seq.num_tokens:  # its last known token: sample the next
+                for s in ([seq] if r.forked else self._fork(seq)):
+                    rows.append(i)
+                    seqs.append(s)
+        if seqs:
+            samples = self.runner.sample(logits, rows, seqs)
+            for j, seq in enumerate(seqs):
+                outputs.append(self._append(seq, samples.token_ids[j], samples.logprobs[j]))
+        self.metrics.record(so, time.perf_counter() - t0)
+        return outputs
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """After the prompt is computed: the other n - 1 completions share its blocks."""
+        r = parent.request
+        r.forked = True
+        for i in range(1, r.req.params.n):
+            child = self._new_seq(r, i)
+            self.blocks.fork(parent, child)
+            self.scheduler.add_running(child)
+            r.seqs.append(child)
+        return list(r.seqs)
+
+    def _append(self, seq: Sequence, token: int, logprob) -> RequestOutput:
+        r = seq.request
+        r.first_token = r.first_token or time.monotonic()
+        seq.token_ids.append(token)
+        seq.detok.add(token)
+        p = seq.params
+        if token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif token == self.tokenizer.eos_token_id and not p.ignore_eos:
+            seq.finish_reason = "stop"
+        elif seq.detok.stopped_by is not None:
+            seq.finish_reason, seq.stop_reason = "stop", seq.detok.stopped_by
+        elif len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens or seq.num_tokens >= self.model_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is not None:
+            self.scheduler.finish(seq)
+            if r.finished:
+                self.requests.pop(r.request_id, None)
+        return self.outputs.update(seq, token, logprob)
+
+    # ---- conveniences -------------------------------------------------------------------------------
+    def generate(self, requests: list[EngineRequest], max_steps: int = 1_000_000) -> dict[str, list[Completion]]:
+        """Add the requests and step until all finish; the completions of each, by index."""
+        for req in requests:
+            self.add_request(req)
+        done: dict[str, list[Completion]] = {r.request_id: [Completion() for _ in range(r.params.n)]
+                                             for r in requests}
+        for _ in range(max_steps):
+            if not self.has_unfinished:
+                break
+            for out in self.step():
+                c = done[out.request_id][out.index]
+                c.token_ids.extend(out.token_ids)
+                c.text += out.text
+                c.chains.extend([out.chains] * len(out.token_ids))
+                c.logprobs.extend(out.logprobs)
+                c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
+        return done
+
+    def stats(self) -> EngineStats:
+        """A snapshot (call from the thread that steps the engine)."""
+        s = self.scheduler
+        return EngineStats(
+            running=len(s.running), waiting=len(s.waiting), kv_usage=self.blocks.usage(),
+            kv_blocks_total=self.blocks.num_total, kv_blocks_free=self.blocks.num_free,
+            step_time_per_chains=dict(self.metrics.decode), prefill_time_per_token=dict(self.metrics.prefill),
+            preemptions_total=s.preemptions_total, shrinks_total=s.shrinks_total,
+            steps_total=self.metrics.steps, alive=True)

@@ -1,0 +1,55 @@
+"""The model runner: turns a SchedulerOutput into one ForwardBatch, runs the model, samples.
+
+Every scheduled sequence, whatever its chain count, goes into the same forward pass; ForwardBatch
+sorts rows by chain count so each chain layer computes only the rows that use it. The logits come
+back in that sorted order and are mapped back to the scheduler's order here.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from colm_runtime.engine.sampler import SamplerOutput, SamplingRow, sample
+from colm_runtime.engine.scheduler import SchedulerOutput
+from colm_runtime.engine.sequence import Sequence
+from colm_runtime.model import ChainKVCache, CoLMModel, ForwardBatch, SeqSpec
+
+
+class ModelRunner:
+    """Owns the model and the KV tensors; stateless between steps otherwise."""
+
+    def __init__(self, model: CoLMModel, cache: ChainKVCache, seed: int = 0):
+        self.model, self.cache = model, cache
+        self.cfg = model.cfg
+        self.device = cache.k[0].device
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+
+    @torch.inference_mode()
+    def forward(self, so: SchedulerOutput) -> torch.Tensor:
+        """Run the step's forward; returns fp32 logits [B, V] in the scheduler's order."""
+        self._copy_blocks(so)
+        specs = []
+        for seq, n in so.scheduled:
+            start = seq.num_computed_tokens
+            specs.append(SeqSpec(seq.token_ids[start : start + n], start, seq.chains,
+                                 seq.block_tables[: self.cfg.pools_for(seq.chains)]))
+        batch = ForwardBatch.build(self.cfg, specs, self.cache.block_size, self.device)
+        logits = self.model.forward_step(batch, self.cache)  # [B, V], sorted by chain count
+        inverse = [0] * len(batch.order)
+        for sorted_i, caller_i in enumerate(batch.order):
+            inverse[caller_i] = sorted_i
+        return logits[torch.tensor(inverse, device=logits.device)]
+
+    def _copy_blocks(self, so: SchedulerOutput) -> None:
+        for pool in {p for p, _, _ in so.copies}:
+            src = torch.tensor([s for p, s, _ in so.copies if p == pool], device=self.device)
+            dst = torch.tensor([d for p, _, d in so.copies if p == pool], device=self.device)
+            self.cache.copy_blocks(pool, src, dst)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> SamplerOutput:
+        """Sample one token for each seqs[j] from logits row rows[j] (rows may repeat: n > 1 forks)."""
+        sub = logits[torch.tensor(rows, device=logits.device)]
+        info = [SamplingRow(s.params, s.generator, s.token_ids[: s.num_prompt_tokens], s.output_token_ids)
+                for s in seqs]
+        return sample(sub, info, self.generator)

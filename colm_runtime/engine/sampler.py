@@ -1,0 +1,130 @@
+"""Batched sampling: one set of tensor operations per step for every row, whatever its parameters.
+
+Penalties (repetition over prompt + output, presence and frequency over the output, OpenAI/vLLM
+semantics), then greedy rows take the argmax and the others are sampled after temperature, top-k,
+top-p and min-p. Sampling draws exponential noise E and takes argmax(p / E) (equivalent to drawing
+from p); a row with a seed draws its noise from its own torch.Generator, so its samples depend on its
+seed and its own history only, never on the other rows of the batch. Logprobs are the model's
+(before penalties and temperature), as vLLM returns them by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from colm_runtime.engine.types import SamplingParams
+
+
+@dataclass(frozen=True)
+class SamplingRow:
+    """What the sampler needs of one row: its parameters, its generator and its token history."""
+
+    params: SamplingParams
+    generator: torch.Generator | None
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: list[int]
+    # per row: None, or (logprob of the chosen token, top-N ids, top-N logprobs)
+    logprobs: list[tuple[float, list[int], list[float]] | None]
+
+
+def _col(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype, device=device)[:, None]  # [B, 1]
+
+
+def _token_mask(rows: list[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """counts[i, t]: occurrences of token t in rows[i]. -> [B, V] float"""
+    width = max((len(r) for r in rows), default=0)
+    counts = torch.zeros(len(rows), vocab + 1, device=device)
+    if width:
+        ids = torch.tensor([list(r) + [vocab] * (width - len(r)) for r in rows], device=device)
+        counts.scatter_add_(1, ids, torch.ones(ids.shape, device=device))
+    return counts[:, :vocab]  # column `vocab` collected the padding
+
+
+def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    # logits: [B, V] fp32
+    ps = [r.params for r in rows]
+    if all(p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1 for p in ps):
+        return logits
+    dev, V = logits.device, logits.shape[1]
+    out_counts = _token_mask([r.output_ids for r in rows], V, dev)
+    rep = _col([p.repetition_penalty for p in ps], torch.float32, dev)
+    if any(p.repetition_penalty != 1 for p in ps):
+        seen = (_token_mask([r.prompt_ids for r in rows], V, dev) + out_counts) > 0
+        scaled = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, scaled, logits)
+    freq = _col([p.frequency_penalty for p in ps], torch.float32, dev)
+    pres = _col([p.presence_penalty for p in ps], torch.float32, dev)
+    return logits - freq * out_counts - pres * (out_counts > 0).float()
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
+    """Mask (to -inf) all but each row's top_k tokens and its top_p nucleus (at least one kept)."""
+    B, V = logits.shape
+    srt, idx = logits.sort(dim=-1, descending=False)  # ascending: the best token is last
+    mask = torch.zeros_like(srt, dtype=torch.bool)
+    if any(0 < k < V for k in top_k):
+        k = _col([k if 0 < k < V else V for k in top_k], torch.long, logits.device)
+        mask |= torch.arange(V, device=logits.device)[None, :] < V - k
+    if any(p < 1 for p in top_p):
+        probs = srt.masked_fill(mask, float("-inf")).softmax(dim=-1)
+        cum = probs.cumsum(dim=-1)
+        mask |= cum <= 1 - _col(top_p, torch.float32, logits.device)
+        mask[:, -1] = False
+    return logits.scatter(1, idx, srt.masked_fill(mask, float("-inf")))
+
+
+def _noise(rows: list[SamplingRow], V: int, device: torch.device, default: torch.Generator) -> torch.Tensor:
+    """Exponential noise [B, V]: per-row generators where seeded, one draw for the rest."""
+    q = torch.empty(len(rows), V, device=device)
+    free = [i for i, r in enumerate(rows) if r.generator is None]
+    if free:
+        q[free] = torch.empty(len(free), V, device=device).exponential_(generator=default)
+    for i, r in enumerate(rows):
+        if r.generator is not None:
+            q[i].exponential_(generator=r.generator)
+    return q.clamp_min_(1e-20)  # never divide by zero: excluded tokens (p = 0) stay at 0
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generator) -> SamplerOutput:
+    """Pick one token per row. logits: [B, V] fp32 (modified in place is fine: the caller's copy)."""
+    raw = logits
+    logits = apply_penalties(logits, rows)
+    ps = [r.params for r in rows]
+    tokens = logits.argmax(dim=-1)
+    rand = [i for i, p in enumerate(ps) if not p.greedy]
+    if rand:
+        sub = logits[rand] / _col([ps[i].temperature for i in rand], torch.float32, logits.device)
+        sub = apply_top_k_top_p(sub, [ps[i].top_k for i in rand], [ps[i].top_p for i in rand])
+        probs = sub.softmax(dim=-1)
+        if any(ps[i].min_p > 0 for i in rand):
+            floor = _col([ps[i].min_p for i in rand], torch.float32, logits.device) * probs.amax(-1, keepdim=True)
+            probs = probs.masked_fill(probs < floor, 0.0)
+        q = _noise([rows[i] for i in rand], logits.shape[1], logits.device, default)
+        tokens[rand] = (probs / q).argmax(dim=-1)
+    token_list = tokens.tolist()
+    return SamplerOutput(token_list, _logprobs(raw, token_list, ps))
+
+
+def _logprobs(raw: torch.Tensor, tokens: list[int], ps: list[SamplingParams]) -> list:
+    want = [i for i, p in enumerate(ps) if p.logprobs is not None]
+    out: list = [None] * len(ps)
+    if not want:
+        return out
+    lp = raw[want].log_softmax(dim=-1)
+    n = max(ps[i].logprobs or 0 for i in want)
+    top_v, top_i = lp.topk(max(n, 1), dim=-1)
+    chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in want], device=raw.device))[:, 0].tolist()
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    for j, i in enumerate(want):
+        k = ps[i].logprobs or 0
+        out[i] = (chosen[j], top_i[j][:k], top_v[j][:k])
+    return out

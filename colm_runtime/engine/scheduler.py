@@ -1,0 +1,156 @@
+"""The scheduler: each step, how many tokens each sequence computes (vLLM v1 style, no phases).
+
+Running sequences go first, in priority order, each asking for all its uncomputed tokens (1 for a
+decode, a chunk for a prompt) within the step's token budget; then waiting sequences are admitted in
+priority order while blocks, budget and max_num_seqs allow, their prompts chunked to the budget
+left, so a long prompt never stalls the decodes. When a running sequence cannot get its blocks,
+MemoryRelief first shrinks running sequences that allow it (freeing their upper pools), then preempts
+the lowest-priority ones (they recompute later).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from colm_runtime.engine.block_manager import BlockCopy, BlockManager
+from colm_runtime.engine.config import EngineConfig
+from colm_runtime.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's plan. scheduled: (sequence, tokens it computes); copies: blocks to copy first."""
+
+    scheduled: list[tuple[Sequence, int]] = field(default_factory=list)
+    copies: list[BlockCopy] = field(default_factory=list)
+    num_preempted: int = 0
+    num_shrunk: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class MemoryRelief:
+    """Frees blocks for a sequence that needs them: shrink first, then preempt (lowest priority first)."""
+
+    def __init__(self, blocks: BlockManager):
+        self.blocks = blocks
+
+    def shrink_one(self, short: list[int], candidates: list[Sequence]) -> Sequence | None:
+        """Shrink the lowest-priority candidate whose shrinking frees a short pool; None if none can."""
+        cfg = self.blocks.cfg
+        low = [p for p, s in enumerate(short) if s > 0]
+        if not low or low[0] == 0:
+            return None  # pool 0 is held by every sequence: shrinking never frees it
+        for seq in reversed(candidates):
+            lo, hi = cfg.pools_for(seq.min_chains), cfg.pools_for(seq.chains)
+            targets = [p for p in low if lo <= p < hi and seq.block_tables[p]]
+            if targets:
+                # The fewest chains dropped that free every short pool this sequence holds.
+                c = max(c for c in range(seq.min_chains, seq.chains) if cfg.pools_for(c) <= min(targets))
+                self.blocks.shrink(seq, c)
+                return seq
+        return None
+
+
+class Scheduler:
+    """Owns the waiting and running sequences and the block manager."""
+
+    def __init__(self, config: EngineConfig, blocks: BlockManager):
+        self.config, self.blocks = config, blocks
+        self.relief = MemoryRelief(blocks)
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.preemptions_total = 0
+        self.shrinks_total = 0
+
+    def add(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    def add_running(self, seq: Sequence) -> None:
+        """A sequence forked from a running one (it shares the parent's blocks)."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished or aborted sequence and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SequenceStatus.WAITING:
+            self.waiting.remove(seq)
+        self.blocks.free(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- one step ---------------------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        self.running.sort(key=Sequence.sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed, budget)
+            copies = self._allocate(seq, n, out)
+            if copies is None:  # seq itself was preempted
+                continue
+            out.scheduled.append((seq, n))
+            out.copies.extend(copies)
+            budget -= n
+            i += 1
+        if not out.num_preempted:
+            self._admit(out, budget)
+        return out
+
+    def _allocate(self, seq: Sequence, n: int, out: SchedulerOutput) -> list[BlockCopy] | None:
+        """Blocks for a running seq, relieving pressure as needed; None if seq itself got preempted."""
+        while True:
+            copies = self.blocks.allocate_slots(seq, n)
+            if copies is not None:
+                return copies
+            short = self.blocks.shortage(seq, n)
+            if self.relief.shrink_one(short, self.running) is not None:
+                out.num_shrunk += 1
+                self.shrinks_total += 1
+                continue
+            victim = self.running[-1]  # lowest priority; never one already scheduled this step
+            self._preempt(victim)
+            out.num_preempted += 1
+            if victim is seq:
+                return None
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free(seq)
+        seq.num_computed_tokens = 0
+        seq.preempted += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+        self.preemptions_total += 1
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        self.waiting.sort(key=Sequence.sort_key)
+        while self.waiting and budget > 0:
+            seq = self.waiting[0]
+            n_seqs = 1 if seq.request.forked else seq.params.n  # room for the forks to come
+            if len(self.running) + n_seqs > self.config.max_num_seqs:
+                break
+            n = min(seq.num_uncomputed, budget)
+            copies = self.blocks.allocate_slots(seq, n)
+            if copies is None:
+                break  # strict priority order: nobody overtakes the head of the queue
+            self.waiting.pop(0)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append((seq, n))
+            out.copies.extend(copies)
+            budget -= n

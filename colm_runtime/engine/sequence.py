@@ -1,0 +1,114 @@
+"""Request and sequence state inside the engine.
+
+A Request is one EngineRequest; its Sequences are its completions (n of them). Until its prompt is
+computed a request has one sequence; the other n - 1 are forked from it after the prefill, sharing
+its prompt blocks, so the prompt is computed once.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+
+import torch
+
+from colm_runtime.engine.detokenizer import IncrementalDetokenizer
+from colm_runtime.engine.types import EngineRequest, FinishReason, SamplingParams
+
+_seq_ids = itertools.count()
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+class Sequence:
+    """One completion: its tokens, how many are in the KV cache, its chain count and blocks.
+
+    block_tables[p]: the physical blocks of pool p, covering positions 0..len*block_size-1.
+    num_computed_tokens: tokens whose K/V is in the cache. After a preemption it drops to 0 and the
+    sequence recomputes prompt + output so far (recompute preemption).
+    """
+
+    def __init__(self, request: "Request", index: int, token_ids: list[int], n_pools: int,
+                 generator: torch.Generator | None, detok: IncrementalDetokenizer):
+        self.seq_id = next(_seq_ids)
+        self.request = request
+        self.index = index
+        self.token_ids = list(token_ids)
+        self.num_computed_tokens = 0
+        self.chains = request.req.chains
+        self.block_tables: list[list[int]] = [[] for _ in range(n_pools)]
+        self.status = SequenceStatus.WAITING
+        self.generator = generator
+        self.detok = detok
+        self.finish_reason: FinishReason | None = None
+        self.stop_reason: str | int | None = None
+        self.shrunk = False  # ever run at fewer chains than requested
+        self.preempted = 0  # times preempted (recomputed)
+
+    # ---- views ------------------------------------------------------------------------------------
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.req.params
+
+    @property
+    def priority(self) -> int:
+        return self.request.req.priority
+
+    @property
+    def min_chains(self) -> int:
+        return self.request.req.min_chains  # type: ignore[return-value]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.request.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def sort_key(self) -> tuple:
+        """Scheduling order: higher priority first, then earlier arrival, then completion index."""
+        return (-self.priority, self.request.req.arrival_time, self.request.seq_no, self.index)
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request.request_id}#{self.index}, chains={self.chains}, "
+                f"computed={self.num_computed_tokens}/{self.num_tokens}, {self.status.value})")
+
+
+class Request:
+    """Engine-side state of one EngineRequest: its sequences and its timing."""
+
+    _counter = itertools.count()
+
+    def __init__(self, req: EngineRequest):
+        self.req = req
+        self.seq_no = next(self._counter)  # breaks arrival-time ties in submission order
+        self.num_prompt_tokens = len(req.prompt_token_ids)
+        self.seqs: list[Sequence] = []
+        self.forked = req.params.n == 1
+        self.first_scheduled: float | None = None
+        self.first_token: float | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.req.request_id
+
+    @property
+    def finished(self) -> bool:
+        return self.forked and all(s.is_finished for s in self.seqs)

@@ -90,8 +90,11 @@ class ChainAttention(nn.Module):
             if p not in dec_kv:  # CoLM-Air: every chain reuses one gather of the shared pool
                 dec_kv[p] = cache.gather(self.layer, p, batch.dec_tables[p], batch.dec_len)
             k, v = dec_kv[p]
-            r = batch.dec_rows[:nd]
+            d0 = batch.dec_start
+            r = slice(d0, d0 + nd) if d0 is not None else batch.dec_rows[:nd]
             o = sdpa(q[r].unsqueeze(2), k[:nd], v[:nd], mask=batch.dec_mask[:nd])  # [nd, c_j, 1, hd]
+            if d0 == 0 and nd == q.shape[0]:
+                return o.flatten(1)  # every row is a decode row: no scatter needed
             out[r] = o.squeeze(2)
         for g in batch.prefills:
             if g.chains <= j:

@@ -54,6 +54,7 @@ class ForwardBatch:
     last_rows: torch.Tensor  # [B] row of each sorted sequence's last token
     slots: list[torch.Tensor]  # per pool: [rows using the pool] flat cache slots of new tokens
     dec_rows: torch.Tensor  # [Bd] rows of single-token sequences (sorted by chains, descending)
+    dec_start: int | None  # first decode row when dec_rows is a contiguous run (a slice beats indexing)
     dec_count: tuple[int, ...]  # dec_count[j]: leading decode sequences that use chain j
     dec_tables: list[torch.Tensor]  # per pool: [Bd_p, nb_max] block tables of decode sequences
     dec_len: int  # longest decode context, in tokens
@@ -117,6 +118,7 @@ class ForwardBatch:
         if dec:
             lens = torch.tensor([ss[i].ctx_len + 1 for i in dec], device=device)
             dec_mask = (torch.arange(dec_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
+        drows = [last_rows[i] for i in dec]
         prefills = []
         for i, s in enumerate(ss):
             q_len = len(s.token_ids)
@@ -136,7 +138,8 @@ class ForwardBatch:
             positions=torch.tensor(pos, dtype=torch.long, device=device),
             chains=kmax, rows=rows, order=tuple(order), seq_chains=tuple(s.chains for s in ss),
             last_rows=torch.tensor(last_rows, dtype=torch.long, device=device), slots=slots,
-            dec_rows=torch.tensor([last_rows[i] for i in dec], dtype=torch.long, device=device),
+            dec_rows=torch.tensor(drows, dtype=torch.long, device=device),
+            dec_start=drows[0] if drows and drows == list(range(drows[0], drows[0] + len(drows))) else None,
             dec_count=tuple(sum(1 for i in dec if ss[i].chains > j) for j in range(kmax)),
             dec_tables=dec_tables, dec_len=dec_len, dec_mask=dec_mask, prefills=tuple(prefills),
         )

@@ -43,9 +43,12 @@ class ChainKVCache:
     def gather(self, layer: int, pool: int, block_table: torch.Tensor, length: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """K/V of whole blocks: block_table [B, nb] -> k, v: [B, kv_heads, nb*block_size (or length), hd]."""
+        B, nb = block_table.shape
+
         def one(t: torch.Tensor) -> torch.Tensor:
-            g = t[layer][block_table]  # [B, nb, bs, H, hd]
-            g = g.flatten(1, 2)
+            # index_select is several times faster than advanced indexing on CPU
+            g = t[layer].index_select(0, block_table.flatten())  # [B*nb, bs, H, hd]
+            g = g.view(B, nb * self.block_size, *g.shape[2:])
             if length is not None:
                 g = g[:, :length]
             return g.transpose(1, 2)

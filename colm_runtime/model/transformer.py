@@ -137,7 +137,7 @@ class CoLMModel(nn.Module):
         """One engine step. Returns fp32 logits [B, vocab] for each sorted sequence's last token
         (or [T, vocab] for every row when all_logits)."""
         k, rows = batch.chains, batch.rows
-        cos, sin = (t[batch.positions] for t in self.rope(batch.input_ids.device))
+        cos, sin = (t.index_select(0, batch.positions) for t in self.rope(batch.input_ids.device))
         # Columns of chains a row does not use hold embedding values that no chain layer reads.
         h = self._embed(batch.input_ids, k)
         for blk in self.layers:

@@ -8,6 +8,8 @@ query head h uses KV head h // (heads / kv_heads) (GQA, copies in order; torch's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -65,8 +67,8 @@ class ChainAttention(nn.Module):
         return self.o(torch.cat(outs, dim=-1), chains)
 
     # ---- one engine step over the paged cache ---------------------------------------------------------
-    def forward_step(self, x: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache,
-                     cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward_step(self, x: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache, cos: torch.Tensor,
+                     sin: torch.Tensor, groups: list[AttnGroup] | None) -> torch.Tensor:
         # x: [T, width(kmax)] rows sorted by chains; cos/sin: [T, hd] at each row's position
         kmax, rows = batch.chains, batch.rows
         y = self.qkv(x, kmax, rows)
@@ -74,12 +76,52 @@ class ChainAttention(nn.Module):
             n = batch.slots[p].shape[0]
             k, v = self._kv(y[:n], p)
             cache.write(self.layer, p, batch.slots[p], apply_rope(k, cos[:n], sin[:n]), v)
-        dec_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        outs = []
-        for j in range(kmax):
-            q = apply_rope(self._q(y[: rows[j]], j), cos[: rows[j]], sin[: rows[j]])  # [m_j, c_j, hd]
-            outs.append(self._attend(q, j, batch, cache, dec_kv))
-        return self.o(scatter_chain_outputs(outs, rows, x), kmax, rows)
+        # all chains' query heads roped at once: [T, heads(kmax), hd]
+        q = apply_rope(torch.cat([self._q(y, j) for j in range(kmax)], dim=1), cos, sin)
+        if groups is None:
+            attn = self._attend_per_chain(q, batch, cache)
+        else:
+            attn = self._attend_groups(q, groups, cache, kmax)
+        return self.o(attn, kmax, rows)
+
+    def _attend_groups(self, q: torch.Tensor, groups: list[AttnGroup], cache: ChainKVCache,
+                       kmax: int) -> torch.Tensor:
+        """Equal chains: each group (sequences at one chain count) attends in ONE sdpa call over all
+        its chains, reading all its pools through one gather."""
+        T, width = q.shape[0], self.cfg.width(kmax)
+        if len(groups) == 1 and groups[0].chains == kmax and groups[0].n_rows == T:
+            return self._attend_group(q, groups[0], cache)
+        out = q.new_zeros(T, width)
+        for g in groups:
+            out[g.rows, : self.cfg.width(g.chains)] = self._attend_group(q, g, cache)
+        return out
+
+    def _attend_group(self, q: torch.Tensor, g: AttnGroup, cache: ChainKVCache) -> torch.Tensor:
+        B, S, k, c, hd = g.n_seqs, g.q_len, g.chains, self.cfg.chains[0], self.cfg.head_dim
+        qg = q[g.rows, : k * c].view(B, S, k, c, hd)
+        K, V = cache.gather_pools(self.layer, g.block_idx, g.pools, g.kv_len)  # [B, P, L, kv, hd]
+        if not self.cfg.kv_sharing:  # chain j attends pool j: fold chains into the batch
+            qf = qg.permute(0, 2, 3, 1, 4).reshape(B * k, c, S, hd)
+            kf, vf = (t.flatten(0, 1).transpose(1, 2) for t in (K, V))  # [B*k, kv, L, hd]
+            mask = None if g.mask is None else g.mask.repeat_interleave(k, dim=0)
+            o = sdpa(qf, kf, vf, mask=mask, causal=True)  # [B*k, c, S, hd]
+            o = o.view(B, k, c, S, hd).permute(0, 3, 1, 2, 4)
+        else:  # CoLM-Air: every chain attends the same K/V: fold chains into the query rows
+            qf = qg.permute(0, 3, 2, 1, 4).reshape(B, c, k * S, hd)
+            kf, vf = K[:, 0].transpose(1, 2), V[:, 0].transpose(1, 2)  # [B, kv, L, hd]
+            mask = g.mask if g.mask is not None else causal_mask(S, g.kv_len, q.device)
+            o = sdpa(qf, kf, vf, mask=mask.repeat(1, 1, k, 1))  # [B, c, k*S, hd]
+            o = o.view(B, c, k, S, hd).permute(0, 3, 2, 1, 4)
+        return o.reshape(B * S, k * c * hd)
+
+    def _attend_per_chain(self, q: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache) -> torch.Tensor:
+        """Unequal chains: one sdpa call per chain and group."""
+        outs, dec_kv = [], {}
+        for j in range(batch.chains):
+            lo = self.cfg.width(j) // self.cfg.head_dim
+            qj = q[: batch.rows[j], lo : lo + self.cfg.chains[j]]  # [m_j, c_j, hd]
+            outs.append(self._attend(qj, j, batch, cache, dec_kv))
+        return scatter_chain_outputs(outs, batch.rows, q)
 
     def _attend(self, q: torch.Tensor, j: int, batch: ForwardBatch, cache: ChainKVCache,
                 dec_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -93,8 +135,6 @@ class ChainAttention(nn.Module):
             d0 = batch.dec_start
             r = slice(d0, d0 + nd) if d0 is not None else batch.dec_rows[:nd]
             o = sdpa(q[r].unsqueeze(2), k[:nd], v[:nd], mask=batch.dec_mask[:nd])  # [nd, c_j, 1, hd]
-            if d0 == 0 and nd == q.shape[0]:
-                return o.flatten(1)  # every row is a decode row: no scatter needed
             out[r] = o.squeeze(2)
         for g in batch.prefills:
             if g.chains <= j:
@@ -104,3 +144,62 @@ class ChainAttention(nn.Module):
             o = sdpa(qg, k, v, mask=g.mask, causal=True)
             out[g.row_start : g.row_start + g.q_len] = o[0].transpose(0, 1)
         return out.flatten(-2)
+
+
+def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
+    """[1, 1, q_len, kv_len] bool: query i (the last q_len positions) sees keys <= its position."""
+    qpos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    return (torch.arange(kv_len, device=device)[None, :] <= qpos)[None, None]
+
+
+@dataclass(frozen=True)
+class AttnGroup:
+    """Sequences attended together at one chain count: a run of decode sequences, or one prefill.
+
+    rows: their query rows (B*S, sequence-major); block_idx: [B, pools*nb] global block ids of every
+    pool they read, so one index_select gathers all their K/V; mask: [B, 1, S, kv_len] or None for a
+    plain causal prefill.
+    """
+
+    chains: int
+    pools: int
+    n_seqs: int
+    q_len: int
+    kv_len: int
+    rows: slice | torch.Tensor
+    block_idx: torch.Tensor
+    mask: torch.Tensor | None
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_seqs * self.q_len
+
+
+def plan_groups(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> list[AttnGroup] | None:
+    """Group a step's sequences for merged attention; None when chains or KV heads are unequal."""
+    if len(set(cfg.chains)) != 1 or cache.k_all is None:
+        return None
+    groups: list[AttnGroup] = []
+    start = 0
+    while start < batch.dec_rows.shape[0]:
+        k = _dec_chains(batch, start)
+        end = start
+        while end < batch.dec_rows.shape[0] and _dec_chains(batch, end) == k:
+            end += 1
+        P = cfg.pools_for(k)
+        idx = torch.cat([batch.dec_tables[p][start:end] + cache.offsets[p] for p in range(P)], dim=1)
+        d0 = batch.dec_start
+        rows = slice(d0 + start, d0 + end) if d0 is not None else batch.dec_rows[start:end]
+        groups.append(AttnGroup(k, P, end - start, 1, batch.dec_len, rows, idx, batch.dec_mask[start:end]))
+        start = end
+    for g in batch.prefills:
+        P = cfg.pools_for(g.chains)
+        idx = torch.cat([g.block_tables[p] + cache.offsets[p] for p in range(P)], dim=1)
+        groups.append(AttnGroup(g.chains, P, 1, g.q_len, g.total_len,
+                                slice(g.row_start, g.row_start + g.q_len), idx, g.mask))
+    return groups
+
+
+def _dec_chains(batch: ForwardBatch, i: int) -> int:
+    """Chain count of the i-th decode sequence (dec_count[j] counts those using chain j)."""
+    return sum(1 for n in batch.dec_count if n > i)

@@ -25,9 +25,20 @@ class ChainKVCache:
         assert len(num_blocks) == cfg.n_kv_pools, "one block count per pool"
         self.cfg, self.block_size = cfg, block_size
         self.num_blocks = tuple(int(n) for n in num_blocks)
-        shape = lambda p: (cfg.n_layers, self.num_blocks[p], block_size, cfg.pool_kv_heads[p], cfg.head_dim)
-        self.k = [torch.zeros(shape(p), dtype=dtype, device=device) for p in range(cfg.n_kv_pools)]
-        self.v = [torch.zeros(shape(p), dtype=dtype, device=device) for p in range(cfg.n_kv_pools)]
+        self.offsets = tuple(sum(self.num_blocks[:p]) for p in range(cfg.n_kv_pools))
+        shape = lambda n, h: (cfg.n_layers, n, block_size, h, cfg.head_dim)  # noqa: E731
+        # Pools with equal KV heads share one tensor (pool p = blocks offsets[p]..): a request's blocks
+        # in all its pools can then be gathered in one index_select. Block ids stay per pool.
+        self.k_all = self.v_all = None
+        if len(set(cfg.pool_kv_heads)) == 1:
+            self.k_all = torch.zeros(shape(sum(self.num_blocks), cfg.pool_kv_heads[0]), dtype=dtype, device=device)
+            self.v_all = torch.zeros_like(self.k_all)
+            self.k = [self.k_all[:, o : o + n] for o, n in zip(self.offsets, self.num_blocks)]
+            self.v = [self.v_all[:, o : o + n] for o, n in zip(self.offsets, self.num_blocks)]
+        else:
+            self.k = [torch.zeros(shape(n, h), dtype=dtype, device=device)
+                      for n, h in zip(self.num_blocks, cfg.pool_kv_heads)]
+            self.v = [torch.zeros_like(t) for t in self.k]
 
     @staticmethod
     def block_bytes(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> tuple[int, ...]:
@@ -53,6 +64,17 @@ class ChainKVCache:
                 g = g[:, :length]
             return g.transpose(1, 2)
         return one(self.k[pool]), one(self.v[pool])
+
+    def gather_pools(self, layer: int, idx: torch.Tensor, pools: int, length: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of several pools at once: idx [B, pools*nb] holds global block ids (offsets[p] + block)
+        -> k, v: [B, pools, length, kv_heads, hd]. Needs the shared layout (k_all)."""
+        B = idx.shape[0]
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            g = t[layer].index_select(0, idx.flatten())  # [B*pools*nb, bs, H, hd]
+            return g.view(B, pools, -1, *g.shape[2:])[:, :, :length]
+        return one(self.k_all), one(self.v_all)
 
     def copy_blocks(self, pool: int, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy whole blocks src[i] -> dst[i] in one pool (all layers), e.g. for copy-on-write."""

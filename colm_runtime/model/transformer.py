@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colm_runtime.config import ModelConfig
-from colm_runtime.model.attention import ChainAttention
+from colm_runtime.model.attention import ChainAttention, plan_groups
 from colm_runtime.model.batch import ForwardBatch
 from colm_runtime.model.kv_cache import ChainKVCache
 from colm_runtime.model.layers import ChainLinear, ChainRMSNorm, Rows, rope_cache, scatter_chain_outputs
@@ -140,8 +140,9 @@ class CoLMModel(nn.Module):
         cos, sin = (t.index_select(0, batch.positions) for t in self.rope(batch.input_ids.device))
         # Columns of chains a row does not use hold embedding values that no chain layer reads.
         h = self._embed(batch.input_ids, k)
+        groups = plan_groups(self.cfg, batch, cache)
         for blk in self.layers:
-            h = h + blk.attn.forward_step(blk.attn_norm(h, k, rows), batch, cache, cos, sin)
+            h = h + blk.attn.forward_step(blk.attn_norm(h, k, rows), batch, cache, cos, sin, groups)
             h = h + blk.ffn(blk.ffn_norm(h, k, rows), k, rows)
         if all_logits:
             return self.logits(self.norm(h, k, rows), k, rows)

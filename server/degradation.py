@@ -1,0 +1,92 @@
+"""SLO-aware degradation: under overload, unpinned requests get fewer chains instead of queuing past
+their budget or being refused.
+
+A request is unpinned when the client did not fix its chain count (by model id or `chains`): tier,
+budget and default requests. At admission, three signals can lower its chain count, each counted
+with its reason:
+
+- "budget": it has a latency target (its own or its tier's) that the predicted latency at its chain
+  count misses: it gets the largest chain count that fits, else 1 chain.
+- "queue": the waiting queue is past `degrade_queue_fraction` of `max_waiting`: chains shrink linearly
+  with the queue's fill, down to 1 chain at a full queue. Past `max_waiting`, pinned requests are
+  refused (429) while unpinned ones are still admitted at 1 chain, up to the headroom.
+- "kv_cache": (plain CoLM) the pool of its top chain is above `degrade_kv_watermark`: it drops the
+  chains whose pools are that full, so it does not wait for blocks there.
+
+Admitted requests that are unpinned may also be shrunk later by the engine under memory pressure
+(EngineRequest.min_chains = 1); pinned ones never are.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from colm_runtime.config import ModelConfig
+from colm_runtime.engine.types import EngineStats
+
+from server.errors import Overloaded
+from server.routing import ChainChoice, LatencyPredictor
+
+
+@dataclass(frozen=True)
+class DegradationConfig:
+    """Thresholds (from ServerSettings)."""
+
+    max_waiting: int
+    hard_queue_limit: int
+    queue_fraction: float = 0.5
+    kv_watermark: float = 0.9
+
+
+class DegradationPolicy:
+    """Applies the three signals to a routed choice; raises Overloaded when it must refuse."""
+
+    def __init__(self, cfg: ModelConfig, config: DegradationConfig):
+        self.cfg, self.config = cfg, config
+
+    def apply(self, choice: ChainChoice, stats: EngineStats, predictor: LatencyPredictor,
+              prompt_tokens: int, max_tokens: int) -> ChainChoice:
+        """The choice to admit with (possibly fewer chains), or Overloaded."""
+        self._admit_or_refuse(choice, stats)
+        if choice.pinned:
+            return choice
+        for signal in (self._budget, self._queue, self._kv_cache):
+            k = signal(choice, stats, predictor, prompt_tokens, max_tokens)
+            if k is not None and k < choice.chains:
+                why = signal.__name__.lstrip("_")
+                choice = choice.degraded(k, why, predictor.predict(k, prompt_tokens, max_tokens))
+        return choice
+
+    def _admit_or_refuse(self, choice: ChainChoice, stats: EngineStats) -> None:
+        limit = self.config.max_waiting if choice.pinned else self.config.hard_queue_limit
+        if stats.waiting >= limit:
+            who = "requests that pin a chain count" if choice.pinned else "requests"
+            raise Overloaded(f"the waiting queue is full ({stats.waiting} waiting, limit {limit} for "
+                             f"{who}); retry later or let the server choose the chain count")
+
+    def _budget(self, choice: ChainChoice, stats, predictor: LatencyPredictor, prompt_tokens: int,
+                max_tokens: int) -> int | None:
+        if choice.latency_budget_ms is None or choice.reason == "budget":
+            return None  # budget routing already chose the largest chain count that fits
+        budget_s = choice.latency_budget_ms / 1000
+        if predictor.predict(choice.chains, prompt_tokens, max_tokens) <= budget_s:
+            return None
+        return predictor.largest_fitting(budget_s, choice.chains - 1, prompt_tokens, max_tokens) or 1
+
+    def _queue(self, choice: ChainChoice, stats: EngineStats, *_) -> int | None:
+        fill = stats.waiting / self.config.max_waiting
+        start = self.config.queue_fraction
+        if fill < start or stats.waiting == 0:
+            return None
+        over = 1.0 if start >= 1 else min(1.0, (fill - start) / (1 - start))
+        # Linear from the routed chain count at `start` down to 1 chain at a full queue.
+        return max(1, math.floor(choice.chains - over * (choice.chains - 1)))
+
+    def _kv_cache(self, choice: ChainChoice, stats: EngineStats, *_) -> int | None:
+        if self.cfg.kv_sharing or not stats.kv_usage:
+            return None  # CoLM-Air: one shared pool, fewer chains do not relieve it
+        k = choice.chains
+        while k > 1 and stats.kv_usage[self.cfg.pools_for(k) - 1] >= self.config.kv_watermark:
+            k -= 1
+        return k

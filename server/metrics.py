@@ -1,0 +1,94 @@
+"""Prometheus metrics at /metrics (names in vLLM's style, prefixed colm_).
+
+Request metrics are observed by the server as requests finish; engine gauges (running, waiting, KV
+usage per chain pool, preemptions) are read from EngineStats at scrape time by a collector, so they are
+never stale. Each app has its own registry, so several servers can live in one process (tests).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from colm_runtime.engine.types import EngineStats
+
+disable_created_metrics()  # no *_created series: they double the output and no dashboard reads them
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                    20.0, 40.0, 80.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+
+
+class _EngineCollector:
+    """Gauges and counters the engine owns, read at scrape time."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None]):
+        self.stats = stats
+
+    def describe(self):
+        return []  # unchecked collector: the families depend on the model (pool count)
+
+    def collect(self):
+        s = self.stats()
+        running = GaugeMetricFamily("colm_requests_running", "Requests in the running batch")
+        waiting = GaugeMetricFamily("colm_requests_waiting", "Requests waiting to be scheduled")
+        kv = GaugeMetricFamily("colm_kv_cache_usage_ratio", "Used / total KV blocks of each chain's pool "
+                               "(CoLM-Air: one pool, chain 1)", labels=["chain"])
+        free = GaugeMetricFamily("colm_kv_cache_free_blocks", "Free KV blocks of each chain's pool",
+                                 labels=["chain"])
+        total = GaugeMetricFamily("colm_kv_cache_total_blocks", "KV blocks of each chain's pool",
+                                  labels=["chain"])
+        preempt = CounterMetricFamily("colm_preemptions", "Requests preempted (recomputed later)")
+        shrinks = CounterMetricFamily("colm_chain_shrinks", "Running requests shrunk to fewer chains "
+                                      "by the engine under KV pressure")
+        steps = CounterMetricFamily("colm_engine_steps", "Engine steps run")
+        if s is not None:
+            running.add_metric([], s.running)
+            waiting.add_metric([], s.waiting)
+            for p, (u, f, t) in enumerate(zip(s.kv_usage, s.kv_blocks_free, s.kv_blocks_total)):
+                kv.add_metric([str(p + 1)], u)
+                free.add_metric([str(p + 1)], f)
+                total.add_metric([str(p + 1)], t)
+            preempt.add_metric([], s.preemptions_total)
+            shrinks.add_metric([], s.shrinks_total)
+            steps.add_metric([], s.steps_total)
+        yield from (running, waiting, kv, free, total, preempt, shrinks, steps)
+
+
+class ServerMetrics:
+    """Every metric the server exports, on its own registry."""
+
+    def __init__(self, stats: Callable[[], EngineStats | None]):
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        r.register(_EngineCollector(stats))
+        by_chains = ["chains"]
+        self.ttft = Histogram("colm_time_to_first_token_seconds", "Arrival to first token", by_chains,
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("colm_time_per_output_token_seconds", "Mean time per output token after the "
+                              "first, per request", by_chains, buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("colm_e2e_request_latency_seconds", "Arrival to last token", by_chains,
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("colm_request_queue_time_seconds", "Time waiting before the first step",
+                               by_chains, buckets=_LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("colm_prompt_tokens", "Prompt tokens computed", by_chains, registry=r)
+        self.generation_tokens = Counter("colm_generation_tokens", "Tokens generated", by_chains, registry=r)
+        self.requests = Counter("colm_requests", "Finished requests", ["chains", "finish_reason"], registry=r)
+        self.routed = Counter("colm_routed_requests", "Admitted requests by routing reason and chain count",
+                              ["reason", "chains"], registry=r)
+        self.downgrades = Counter("colm_chain_downgrades", "Chain-count downgrades at admission, by reason",
+                                  ["reason"], registry=r)
+        self.budget_misses = Counter("colm_latency_budget_misses", "Requests with a latency budget that "
+                                     "finished past it", registry=r)
+        self.rejected = Counter("colm_rejected_requests", "Requests refused, by reason", ["reason"], registry=r)
+        self.http_requests = Counter("colm_http_requests", "HTTP requests by route, method and status",
+                                     ["route", "method", "status"], registry=r)
+        self.http_duration = Histogram("colm_http_request_duration_seconds", "HTTP request duration "
+                                       "(streams: until the last byte)", ["route", "method", "status"],
+                                       buckets=_LATENCY_BUCKETS, registry=r)
+        for reason in ("invalid", "too_long", "unauthorized", "not_found", "body_too_large", "queue_full",
+                       "draining", "not_ready"):
+            self.rejected.labels(reason)  # export zeros, so alerts and dashboards see the series
+        for reason in ("budget", "queue", "kv_cache"):
+            self.downgrades.labels(reason)

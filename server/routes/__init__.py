@@ -1,0 +1,1 @@
+"""Thin FastAPI routers: parse, authenticate, hand over to serving_*.py."""

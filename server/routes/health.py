@@ -1,0 +1,46 @@
+"""GET /health (alive), GET /ready (model loaded, engine running, not draining), GET /metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from server.errors import Unavailable, error_body
+
+router = APIRouter(tags=["health"])
+
+
+def _state(request: Request):
+    return getattr(request.app.state, "colm", None)
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """200 while the process and its engine loop are alive (liveness probe)."""
+    state = _state(request)
+    if state is not None and not state.stats().alive:
+        return JSONResponse(error_body("the engine loop has stopped", "service_unavailable_error", None,
+                                       "engine_dead"), status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """200 once the model is loaded and the engine runs; 503 before that and while draining."""
+    state = _state(request)
+    if state is None or not state.ready or state.draining or not state.stats().alive:
+        why = "draining" if state is not None and state.draining else "not_ready"
+        err = Unavailable("the server is draining" if why == "draining" else "the model is not ready", code=why)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    return JSONResponse({"status": "ready", "model": state.base_name, "chains": state.cfg.n_chains})
+
+
+@router.get("/metrics", response_class=Response)
+async def metrics(request: Request) -> Response:
+    """Prometheus text format (API key required only with metrics_auth)."""
+    app_metrics = request.app.state.metrics
+    state = _state(request)
+    if state is not None and state.settings.metrics_auth:
+        state.auth.check(request)
+    return Response(generate_latest(app_metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,240 @@
+"""OpenAI request and response shapes, plus CoLM's fields (chains, tier, latency_budget_ms, priority)
+and the `colm` report object that says which chain count served a request and why.
+
+Unknown request fields are ignored (logged by name), as vLLM does, so OpenAI clients that send newer
+fields keep working. Values the server cannot honour are rejected with 400, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_N = 16
+MAX_STOP = 16
+MAX_LOGPROBS = 20
+
+RouteReason = Literal["model", "chains", "tier", "budget", "default", "degraded"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage in every chunk
+
+
+class _Sampling(_Request):
+    """Fields shared by both endpoints (OpenAI's, then vLLM's extra sampling fields, then CoLM's)."""
+
+    model: str = Field(description="base model id, or `<base>:c<k>` to pin k chains")
+    temperature: float = Field(1.0, ge=0, description="0 is greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
+    seed: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    user: str | None = None
+    # vLLM extras
+    top_k: int = Field(0, ge=-1, description="0 or -1: disabled")
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP)] | None = None
+    ignore_eos: bool = False
+    # CoLM extras: chain selection (first match wins: model id, chains, tier, latency_budget_ms)
+    chains: int | None = Field(None, description="pin this many chains (1..n)")
+    tier: str | None = Field(None, description="a named tier of the server (economy, standard, premium)")
+    latency_budget_ms: float | None = Field(None, gt=0, description="end-to-end target in milliseconds")
+    priority: int | None = Field(None, description="scheduling priority (higher first); default: the tier's")
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a string, a list of strings, token ids, or a list of token-id lists")
+    max_tokens: int | None = Field(16, ge=1, description="default 16; null: up to the context")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="must equal n if set")
+    suffix: str | None = Field(None, description="not supported: must be null")
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, description="deprecated alias of max_completion_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, description="default: up to the context")
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
+    add_generation_prompt: bool = True  # vLLM extra
+    continue_final_message: bool = False  # vLLM extra
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+
+class ColmReport(BaseModel):
+    """What served the request and why."""
+
+    chains: int = Field(description="chain count the request was admitted at")
+    reason: RouteReason = Field(description="what decided it")
+    requested_chains: int = Field(description="the router's choice before any degradation")
+    degrade_reasons: list[str] = Field(default_factory=list, description="why chains were removed")
+    tier: str | None = None
+    priority: int = 0
+    latency_budget_ms: float | None = None
+    predicted_latency_ms: float | None = Field(None, description="queue + prefill + max_tokens x TPOT")
+    measured_latency_ms: float | None = Field(None, description="arrival to last token (null in the first chunk)")
+    final_chains: int | None = Field(None, description="chains of the last token (lower if the engine shrank it)")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+def _now() -> int:
+    return int(time.time())
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    colm: ColmReport | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(default_factory=list)
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None = None
+
+
+class ResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    colm: ColmReport | None = None
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=_now)
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    colm: ColmReport | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=_now)
+    owned_by: str = "colm-serve"
+    root: str = Field(description="the base model id")
+    parent: str | None = Field(None, description="the base model, for per-chain ids")
+    max_model_len: int
+    chains: int = Field(description="chain count this id serves")
+    parameters: int = Field(description="parameters used at this chain count")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo

@@ -1,0 +1,265 @@
+"""The part shared by /v1/completions and /v1/chat/completions: request validation into
+SamplingParams and RouteHints, the engine streams of one HTTP request (RequestRun), per-request metrics,
+SSE framing and the client-disconnect race.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass, field
+
+from fastapi import Request, Response
+from pydantic import BaseModel
+
+from colm_runtime.engine.types import EngineError, EngineRequest, RequestOutput, SamplingParams
+
+from server.errors import APIError, InternalError, InvalidRequest, Unavailable, from_engine_error
+from server.routing import ChainChoice, RouteHints, parse_header_number
+from server.schemas import ColmReport, Usage, _Sampling
+from server.state import ServerState
+
+log = logging.getLogger("colm.server")
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def route_hints(req: _Sampling, headers) -> RouteHints:
+    """Body fields over their X-CoLM-* header twins."""
+    chains = req.chains if req.chains is not None else parse_header_number(
+        "X-CoLM-Chains", headers.get("x-colm-chains"), int)
+    budget = req.latency_budget_ms if req.latency_budget_ms is not None else parse_header_number(
+        "X-CoLM-Latency-Budget-Ms", headers.get("x-colm-latency-budget-ms"), float)
+    tier = req.tier if req.tier is not None else headers.get("x-colm-tier")
+    return RouteHints(model=req.model, chains=chains, tier=tier, latency_budget_ms=budget, priority=req.priority)
+
+
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    """SamplingParams from the shared OpenAI/vLLM fields; 400 naming the field if invalid."""
+    if req.logit_bias:
+        raise InvalidRequest("logit_bias is not supported", param="logit_bias")
+    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
+    if any(not s for s in stop):
+        raise InvalidRequest("stop strings must not be empty", param="stop")
+    try:
+        return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+                              top_k=req.top_k, min_p=req.min_p, seed=req.seed,
+                              presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                              repetition_penalty=req.repetition_penalty, stop=stop,
+                              stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+                              logprobs=logprobs, n=req.n)
+    except ValueError as e:
+        raise InvalidRequest(str(e), param=str(e).split(" ", 1)[0]) from None
+
+
+def colm_report(choice: ChainChoice, measured_s: float | None = None, final_chains: int | None = None) -> ColmReport:
+    return ColmReport(chains=choice.chains, reason=choice.reason, requested_chains=choice.requested_chains,
+                      degrade_reasons=list(choice.degrade_reasons), tier=choice.tier, priority=choice.priority,
+                      latency_budget_ms=choice.latency_budget_ms,
+                      predicted_latency_ms=None if choice.predicted_s is None else round(choice.predicted_s * 1e3, 3),
+                      measured_latency_ms=None if measured_s is None else round(measured_s * 1e3, 3),
+                      final_chains=final_chains)
+
+
+def colm_headers(request_id: str, choice: ChainChoice) -> dict[str, str]:
+    return {"X-Request-Id": request_id, "X-CoLM-Chains": str(choice.chains), "X-CoLM-Route-Reason": choice.reason}
+
+
+def sse(obj: BaseModel | dict) -> str:
+    import json
+
+    data = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj)
+    return f"data: {data}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass
+class _Track:
+    """Timing and counts of one engine request, for its metrics."""
+
+    prompt_tokens: int
+    tokens: dict[int, int] = field(default_factory=dict)
+    finish: dict[int, str] = field(default_factory=dict)
+    first_token_s: float | None = None
+    queue_s: float | None = None
+    chains: int | None = None
+    end: float | None = None
+
+
+_END = object()
+ADMIT_WAIT_S = 0.25  # how long admission may take before a stream starts anyway
+
+
+class RequestRun:
+    """The engine streams of one HTTP request (one EngineRequest per prompt), merged in arrival order.
+
+    start() admits every prompt (engine refusals become API errors before any byte is sent); iterating
+    yields (prompt index, RequestOutput); close() aborts whatever has not finished (client gone) and
+    records the metrics of every engine request exactly once.
+    """
+
+    def __init__(self, state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams,
+                 choice: ChainChoice, arrival: float):
+        self.state, self.choice, self.arrival = state, choice, arrival
+        self.requests = [EngineRequest(f"{request_id}-{i}", p, params, chains=choice.chains,
+                                       min_chains=choice.chains if choice.pinned else 1,
+                                       priority=choice.priority, arrival_time=arrival)
+                         for i, p in enumerate(prompts)]
+        self.tracks = [_Track(len(p)) for p in prompts]
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._tasks: list[asyncio.Task] = []
+        self._closed = False
+        self.end: float | None = None
+
+    async def start(self) -> None:
+        """Submit every prompt; wait up to ADMIT_WAIT_S for the engine to accept or refuse them.
+
+        A refusal then (queue full, too long, draining) is an HTTP error status; a request still queued
+        after the wait streams on, so headers (X-CoLM-Chains) and the first chunk go out at once."""
+        iters = [self.state.engine.generate(r) for r in self.requests]
+        firsts = [asyncio.ensure_future(anext(it)) for it in iters]
+        try:
+            await asyncio.wait(firsts, timeout=ADMIT_WAIT_S)
+        except BaseException:  # cancelled (client gone) while being admitted
+            await self._discard(firsts)
+            raise
+        failure = next((f.exception() for f in firsts if f.done() and not f.cancelled() and f.exception()), None)
+        if failure is not None:
+            await self._discard(firsts)
+            raise self._api_error(failure)
+        self._tasks = [asyncio.create_task(self._pump(i, it, first))
+                       for i, (it, first) in enumerate(zip(iters, firsts))]
+
+    async def _discard(self, firsts: list[asyncio.Future]) -> None:
+        self._closed = True
+        for f in firsts:
+            f.cancel()  # closes the engine stream, which aborts the request
+        await asyncio.gather(*firsts, return_exceptions=True)
+        for r in self.requests:
+            await self.state.engine.abort(r.request_id)
+
+    def _api_error(self, e: BaseException) -> APIError:
+        if isinstance(e, EngineError):
+            return from_engine_error(e)
+        log.error("engine stream failed: %r", e)
+        return InternalError(f"generation failed: {type(e).__name__}")
+
+    async def _pump(self, i: int, it: AsyncIterator[RequestOutput], first: asyncio.Future) -> None:
+        try:
+            await self._queue.put((i, await first))
+            async for out in it:
+                await self._queue.put((i, out))
+        except Exception as e:  # an engine fault fails this request only
+            await self._queue.put((i, e))
+        finally:
+            await self._queue.put((i, _END))
+
+    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        ended = 0
+        while ended < len(self._tasks):
+            i, item = await self._queue.get()
+            if item is _END:
+                ended += 1
+                continue
+            if isinstance(item, BaseException):
+                raise self._api_error(item)
+            self._observe(i, item)
+            if item.finish_reason == "error":
+                raise InternalError(f"generation failed: {item.error or 'engine error'}")
+            if item.finish_reason == "abort" and not self._closed:  # the engine stopped under us
+                raise Unavailable("the server shut down before this request finished", code="draining")
+            yield i, item
+        self.end = time.monotonic()
+
+    def _observe(self, i: int, out: RequestOutput) -> None:
+        t, now = self.tracks[i], time.monotonic()
+        t.tokens[out.index] = out.completion_tokens
+        t.chains = out.chains
+        if t.first_token_s is None and out.token_ids:
+            t.first_token_s = out.first_token_time if out.first_token_time is not None else now - self.arrival
+        if t.queue_s is None and out.queue_time is not None:
+            t.queue_s = out.queue_time
+        if out.finish_reason is not None:
+            t.finish[out.index] = out.finish_reason
+        t.end = now
+
+    @property
+    def measured_s(self) -> float:
+        return (self.end or time.monotonic()) - self.arrival
+
+    @property
+    def final_chains(self) -> int | None:
+        chains = [t.chains for t in self.tracks if t.chains is not None]
+        return min(chains) if chains else None
+
+    def usage(self) -> Usage:
+        prompt = sum(t.prompt_tokens for t in self.tracks)
+        completion = sum(sum(t.tokens.values()) for t in self.tracks)
+        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+    async def close(self) -> None:
+        """Abort the unfinished engine requests and record metrics (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for r, t, task in zip(self.requests, self.tracks, self._tasks):
+            if len(t.finish) < r.params.n:
+                await self.state.engine.abort(r.request_id)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for t, r in zip(self.tracks, self.requests):
+            record_metrics(self.state, self.choice, t, r.params.n, self.arrival)
+
+
+def record_metrics(state: ServerState, choice: ChainChoice, t: _Track, n: int, arrival: float) -> None:
+    """Observe one engine request's latencies and counts, labelled by its admitted chain count."""
+    m, k = state.metrics, str(choice.chains)
+    end = t.end or time.monotonic()
+    e2e = end - arrival
+    for index in range(n):
+        m.requests.labels(k, t.finish.get(index, "abort")).inc()
+    m.prompt_tokens.labels(k).inc(t.prompt_tokens)
+    m.generation_tokens.labels(k).inc(sum(t.tokens.values()))
+    if t.queue_s is not None:
+        m.queue.labels(k).observe(t.queue_s)
+        state.queue_time.observe(t.queue_s)
+    if t.first_token_s is not None:
+        m.ttft.labels(k).observe(t.first_token_s)
+        longest = max(t.tokens.values(), default=0)
+        if longest > 1:
+            m.tpot.labels(k).observe(max(0.0, e2e - t.first_token_s) / (longest - 1))
+    m.e2e.labels(k).observe(e2e)
+    if choice.latency_budget_ms is not None and e2e * 1000 > choice.latency_budget_ms:
+        m.budget_misses.inc()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, handler: Awaitable[Response]) -> Response:
+    """Run a handler, cancelling it if the client goes away first (its RequestRun then aborts the
+    engine requests). vLLM's with_cancellation, for non-streaming responses and the admission phase."""
+    task = asyncio.ensure_future(handler)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    return Response(status_code=499)  # nobody is listening; logged as 499 like nginx

@@ -1,0 +1,99 @@
+"""ServerState: what a running server holds (engine, router, degradation policy, metrics, template),
+and the admission step every generation request goes through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from colm_runtime.engine.types import EngineClient, EngineStats
+
+from server.auth import APIKeyChecker
+from server.chat_template import ChatTemplate
+from server.degradation import DegradationPolicy
+from server.errors import ContextTooLong, Unavailable
+from server.metrics import ServerMetrics
+from server.routing import ChainChoice, ChainRouter, LatencyPredictor, RouteHints
+from server.settings import ServerSettings
+
+log = logging.getLogger("colm.server")
+
+
+@dataclass
+class QueueTimeAverage:
+    """Exponential moving average of the queue times of recent requests (seconds)."""
+
+    value: float = 0.0
+    alpha: float = 0.2
+
+    def observe(self, seconds: float) -> None:
+        self.value = seconds if self.value == 0.0 else self.alpha * seconds + (1 - self.alpha) * self.value
+
+
+class ServerState:
+    """One per app, built in the lifespan once the engine is up (app.state.colm)."""
+
+    def __init__(self, settings: ServerSettings, engine: EngineClient, router: ChainRouter,
+                 policy: DegradationPolicy, metrics: ServerMetrics, template: ChatTemplate, max_model_len: int):
+        self.settings, self.engine, self.router, self.policy = settings, engine, router, policy
+        self.metrics, self.template, self.max_model_len = metrics, template, max_model_len
+        self.cfg, self.tokenizer = engine.config, engine.tokenizer
+        self.base_name = router.base_name
+        self.auth = APIKeyChecker(settings.all_api_keys)
+        self.queue_time = QueueTimeAverage()
+        self.ready = False
+        self.draining = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._drain_task: asyncio.Task | None = None
+
+    def begin_drain(self, timeout: float) -> None:
+        """Stop admitting now (503); after `timeout` seconds stop the engine, which ends what still
+        runs (those streams get an error chunk, then [DONE]). Call on the event loop."""
+        self.draining = True
+        if self._drain_task is None:
+            self._drain_task = asyncio.ensure_future(self._stop_engine_after(timeout))
+
+    async def shutdown(self, timeout: float) -> None:
+        """Drain (if no signal started it already) and wait until the engine has stopped."""
+        self.begin_drain(timeout)
+        await self._drain_task
+
+    async def _stop_engine_after(self, timeout: float) -> None:
+        await self.engine.shutdown(drain_timeout=timeout)
+        log.info("drained; engine stopped")
+
+    def stats(self) -> EngineStats:
+        return self.engine.stats()
+
+    def predictor(self, stats: EngineStats) -> LatencyPredictor:
+        return LatencyPredictor(self.cfg, stats, self.queue_time.value)
+
+    def check_length(self, prompt_tokens: int, max_tokens: int, what: str) -> None:
+        """400 naming the limit when a prompt (+ max_tokens) cannot fit."""
+        limit = self.settings.max_prompt_tokens
+        if limit is not None and prompt_tokens > limit:
+            raise ContextTooLong(f"The prompt is {prompt_tokens} tokens; this server accepts at most {limit} "
+                                 f"prompt tokens (max_prompt_tokens).", param=what)
+        total = prompt_tokens + max_tokens
+        if total > self.max_model_len:
+            raise ContextTooLong(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{total} tokens ({prompt_tokens} in the {what}, {max_tokens} in the completion). Please reduce "
+                f"the length of the {what} or max_tokens.", param=what if prompt_tokens >= self.max_model_len
+                else "max_tokens")
+
+    def admit(self, hints: RouteHints, prompt_tokens: int, max_tokens: int) -> ChainChoice:
+        """Route, then degrade under overload; counts rejections and downgrades."""
+        if self.draining or not self.ready:
+            raise Unavailable("the server is shutting down" if self.draining else "the model is not loaded yet",
+                              code="draining" if self.draining else "not_ready")
+        stats = self.stats()
+        predictor = self.predictor(stats)
+        choice = self.router.route(hints, predictor, prompt_tokens, max_tokens)
+        choice = self.policy.apply(choice, stats, predictor, prompt_tokens, max_tokens)
+        for why in choice.degrade_reasons:
+            self.metrics.downgrades.labels(why).inc()
+        self.metrics.routed.labels(choice.reason, str(choice.chains)).inc()
+        return choice

@@ -24,8 +24,8 @@ class PagedRunner:
 
     def __init__(self, model: CoLMModel, block_size: int = 4, blocks: int = 256, seed: int = 0):
         self.model, self.cfg, self.bs = model, model.cfg, block_size
-        dtype = model.embed.weight.dtype
-        self.cache = ChainKVCache(self.cfg, [blocks] * self.cfg.n_kv_pools, block_size, dtype)
+        dtype, self.device = model.embed.weight.dtype, model.embed.weight.device
+        self.cache = ChainKVCache(self.cfg, [blocks] * self.cfg.n_kv_pools, block_size, dtype, self.device)
         self.free = [list(range(blocks)) for _ in range(self.cfg.n_kv_pools)]
         for f in self.free:
             random.Random(seed).shuffle(f)
@@ -41,7 +41,7 @@ class PagedRunner:
     def step(self, items: list[tuple[int, list[int], int, int]], all_logits: bool = False) -> list[torch.Tensor]:
         """items: (seq id, new tokens, ctx_len, chains) -> logits per item in the caller's order."""
         specs = [SeqSpec(toks, ctx, k, self.table(sid, ctx + len(toks))) for sid, toks, ctx, k in items]
-        batch = ForwardBatch.build(self.cfg, specs, self.bs)
+        batch = ForwardBatch.build(self.cfg, specs, self.bs, self.device)
         logits = self.model.forward_step(batch, self.cache, all_logits=all_logits)
         if all_logits:
             out, row = [None] * len(items), 0

@@ -66,3 +66,17 @@ def test_rows_pay_only_for_their_chains():
     run = PagedRunner(model)
     run.step([(0, [1, 2, 3], 0, 1), (1, [4, 5], 0, 4), (2, [6], 0, 2)])
     assert {j: v[0] for j, v in seen.items()} == {0: 6, 1: 3, 2: 2, 3: 2}
+
+
+@pytest.mark.parametrize("air", [False, True])
+def test_bf16_on_cpu_tracks_fp32(air):
+    cfg = small_config(kv_sharing=air)
+    m32 = random_model(cfg)
+    m16 = random_model(cfg, dtype=torch.bfloat16)
+    ids = rand_ids(cfg, 20, seed=4)
+    ref = full_logits(m32, ids, cfg.n_chains)
+    run = PagedRunner(m16)
+    got = run.step([(0, ids[:12], 0, cfg.n_chains)], all_logits=True)[0]
+    got = torch.cat([got] + [run.step([(0, ids[t : t + 1], t, cfg.n_chains)])[0][None] for t in range(12, 20)])
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, ref, rtol=0, atol=0.1 * ref.abs().max().item())

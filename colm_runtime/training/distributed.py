@@ -56,4 +56,5 @@ def mean(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
 
 def teardown(env: DistEnv) -> None:
     if env.world > 1 and dist.is_initialized():
+        dist.barrier()  # no rank tears down its connections while another still uses them
         dist.destroy_process_group()

@@ -126,8 +126,8 @@ class AsyncEngine(EngineClient):
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
+            self._stats = eng.stats()  # before the outputs: a consumer woken by them sees this step
             self._dispatch(outputs)
-            self._stats = eng.stats()
         self._close()
 
     def _run_commands(self) -> None:

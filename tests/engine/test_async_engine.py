@@ -1,0 +1,107 @@
+"""AsyncEngine: concurrent streams, abort when the consumer goes away, admission errors, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from colm_runtime.engine.async_engine import AsyncEngine
+from colm_runtime.engine.types import EngineStopped, RequestTooLong
+from tests.engine._helpers import diverse_model, make_engine, prompt, req
+
+
+@pytest.fixture
+async def engine():
+    eng = AsyncEngine(make_engine(diverse_model(), max_num_batched_tokens=64))
+    await eng.start()
+    yield eng
+    await eng.shutdown()
+
+
+async def collect(eng, r):
+    outs = [o async for o in eng.generate(r)]
+    return outs
+
+
+async def wait_idle(eng, timeout=10.0):
+    for _ in range(int(timeout / 0.02)):
+        s = eng.stats()
+        if s.running == 0 and s.waiting == 0 and s.kv_blocks_free == s.kv_blocks_total:
+            return s
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"engine not idle: {eng.stats()}")
+
+
+async def test_many_concurrent_generate_calls_match_the_synchronous_engine(engine):
+    rng = random.Random(3)
+    requests = [req(prompt(rng.randint(1, 30), seed=i), chains=rng.randint(1, 4), max_tokens=rng.randint(1, 16),
+                    rid=f"r{i}", n=rng.choice([1, 1, 2])) for i in range(48)]
+    results = await asyncio.gather(*(collect(engine, r) for r in requests))
+    expected = make_engine(diverse_model()).generate(
+        [req(r.prompt_token_ids, chains=r.chains, max_tokens=r.params.max_tokens, rid=r.request_id, n=r.params.n)
+         for r in requests])
+    for r, outs in zip(requests, results):
+        for i in range(r.params.n):
+            mine = [o for o in outs if o.index == i]
+            assert [o.finished for o in mine] == [False] * (len(mine) - 1) + [True]
+            assert mine[-1].finish_reason == "length"
+            if r.params.n == 1:  # greedy: the same tokens as the synchronous engine gives
+                assert [t for o in mine for t in o.token_ids] == expected[r.request_id][i].token_ids
+                assert "".join(o.text for o in mine) == expected[r.request_id][i].text
+    stats = await wait_idle(engine)
+    assert stats.steps_total > 0 and stats.alive
+
+
+async def test_closing_the_iterator_aborts_and_frees_the_blocks(engine):
+    gen = engine.generate(req(prompt(20), max_tokens=400, rid="long"))
+    first = await gen.__anext__()
+    assert not first.finished
+    assert engine.stats().kv_blocks_free != engine.stats().kv_blocks_total
+    await gen.aclose()
+    await wait_idle(engine)
+
+
+async def test_cancelling_the_consumer_task_aborts(engine):
+    started = asyncio.Event()
+
+    async def consume():
+        async for _ in engine.generate(req(prompt(10), max_tokens=400, rid="cancelled")):
+            started.set()
+
+    task = asyncio.create_task(consume())
+    await started.wait()
+    s = engine.stats()
+    assert s.running == 1 and s.kv_blocks_free[0] < s.kv_blocks_total[0]
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await wait_idle(engine)
+
+
+async def test_admission_errors_are_raised_before_any_output(engine):
+    with pytest.raises(RequestTooLong):
+        await collect(engine, req(prompt(10), max_tokens=10_000))
+    with pytest.raises(ValueError):
+        await collect(engine, req(prompt(10), chains=9))
+
+
+async def test_shutdown_drains_then_aborts_and_refuses_new_requests():
+    eng = AsyncEngine(make_engine(diverse_model()))
+    await eng.start()
+    streams = {name: eng.generate(req(prompt(5), max_tokens=m, rid=name)) for name, m in (("short", 3), ("long", 500))}
+    firsts = {name: await g.__anext__() for name, g in streams.items()}  # both are running now
+    rest = {name: asyncio.create_task(_drain(g)) for name, g in streams.items()}
+    await eng.shutdown(drain_timeout=0.5)
+    outs = {name: [firsts[name]] + await task for name, task in rest.items()}
+    assert outs["short"][-1].finish_reason == "length" and len(outs["short"]) == 3
+    assert outs["long"][-1].finish_reason == "abort" and len(outs["long"]) < 500
+    assert not eng.stats().alive
+    with pytest.raises(EngineStopped):
+        await collect(eng, req(prompt(5)))
+    assert eng.engine.blocks.num_free == eng.engine.blocks.num_total
+
+
+async def _drain(gen):
+    return [o async for o in gen]

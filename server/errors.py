@@ -110,13 +110,17 @@ def _response(err: APIError) -> JSONResponse:
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
-    first = exc.errors()[0] if exc.errors() else {}
+    """(message, param): param is the top-level field; a union's alternatives are summarised."""
+    errors = exc.errors()
+    first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})", None
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    msg = first.get("msg", "invalid request")
-    return (f"{param}: {msg}" if param else msg), param
+    if not loc:
+        return f"request body: {first.get('msg', 'invalid request')}", None
+    param = loc[0]
+    msgs = list(dict.fromkeys(e.get("msg", "") for e in errors if [str(p) for p in e.get("loc", ()) if p != "body"][:1] == [param]))
+    return f"{param}: {'; or '.join(msgs[:4])}", param
 
 
 _HTTP_ERRORS = {404: ("not_found_error", "not_found"), 405: ("invalid_request_error", "method_not_allowed"),

@@ -36,7 +36,7 @@ def _prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
     messages = [{"role": m.role, "content": m.text()} for m in req.messages]
     text = state.template.render(messages, add_generation_prompt=req.add_generation_prompt,
                                  continue_final_message=req.continue_final_message)
-    ids = state.tokenizer.encode(text)
+    ids = state.encode(text, "messages")
     if not ids:
         raise InvalidRequest("the rendered chat prompt is empty", param="messages")
     return ids

@@ -33,7 +33,7 @@ def _prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str | No
     ids, texts = [], []
     for p in prompt:
         if isinstance(p, str):
-            ids.append(state.tokenizer.encode(p))
+            ids.append(state.encode(p, "prompt"))
             texts.append(p)
         else:
             if any(t < 0 or t >= vocab for t in p):

@@ -13,7 +13,7 @@ from colm_runtime.engine.types import EngineClient, EngineStats
 from server.auth import APIKeyChecker
 from server.chat_template import ChatTemplate
 from server.degradation import DegradationPolicy
-from server.errors import ContextTooLong, Unavailable
+from server.errors import ContextTooLong, InvalidRequest, Unavailable
 from server.metrics import ServerMetrics
 from server.routing import ChainChoice, ChainRouter, LatencyPredictor, RouteHints
 from server.settings import ServerSettings
@@ -70,6 +70,14 @@ class ServerState:
     def predictor(self, stats: EngineStats) -> LatencyPredictor:
         return LatencyPredictor(self.cfg, stats, self.queue_time.value)
 
+    def encode(self, text: str, param: str) -> list[int]:
+        """Token ids of client text; 400 for text that is not valid Unicode (lone surrogates)."""
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest(f"{param} is not valid UTF-8 text", param=param) from None
+        return self.tokenizer.encode(text)
+
     def check_length(self, prompt_tokens: int, max_tokens: int, what: str) -> None:
         """400 naming the limit when a prompt (+ max_tokens) cannot fit."""
         limit = self.settings.max_prompt_tokens
@@ -90,6 +98,8 @@ class ServerState:
             raise Unavailable("the server is shutting down" if self.draining else "the model is not loaded yet",
                               code="draining" if self.draining else "not_ready")
         stats = self.stats()
+        if not stats.alive:
+            raise Unavailable("the engine has stopped; the server needs a restart", code="engine_dead")
         predictor = self.predictor(stats)
         choice = self.router.route(hints, predictor, prompt_tokens, max_tokens)
         choice = self.policy.apply(choice, stats, predictor, prompt_tokens, max_tokens)

@@ -1,0 +1,143 @@
+"""Every error case: its status, OpenAI's error shape, and that none of them is a 500."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from tests.server.conftest import API_KEYS, assert_error
+
+
+def post(url: str, body: dict, headers: dict | None = None, path: str = "/v1/completions", **kw) -> httpx.Response:
+    return httpx.post(f"{url}{path}", json=body, headers=headers or {}, timeout=60, **kw)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("temperature", -1), ("top_p", 0), ("top_p", 1.5), ("n", 0), ("n", 1000), ("max_tokens", 0),
+    ("logprobs", 50), ("presence_penalty", 3), ("repetition_penalty", 0), ("min_p", 2), ("top_k", -2),
+    ("stop", ["x"] * 100), ("prompt", 12), ("chains", "two"), ("latency_budget_ms", -5),
+])
+def test_invalid_parameter(server, model_info, field, value):
+    body = {"model": model_info["base"], "prompt": "hi", "max_tokens": 2, field: value}
+    err = assert_error(post(server.url, body), 400, "invalid_value")
+    assert err["param"] == field and err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": [[]]}, "prompt"),
+    ({"prompt": [1, 10**9]}, "prompt"), ({"chains": 0}, "chains"), ({"chains": 99}, "chains"),
+    ({"tier": "platinum"}, "tier"), ({"suffix": "x"}, "suffix"), ({"logit_bias": {"1": 5}}, "logit_bias"),
+    ({"best_of": 3}, "best_of"), ({"stop": [""]}, "stop"),
+])
+def test_invalid_request(server, model_info, body, param):
+    full = {"model": model_info["base"], "prompt": "hi", "max_tokens": 2, **body}
+    assert_error(post(server.url, full), 400, param=param)
+
+
+@pytest.mark.parametrize("header,value", [("X-CoLM-Chains", "abc"), ("X-CoLM-Chains", "0"),
+                                          ("X-CoLM-Latency-Budget-Ms", "soon"), ("X-CoLM-Latency-Budget-Ms", "-1"),
+                                          ("X-CoLM-Tier", "nope")])
+def test_invalid_headers(server, model_info, header, value):
+    assert_error(post(server.url, {"model": model_info["base"], "prompt": "hi"}, {header: value}), 400)
+
+
+def test_chat_errors(server, model_info):
+    base = model_info["base"]
+    chat = dict(path="/v1/chat/completions")
+    assert_error(post(server.url, {"model": base, "messages": []}, **chat), 400, param="messages")
+    assert_error(post(server.url, {"model": base, "messages": [{"role": "wizard", "content": "x"}]}, **chat), 400)
+    assert_error(post(server.url, {"model": base, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, **chat), 400)
+    msgs = [{"role": "user", "content": "x"}]
+    assert_error(post(server.url, {"model": base, "messages": msgs, "tools": [{"type": "function"}]}, **chat),
+                 400, param="tools")
+    assert_error(post(server.url, {"model": base, "messages": msgs, "top_logprobs": 2}, **chat), 400)
+
+
+def test_too_long_names_the_limit(server, model_info):
+    limit, base = model_info["max_model_len"], model_info["base"]
+    err = assert_error(post(server.url, {"model": base, "prompt": [1] * limit, "max_tokens": 1}), 400,
+                       "context_length_exceeded")
+    assert str(limit) in err["message"]
+    err = assert_error(post(server.url, {"model": base, "prompt": "hi", "max_tokens": limit}), 400,
+                       "context_length_exceeded", param="max_tokens")
+    assert str(limit) in err["message"]
+    chat = {"model": base, "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": limit}
+    assert_error(post(server.url, chat, path="/v1/chat/completions"), 400, "context_length_exceeded")
+
+
+def test_prompt_token_limit(auth_server):
+    h = {"Authorization": f"Bearer {API_KEYS[0]}"}
+    err = assert_error(post(auth_server.url, {"model": "x", "prompt": [1] * 65}, h), 400, "context_length_exceeded")
+    assert "64" in err["message"]
+
+
+def test_unknown_model_is_404(server, model_info):
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=1)
+    assert e.value.body["code"] == "model_not_found"
+    assert_error(post(server.url, {"model": f"{model_info['base']}:c0", "prompt": "hi"}), 404, "model_not_found")
+    assert_error(httpx.get(f"{server.url}/v1/nothing-here"), 404)
+
+
+def test_bad_json_and_method(server):
+    r = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert_error(r, 400)
+    assert_error(httpx.get(f"{server.url}/v1/completions"), 405)
+    assert_error(httpx.post(f"{server.url}/v1/completions", json=[1, 2]), 400)
+
+
+def test_body_limit(auth_server):
+    h = {"Authorization": f"Bearer {API_KEYS[0]}"}
+    big = {"model": "x", "prompt": "a" * 8000}
+    assert_error(post(auth_server.url, big, h), 413, "request_too_large")
+
+    def chunked():  # no Content-Length: the server counts the bytes as they arrive
+        yield b'{"model": "x", "prompt": "'
+        for _ in range(10):
+            yield b"a" * 1000
+        yield b'"}'
+
+    r = httpx.post(f"{auth_server.url}/v1/completions", content=chunked(),
+                   headers={**h, "content-type": "application/json"})
+    assert_error(r, 413, "request_too_large")
+
+
+def test_api_keys(auth_server):
+    url = auth_server.url
+    base = httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {API_KEYS[1]}"})
+    assert base.status_code == 200  # the key from the file
+    model = base.json()["data"][0]["id"]
+    assert_error(httpx.get(f"{url}/v1/models"), 401, "invalid_api_key")
+    assert_error(post(url, {"model": model, "prompt": "hi"}, {"Authorization": "Bearer wrong"}), 401)
+    assert_error(post(url, {"model": model, "prompt": "hi"}, {"Authorization": API_KEYS[0]}), 401)  # no scheme
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="bad", max_retries=0).models.list()
+    ok = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEYS[0], max_retries=0)
+    assert ok.completions.create(model=model, prompt="hi", max_tokens=2).usage.completion_tokens >= 1
+    # probes stay open; /metrics is protected on this server
+    assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/ready").status_code == 200
+    assert_error(httpx.get(f"{url}/metrics"), 401)
+    assert httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {API_KEYS[0]}"}).status_code == 200
+
+
+def test_no_500_from_odd_input(server, model_info):
+    base = model_info["base"]
+    odd = [{"model": base, "prompt": "\udcff"}, {"model": base, "prompt": [[1], "x"]}, {"model": None},
+           {"model": base, "prompt": "hi", "stream_options": {"include_usage": "maybe"}},
+           {"model": base, "prompt": "hi", "stop": None, "seed": 2**80}, {"model": base, "prompt": {"a": 1}},
+           {"model": base, "prompt": "hi", "temperature": float("nan")}]
+    for body in odd:
+        try:
+            r = post(server.url, body)
+        except (TypeError, ValueError):  # httpx refuses to encode it: nothing to send
+            continue
+        assert r.status_code < 500, (body, r.text)
+    r = httpx.post(f"{server.url}/v1/completions", content=b'{"model": "x", "prompt": "\xff\xfe"}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code < 500
+    r = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": NaN, "model": "m"}',
+                   headers={"content-type": "application/json"})
+    assert r.status_code < 500

@@ -1,0 +1,189 @@
+"""Chain selection: every path (model id, chains, tier, latency budget, default, headers), its `colm`
+report and X-CoLM-Chains header, budget routing at both ends, and the router/degradation policy on
+EngineStats snapshots (the engine's own value type) for the cases a live server cannot pin down."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from colm_runtime.engine.types import EngineStats
+from colm_runtime.testing import small_config
+from server.degradation import DegradationConfig, DegradationPolicy
+from server.errors import InvalidRequest, ModelNotFound, Overloaded
+from server.routing import ChainRouter, LatencyPredictor, RouteHints, TierError, default_tiers, load_tiers
+
+
+def post(server, body: dict, headers: dict | None = None, path: str = "/v1/completions") -> httpx.Response:
+    body = {"prompt": "Route me", "max_tokens": 4, "ignore_eos": True, **body}
+    return httpx.post(f"{server.url}{path}", json=body, headers=headers or {}, timeout=60)
+
+
+def colm_of(r: httpx.Response) -> dict:
+    assert r.status_code == 200, r.text
+    colm = r.json()["colm"]
+    assert r.headers["x-colm-chains"] == str(colm["chains"])
+    assert r.headers["x-colm-route-reason"] == colm["reason"]
+    assert r.json()["colm"]["final_chains"] == colm["chains"]
+    return colm
+
+
+def test_model_id_pins_chains(server, model_info):
+    base = model_info["base"]
+    for k in range(1, model_info["n_chains"] + 1):
+        # the model id beats every other hint
+        colm = colm_of(post(server, {"model": f"{base}:c{k}", "chains": 1, "tier": "economy"}))
+        assert (colm["chains"], colm["reason"]) == (k, "model")
+
+
+def test_chains_field_and_header(server, model_info):
+    base, n = model_info["base"], model_info["n_chains"]
+    colm = colm_of(post(server, {"model": base, "chains": 2, "tier": "premium", "latency_budget_ms": 0.001}))
+    assert (colm["chains"], colm["reason"]) == (2, "chains")
+    colm = colm_of(post(server, {"model": base}, {"X-CoLM-Chains": "1"}))
+    assert (colm["chains"], colm["reason"]) == (1, "chains")
+    colm = colm_of(post(server, {"model": base, "chains": n}, {"X-CoLM-Chains": "1"}))  # body beats header
+    assert colm["chains"] == n
+
+
+def test_tiers(server, model_info):
+    base, n = model_info["base"], model_info["n_chains"]
+    expect = {"economy": (1, -10), "standard": (max(1, n // 2), 0), "premium": (n, 10)}
+    for tier, (k, priority) in expect.items():
+        colm = colm_of(post(server, {"model": base, "tier": tier, "latency_budget_ms": 1e7}))
+        assert (colm["chains"], colm["reason"], colm["tier"], colm["priority"]) == (k, "tier", tier, priority)
+    colm = colm_of(post(server, {"model": base}, {"X-CoLM-Tier": "economy"}))
+    assert (colm["chains"], colm["reason"]) == (1, "tier")
+    colm = colm_of(post(server, {"model": base, "tier": "economy", "priority": 3}))
+    assert colm["priority"] == 3  # an explicit priority overrides the tier's
+
+
+def test_budget_routing(server, model_info):
+    """A loose budget gets every chain; a budget nothing can meet gets the smallest chain count."""
+    base, n = model_info["base"], model_info["n_chains"]
+    loose = colm_of(post(server, {"model": base, "latency_budget_ms": 1e7}))
+    assert (loose["chains"], loose["reason"], loose["latency_budget_ms"]) == (n, "budget", 1e7)
+    tight = colm_of(post(server, {"model": base, "latency_budget_ms": 0.001}))
+    assert (tight["chains"], tight["reason"]) == (1, "budget")
+    assert tight["predicted_latency_ms"] > 0.001  # the prediction really misses: that is why
+    by_header = colm_of(post(server, {"model": base}, {"X-CoLM-Latency-Budget-Ms": "0.001"}))
+    assert (by_header["chains"], by_header["reason"]) == (1, "budget")
+
+
+def test_budget_between(server, model_info):
+    """A budget just above the 1-chain prediction: the router never picks a count predicted to miss."""
+    base = model_info["base"]
+    probe = colm_of(post(server, {"model": base, "latency_budget_ms": 0.001}))
+    budget = probe["predicted_latency_ms"] * 1.5
+    colm = colm_of(post(server, {"model": base, "latency_budget_ms": budget}))
+    assert colm["reason"] == "budget" and colm["predicted_latency_ms"] <= budget
+
+
+def test_default_and_chat(server, model_info):
+    colm = colm_of(post(server, {"model": model_info["base"]}))
+    assert (colm["chains"], colm["reason"], colm["requested_chains"]) == (model_info["n_chains"], "default",
+                                                                         model_info["n_chains"])
+    chat = post(server, {"model": model_info["base"], "messages": [{"role": "user", "content": "hi"}],
+                         "tier": "economy", "prompt": None}, path="/v1/chat/completions")
+    assert colm_of(chat)["chains"] == 1
+
+
+def test_custom_tiers_and_default_tier(auth_server):
+    """Tiers from a YAML file; the default tier is configurable (bronze: 1 chain here)."""
+    h = {"Authorization": "Bearer test-key-1"}
+    base = httpx.get(f"{auth_server.url}/v1/models", headers=h).json()["data"][0]
+    colm = colm_of(post(auth_server, {"model": base["id"]}, h))
+    assert (colm["chains"], colm["reason"], colm["priority"]) == (1, "default", -5)
+    colm = colm_of(post(auth_server, {"model": base["id"], "tier": "gold"}, h))
+    assert (colm["chains"], colm["latency_budget_ms"]) == (base["chains"], 60000)
+    r = post(auth_server, {"model": base["id"], "tier": "economy"}, h)
+    assert r.status_code == 400 and "bronze" in r.json()["error"]["message"]
+
+
+# ---- the policy objects on EngineStats snapshots ------------------------------------------------
+
+CFG = small_config()  # 4 chains of 2 heads, one pool per chain
+
+
+def stats(waiting=0, running=0, kv=(0.0, 0.0, 0.0, 0.0), decode=None, prefill=None) -> EngineStats:
+    return EngineStats(running=running, waiting=waiting, kv_usage=kv, kv_blocks_total=(100,) * 4,
+                       kv_blocks_free=tuple(int(100 * (1 - u)) for u in kv),
+                       step_time_per_chains={1: 0.01, 2: 0.02, 3: 0.03, 4: 0.04} if decode is None else decode,
+                       prefill_time_per_token={4: 0.001} if prefill is None else prefill,
+                       preemptions_total=0, shrinks_total=0, steps_total=10, alive=True)
+
+
+def route(hints: RouteHints, s: EngineStats, prompt=10, max_tokens=10, queue_wait=0.0):
+    router = ChainRouter(CFG, "m", default_tiers(4), "premium")
+    p = LatencyPredictor(CFG, s, queue_wait)
+    return router.route(hints, p, prompt, max_tokens), p
+
+
+def test_predictor_formula_and_extrapolation():
+    p = LatencyPredictor(CFG, stats(waiting=2), queue_wait_s=0.5)
+    # queue + prompt x prefill(k) + max_tokens x TPOT(k); prefill at 2 chains scaled from 4 by width
+    assert p.predict(2, 10, 10) == pytest.approx(0.5 + 10 * 0.001 * 2 / 4 + 10 * 0.02)
+    assert LatencyPredictor(CFG, stats(), 0.5).predict(4, 0, 10) == pytest.approx(0.4)  # no queue: no wait
+    assert LatencyPredictor(CFG, stats(decode={}, prefill={}), 0.0).predict(4, 10, 10) == 0.0
+
+
+@pytest.mark.parametrize("budget_ms,expect", [(1e6, 4), (311, 3), (250, 2), (150, 1), (50, 1)])
+def test_budget_picks_largest_fitting(budget_ms, expect):
+    choice, _ = route(RouteHints("m", latency_budget_ms=budget_ms), stats(), prompt=10, max_tokens=10)
+    # predictions: k x 100 ms decode + 10 x 1 ms x k/4 prefill -> 102.5, 205, 307.5, 410 ms
+    assert (choice.chains, choice.reason) == (expect, "budget")
+
+
+def test_router_errors():
+    with pytest.raises(ModelNotFound):
+        route(RouteHints("other"), stats())
+    with pytest.raises(ModelNotFound):
+        route(RouteHints("m:c5"), stats())
+    with pytest.raises(InvalidRequest):
+        route(RouteHints("m", chains=0), stats())
+    with pytest.raises(InvalidRequest):
+        route(RouteHints("m", tier="gold"), stats())
+
+
+def policy(max_waiting=10, headroom=5) -> DegradationPolicy:
+    return DegradationPolicy(CFG, DegradationConfig(max_waiting, max_waiting + headroom, 0.5, 0.9))
+
+
+def test_queue_degradation_is_linear_and_spares_pinned():
+    p = policy()
+    for waiting, expect in [(0, 4), (5, 4), (6, 3), (7, 2), (9, 1), (10, 1), (14, 1)]:
+        s = stats(waiting=waiting)
+        choice, pred = route(RouteHints("m"), s)
+        out = p.apply(choice, s, pred, 10, 10)
+        assert out.chains == expect, waiting
+        assert (out.reason == "degraded") == (expect < 4) and out.requested_chains == 4
+        pinned, _ = route(RouteHints("m", chains=4), s)
+        if waiting < 10:
+            assert p.apply(pinned, s, pred, 10, 10).chains == 4
+        else:
+            with pytest.raises(Overloaded):  # a full queue refuses pinned requests ...
+                p.apply(pinned, s, pred, 10, 10)
+    with pytest.raises(Overloaded):  # ... and everyone past the headroom
+        s = stats(waiting=15)
+        p.apply(route(RouteHints("m"), s)[0], s, route(RouteHints("m"), s)[1], 10, 10)
+
+
+def test_kv_and_budget_degradation():
+    s = stats(kv=(0.5, 0.6, 0.95, 0.99))
+    choice, pred = route(RouteHints("m", tier="premium"), s)
+    out = policy().apply(choice, s, pred, 10, 10)
+    assert (out.chains, out.degrade_reasons) == (2, ("kv_cache",))
+    s = stats()
+    choice, pred = route(RouteHints("m", tier="premium", latency_budget_ms=250), s)
+    out = policy().apply(choice, s, pred, 10, 10)
+    assert (out.chains, out.reason, out.degrade_reasons) == (2, "degraded", ("budget",))
+
+
+def test_tier_file_validation(tmp_path):
+    f = tmp_path / "t.json"
+    f.write_text('{"tiers": {"a": {"chains": "half", "priority": 1}}}')
+    assert load_tiers(f, 4)["a"].chains == 2
+    for bad in ('{"tiers": {"a": {"chains": 9}}}', '{"tiers": {}}', '{"tiers": {"a": {"colour": 1}}}', "[1"):
+        f.write_text(bad)
+        with pytest.raises(TierError):
+            load_tiers(f, 4)

@@ -41,6 +41,7 @@ def mask_frozen_grads(model: CoLMModel, k: int) -> None:
     width = model.cfg.width(k)
     for name, p in model.named_parameters():
         if p.grad is not None and chain_of(name) is None:
+            assert p.shape[-1] == model.cfg.dim, f"{name}: a shared tensor is expected to span the width"
             p.grad[..., :width] = 0  # embed/lm_head: [vocab, dim]; norms: [dim]
 
 

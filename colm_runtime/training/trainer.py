@@ -60,8 +60,23 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, sh
         D.teardown(env)
 
 
-def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool, stop_at: int | None, show: bool) -> TrainResult:
-    out, ckpt = Path(cfg.out), Path(cfg.out) / CHECKPOINT
+@dataclass
+class _Session:
+    """Everything one training run holds between steps."""
+
+    cfg: TrainConfig
+    env: D.DistEnv
+    run: Run
+    loss: MultiChainLoss
+    wrapped: torch.nn.Module  # the loss, DDP-wrapped under torchrun
+    opt: torch.optim.Optimizer
+    total: int
+    settings: dict
+
+
+def _start(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> tuple[_Session, TrainProgress]:
+    """Build the run, the loss and the optimiser; restore the checkpoint when resuming."""
+    ckpt = Path(cfg.out) / CHECKPOINT
     progress = TrainProgress(0, 0, 0, 0)
     if resume:
         progress, saved = read_meta(ckpt)
@@ -74,7 +89,7 @@ def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool, stop_at: int | None, 
     validate(cfg, run, weights)
     freeze_chains(model, cfg.freeze_chains)
     loss_mod = MultiChainLoss(model, weights)
-    wrapped = loss_mod
+    wrapped: torch.nn.Module = loss_mod
     if env.world > 1:
         unused = loss_mod.max_scale < model.cfg.n_chains
         wrapped = DDP(loss_mod, device_ids=[env.device.index] if env.device.type == "cuda" else None,
@@ -82,57 +97,69 @@ def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool, stop_at: int | None, 
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
     if resume:
         load_state(ckpt, model, opt)
-    total = cfg.total_steps(env.world)
-    settings = {**cfg.to_dict(), "world": env.world}
-    flops_tok = train_flops_per_token(model, loss_mod.max_scale, cfg.seq_len)
+    sess = _Session(cfg, env, run, loss_mod, wrapped, opt, cfg.total_steps(env.world),
+                    {**cfg.to_dict(), "world": env.world})
     if env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
         n_params = sum(p.numel() for p in model.parameters())
         print(f"model: chains {list(model.cfg.chains)} dim {model.cfg.dim} layers {model.cfg.n_layers} "
               f"vocab {model.cfg.vocab_size}, {n_params / 1e6:.2f} M params; train {run.train.num_tokens} "
-              f"tokens, val {run.val.num_tokens}; {total} steps x {cfg.tokens_per_step(env.world)} tokens; "
+              f"tokens, val {run.val.num_tokens}; {sess.total} steps x {cfg.tokens_per_step(env.world)} tokens; "
               f"loss scales {weights}", file=sys.stderr)
-    batches = run.train.batches(cfg.batch_size, cfg.seed, DataPosition(progress.epoch, progress.offset),
-                                env.rank, env.world)
-    bar = tqdm(total=total, initial=progress.step, disable=not (show and env.is_main), unit="step",
-               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+    return sess, progress
+
+
+def _step(s: _Session, step: int, batches) -> tuple[list[float], DataPosition]:
+    """One optimiser step over grad_accum micro-batches; returns the per-scale losses (mean over ranks)."""
+    cfg, env, model = s.cfg, s.env, s.run.model
+    per_scale = torch.zeros(s.loss.max_scale, device=env.device)
+    amp = autocast(env.device)
+    for micro in range(cfg.grad_accum):
+        windows, pos = next(batches)
+        # Only the last micro-step all-reduces gradients.
+        sync = s.wrapped.no_sync() if env.world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
+        with sync:
+            with amp:
+                loss, scales = s.wrapped(windows.to(env.device))
+            (loss / cfg.grad_accum).backward()
+        per_scale += scales / cfg.grad_accum
+    mask_frozen_grads(model, cfg.freeze_chains)
+    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    for g in s.opt.param_groups:
+        g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, s.total, cfg.min_lr_ratio)
+    s.opt.step()
+    s.opt.zero_grad(set_to_none=True)
+    return D.mean(env, per_scale).tolist(), pos
+
+
+def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool, stop_at: int | None, show: bool) -> TrainResult:
+    s, progress = _start(cfg, env, resume)
+    out, model = Path(cfg.out), s.run.model
+    flops_tok = train_flops_per_token(model, s.loss.max_scale, cfg.seq_len)
     step, tokens, pos = progress.step, progress.tokens, DataPosition(progress.epoch, progress.offset)
+    batches = s.run.train.batches(cfg.batch_size, cfg.seed, pos, env.rank, env.world)
+    bar = tqdm(total=s.total, initial=step, disable=not (show and env.is_main), unit="step",
+               dynamic_ncols=True, mininterval=1.0 if sys.stderr.isatty() else 30.0)
     last_val: dict[int, float] = {}
     t0, tok0 = time.perf_counter(), tokens
-    amp = autocast(env.device)
-    while step < total and (stop_at is None or step < stop_at):
-        per_scale = torch.zeros(loss_mod.max_scale, device=env.device)
-        for micro in range(cfg.grad_accum):
-            windows, pos = next(batches)
-            sync = wrapped.no_sync() if env.world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
-            with sync:
-                with amp:
-                    loss, scales = wrapped(windows.to(env.device))
-                (loss / cfg.grad_accum).backward()
-            per_scale += scales / cfg.grad_accum
-        mask_frozen_grads(model, cfg.freeze_chains)
-        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.lr, cfg.warmup_steps, total, cfg.min_lr_ratio)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    while step < s.total and (stop_at is None or step < stop_at):
+        train_losses, pos = _step(s, step, batches)
         step += 1
         tokens += cfg.tokens_per_step(env.world)
-        train_losses = D.mean(env, per_scale).tolist()
         rate = (tokens - tok0) / max(1e-9, time.perf_counter() - t0)
         bar.update(1)
         bar.set_postfix(loss=f"{train_losses[-1]:.3f}", tok_s=f"{rate:.0f}", refresh=False)
-        at_end = step == total or step == stop_at
+        at_end = step == s.total or step == stop_at
         if env.is_main and (step % cfg.eval_every == 0 or at_end):
-            last_val = val_losses(model, run.val, cfg.batch_size, None if at_end else cfg.eval_tokens)
+            last_val = val_losses(model, s.run.val, cfg.batch_size, None if at_end else cfg.eval_tokens)
             _log(out, step, tokens, tokens * flops_tok, train_losses, last_val, bar)
         if env.is_main and (step % cfg.save_every == 0 or at_end):
-            save_state(Path(cfg.out) / CHECKPOINT, model, opt, TrainProgress(step, tokens, pos.epoch, pos.offset),
-                       settings)
-            save_model(model, out, run.tokenizer_file)
+            save_state(out / CHECKPOINT, model, s.opt, TrainProgress(step, tokens, pos.epoch, pos.offset),
+                       s.settings)
+            save_model(model, out, s.run.tokenizer_file)
         D.barrier(env)
     bar.close()
-    return TrainResult(out, step, tokens, last_val, step >= total)
+    return TrainResult(out, step, tokens, last_val, step >= s.total)
 
 
 def _log(out: Path, step: int, tokens: int, flops: float, train_losses: list[float],

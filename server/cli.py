@@ -66,7 +66,7 @@ def load_settings(args: argparse.Namespace):
     try:
         return ServerSettings(**given)
     except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg']}" for err in e.errors())
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'settings'}: {err['msg'].removeprefix('Value error, ')}" for err in e.errors())
         raise CLIError(f"invalid settings: {problems}") from None
 
 

@@ -205,25 +205,29 @@ class RequestRun:
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     async def close(self) -> None:
-        """Abort the unfinished engine requests and record metrics (idempotent)."""
+        """Abort the unfinished engine requests and record metrics (idempotent).
+
+        Everything that must happen is synchronous and comes first: under a cancelled anyio scope (the
+        client went away mid-stream) every later await raises CancelledError again."""
         if self._closed:
             return
         self._closed = True
         for task in self._tasks:
-            task.cancel()
-        for r, t, task in zip(self.requests, self.tracks, self._tasks):
+            task.cancel()  # closes the engine stream, which aborts the request in the engine
+        for t, r in zip(self.tracks, self.requests):
+            record_metrics(self.state, self.choice, t, r.params.n, self.arrival)
+        for r, t in zip(self.requests, self.tracks):
             if len(t.finish) < r.params.n:
                 await self.state.engine.abort(r.request_id)
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for t, r in zip(self.tracks, self.requests):
-            record_metrics(self.state, self.choice, t, r.params.n, self.arrival)
 
 
 def record_metrics(state: ServerState, choice: ChainChoice, t: _Track, n: int, arrival: float) -> None:
-    """Observe one engine request's latencies and counts, labelled by its admitted chain count."""
+    """Observe one engine request's latencies and counts, labelled by its admitted chain count.
+
+    Completions that never finished count as finish_reason "abort"; end-to-end latency, time per output
+    token and budget misses are observed for complete requests only."""
     m, k = state.metrics, str(choice.chains)
-    end = t.end or time.monotonic()
-    e2e = end - arrival
     for index in range(n):
         m.requests.labels(k, t.finish.get(index, "abort")).inc()
     m.prompt_tokens.labels(k).inc(t.prompt_tokens)
@@ -233,10 +237,14 @@ def record_metrics(state: ServerState, choice: ChainChoice, t: _Track, n: int, a
         state.queue_time.observe(t.queue_s)
     if t.first_token_s is not None:
         m.ttft.labels(k).observe(t.first_token_s)
-        longest = max(t.tokens.values(), default=0)
-        if longest > 1:
-            m.tpot.labels(k).observe(max(0.0, e2e - t.first_token_s) / (longest - 1))
+    complete = len(t.finish) == n and "abort" not in t.finish.values() and t.end is not None
+    if not complete:
+        return
+    e2e = t.end - arrival
     m.e2e.labels(k).observe(e2e)
+    longest = max(t.tokens.values(), default=0)
+    if t.first_token_s is not None and longest > 1:
+        m.tpot.labels(k).observe(max(0.0, e2e - t.first_token_s) / (longest - 1))
     if choice.latency_budget_ms is not None and e2e * 1000 > choice.latency_budget_ms:
         m.budget_misses.inc()
 

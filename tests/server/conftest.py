@@ -24,6 +24,9 @@ from colm_runtime.paths import default_model_dir
 from colm_runtime.testing import make_model_dir, small_config
 
 REPO = Path(__file__).resolve().parents[2]
+# `colm` as installed (the console script's entry point); `python -m colm_runtime.cli` would load the CLI
+# module twice (as __main__ and by name), and its CLIError would not be caught.
+COLM = [sys.executable, "-c", "import sys; from colm_runtime.cli import main; sys.exit(main())"]
 API_KEYS = ("test-key-1", "test-key-2")
 
 
@@ -40,7 +43,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        cmd = [sys.executable, "-m", "colm_runtime.cli", "serve", "--model", str(model_dir),
+        cmd = [*COLM, "serve", "--model", str(model_dir),
                "--port", str(self.port), *args]
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("COLM_")}
         full_env.update(env or {})

@@ -1,0 +1,85 @@
+"""Start-up validation and SIGTERM: the server stops admitting, drains what is in flight, then exits 0;
+a stream still running at the drain deadline ends with an error chunk and [DONE]."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import COLM, REPO, sse_events, start_server
+
+
+def _stream_after_sigterm(server, max_tokens: int) -> tuple[list, list[str]]:
+    """Start a long stream, SIGTERM the server after its first chunks, probe admission while it drains,
+    and return the stream's events plus what the probes saw."""
+    url = server.url
+    model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+    body = {"model": model, "prompt": "drain me", "max_tokens": max_tokens, "ignore_eos": True, "stream": True}
+    probes = []
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+        seen = [next(events), next(events)]
+        server.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        for path in ("/ready", "/v1/models"):
+            try:
+                probes.append(str(httpx.get(f"{url}{path}", timeout=5).status_code))
+            except httpx.TransportError:
+                probes.append("refused")
+        seen.extend(events)
+    return seen, probes
+
+
+def test_sigterm_drains_in_flight(tmp_path_factory, model_dir):
+    server = start_server(tmp_path_factory, model_dir, "drain", args=["--drain-timeout", "60"])
+    try:
+        limit = httpx.get(f"{server.url}/v1/models").json()["data"][0]["max_model_len"]
+        events, probes = _stream_after_sigterm(server, limit - 16)
+        assert events[-1] == "[DONE]"
+        final = [e for e in events[:-1] if e["choices"]][-1]["choices"][0]
+        assert final["finish_reason"] == "length"  # it ran to its end, not cut off
+        assert sum(len(e["choices"]) for e in events[:-1]) >= 2
+        assert all(p in ("503", "refused") for p in probes), probes  # admission stopped
+        assert server.proc.wait(timeout=30) == 0
+        assert "drained; engine stopped" in server.log()
+    finally:
+        server.stop()
+
+
+def test_drain_deadline_ends_streams_with_error_chunk(tmp_path_factory, model_dir):
+    server = start_server(tmp_path_factory, model_dir, "deadline", args=["--drain-timeout", "0.3"])
+    try:
+        limit = httpx.get(f"{server.url}/v1/models").json()["data"][0]["max_model_len"]
+        events, _ = _stream_after_sigterm(server, limit - 16)
+        assert events[-1] == "[DONE]"
+        error = events[-2]
+        assert set(error) == {"error"} and error["error"]["code"] == "draining"
+        assert server.proc.wait(timeout=30) == 0
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--model", "/nonexistent/model"], "does not exist"),
+    (["--port", "70000"], "port"),
+    (["--dtype", "float64"], "dtype"),
+    (["--max-body-bytes", "lots"], "not a size"),
+    (["--default-tier", "gold"], "default tier 'gold'"),
+])
+def test_bad_settings_fail_fast(model_dir, args, expect):
+    cmd = [*COLM, "serve", "--model", str(model_dir), *args]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and expect in p.stderr, p.stderr
+
+
+def test_bad_tier_file_fails_fast(model_dir, tmp_path):
+    (tmp_path / "tiers.yaml").write_text("tiers:\n  huge: {chains: 99}\n")
+    cmd = [*COLM, "serve", "--model", str(model_dir),
+           "--tiers-file", str(tmp_path / "tiers.yaml")]
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "tier 'huge'" in p.stderr, p.stderr

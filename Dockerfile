@@ -24,7 +24,6 @@ WORKDIR /src
 COPY pyproject.toml constraints-cpu.txt README.md ./
 COPY colm_runtime/ colm_runtime/
 COPY server/ server/
-COPY loadtests/ loadtests/
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints-cpu.txt .
 
 FROM ${PYTHON_IMAGE} AS runtime
@@ -32,7 +31,9 @@ FROM ${PYTHON_IMAGE} AS runtime
 RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin colm \
     && mkdir -p /models
 COPY --from=build /opt/venv /opt/venv
-COPY models/colm-tiny/ /opt/colm/models/colm-tiny/
+# Owned by the server's user: safetensors writes weights owner-only (0600), which root's copy would
+# leave unreadable to uid 10001.
+COPY --chown=10001:10001 models/colm-tiny/ /opt/colm/models/colm-tiny/
 # Flags override these; mount your own model and set COLM_MODEL=/models/NAME.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \

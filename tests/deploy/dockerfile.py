@@ -132,12 +132,23 @@ def env_pairs(value: str) -> list[tuple[str, str]]:
 
 
 def copy_args(ins: Instruction) -> tuple[str | None, list[str], str]:
-    """COPY [--from=S] [--chown=..] SRC... DEST -> (from stage or None, sources, dest)."""
+    """COPY [--from=S] [--chown=U:G] SRC... DEST -> (from stage or None, sources, dest)."""
     tokens = shlex.split(ins.value)
     flags = [t for t in tokens if t.startswith("--")]
+    unknown = [f for f in flags if not f.startswith(("--from=", "--chown="))]
+    assert not unknown, f"line {ins.line}: COPY {unknown} is not understood by tests/deploy/dockerfile.py"
     paths = [t for t in tokens if not t.startswith("--")]
     source_stage = next((f.split("=", 1)[1] for f in flags if f.startswith("--from=")), None)
     return source_stage, paths[:-1], paths[-1]
+
+
+def copy_owner(ins: Instruction) -> tuple[int, int] | None:
+    """COPY --chown=UID:GID (numeric only: the replay has no passwd to look names up in)."""
+    for token in shlex.split(ins.value):
+        if token.startswith("--chown="):
+            uid, _, gid = token.split("=", 1)[1].partition(":")
+            return int(uid), int(gid or uid)
+    return None
 
 
 class DockerIgnore:

@@ -1,0 +1,201 @@
+"""`colm bench engine`: continuous batching across chain counts, measured end to end.
+
+One run, one JSON object. Every scenario generates the same number of tokens from the same prompts
+(greedy, EOS ignored), prefill included; scenarios are interleaved round by round and each reports
+its median, so machine noise hits all sides alike. Ratios (goal in brackets):
+  mixed_vs_separate         mixed chain counts in one continuous batch / one batch per chain count,
+                            one after another [>= 1]
+  mixed_vs_padded           mixed / the same requests all at full chains [close to the FLOP ratio]
+  continuous_vs_sequential  all requests concurrently / one at a time [>= 8 on 2 CPU cores]
+  vs_transformers           ours at full chains / Hugging Face transformers `generate` on a random
+                            dense Llama of the full model's shape, at concurrency 1 and N [>= 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from colm_runtime.engine.config import EngineConfig
+from colm_runtime.engine.llm_engine import LLMEngine
+from colm_runtime.engine.types import EngineRequest, SamplingParams
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model directory (default: models/colm-tiny, else a random "
+                   "model of its shape)")
+    p.add_argument("--requests", type=int, default=32, help="concurrent requests (equal shares per chain count)")
+    p.add_argument("--single", type=int, default=8, help="requests in the concurrency-1 comparison with transformers")
+    p.add_argument("--prompt-len", type=int, nargs=2, default=[32, 96], metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default). 1 by default: "
+                   "on a shared 2-core machine OpenMP spin-waiting makes 2 threads 5-50x slower and erratic")
+    p.add_argument("--no-transformers", action="store_true", help="skip the Hugging Face comparison")
+    p.add_argument("--json", action="store_true", help="print one JSON object only")
+
+
+class Workload:
+    """Prompts (deterministic pseudo-random tokens) and, per request, its chain count in the mixed run."""
+
+    def __init__(self, n: int, n_chains: int, vocab: int, lens: tuple[int, int], out_len: int, seed: int = 0):
+        rng = random.Random(seed)
+        self.prompts = [[rng.randrange(1, vocab) for _ in range(rng.randint(*lens))] for _ in range(n)]
+        self.chains = [1 + i % n_chains for i in range(n)]
+        self.out_len = out_len
+
+    def requests(self, idx: list[int], chains: int | None = None) -> list[EngineRequest]:
+        params = SamplingParams(max_tokens=self.out_len, temperature=0.0, ignore_eos=True)
+        return [EngineRequest(f"b{i}-{time.perf_counter_ns()}", self.prompts[i], params,
+                              chains or self.chains[i]) for i in idx]
+
+
+def run_batch(engine: LLMEngine, reqs: list[EngineRequest]) -> None:
+    """All requests concurrently, to completion."""
+    out = engine.generate(reqs)
+    assert all(len(c[0].token_ids) == r.params.max_tokens for r, c in zip(reqs, out.values()))
+
+
+def run_one_by_one(engine: LLMEngine, reqs: list[EngineRequest]) -> None:
+    for r in reqs:
+        run_batch(engine, [r])
+
+
+def hf_model(cfg, device: str, dtype: torch.dtype):
+    """A randomly initialised LlamaForCausalLM with the full CoLM model's dense shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    kv = cfg.kv_heads[0] * cfg.n_chains if cfg.kv_sharing else sum(cfg.kv_heads)
+    hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.intermediate_size,
+                     num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=kv,
+                     head_dim=cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
+                     rms_norm_eps=cfg.norm_eps, rope_theta=cfg.rope_theta,
+                     tie_word_embeddings=cfg.tie_word_embeddings, pad_token_id=0, eos_token_id=None,
+                     bos_token_id=None)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(hc).to(device=device, dtype=dtype).eval()
+
+
+def hf_generate(model, prompts: list[list[int]], out_len: int, device: str) -> None:
+    """transformers `generate`, greedy, exactly out_len new tokens, prompts left-padded into one batch."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=out_len, min_new_tokens=out_len,
+                             do_sample=False, pad_token_id=0)
+    assert out.shape[1] == width + out_len
+
+
+def time_rounds(fns: dict[str, Callable[[], None]], rounds: int, sync: Callable[[], None]) -> dict[str, float]:
+    """Median seconds of each scenario, scenarios interleaved round by round (after one warm-up call)."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def scenarios(engine: LLMEngine, w: Workload, n: int, single: int, hf, device: str) -> dict[str, Callable[[], None]]:
+    k = engine.cfg.n_chains
+    everyone, few = list(range(n)), list(range(single))
+    fns: dict[str, Callable[[], None]] = {
+        "mixed": lambda: run_batch(engine, w.requests(everyone)),
+        "separate": lambda: [run_batch(engine, w.requests([i for i in everyone if w.chains[i] == c]))
+                             for c in range(1, k + 1)],
+        "padded": lambda: run_batch(engine, w.requests(everyone, chains=k)),
+        "sequential": lambda: run_one_by_one(engine, w.requests(everyone)),
+        "full_single": lambda: run_one_by_one(engine, w.requests(few, chains=k)),
+    }
+    if hf is not None:
+        fns["hf_batch"] = lambda: hf_generate(hf, w.prompts[:n], w.out_len, device)
+        fns["hf_single"] = lambda: [hf_generate(hf, [w.prompts[i]], w.out_len, device) for i in few]
+    return fns
+
+
+def report(t: dict[str, float], w: Workload, engine: LLMEngine, args, source: str) -> dict:
+    from colm_runtime.bench.model import step_flops
+
+    cfg, n, single = engine.cfg, args.requests, args.single
+    tps = {name: (single if name.endswith("single") else n) * w.out_len / sec for name, sec in t.items()}
+    ctx = int(statistics.mean(len(p) for p in w.prompts) + w.out_len / 2)
+    flops_mixed = statistics.mean(step_flops(cfg, c, ctx) for c in w.chains[:n])
+    out = {
+        "model": source, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
+        "requests": n, "prompt_len": args.prompt_len, "output_len": w.out_len, "rounds": args.rounds,
+        "mixed_vs_separate": round(tps["mixed"] / tps["separate"], 3),
+        "mixed_vs_padded": round(tps["mixed"] / tps["padded"], 3),
+        "padded_flop_ratio": round(step_flops(cfg, cfg.n_chains, ctx) / flops_mixed, 3),
+        "continuous_vs_sequential": round(tps["mixed"] / tps["sequential"], 3),
+        "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
+        "seconds": {k: round(v, 3) for k, v in t.items()},
+        "decode_step_ms_per_chains": {str(k): round(v * 1e3, 3) for k, v in
+                                      sorted(engine.stats().step_time_per_chains.items())},
+    }
+    if "hf_batch" in tps:
+        out["vs_transformers"] = {"1": round(tps["full_single"] / tps["hf_single"], 3),
+                                  str(n): round(tps["padded"] / tps["hf_batch"], 3),
+                                  f"{n}_mixed": round(tps["mixed"] / tps["hf_batch"], 3)}
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from colm_runtime.bench.model import load_or_random
+    from colm_runtime.cli import CLIError
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.requests < 1 or not 1 <= args.single <= args.requests or args.output_len < 1:
+        raise CLIError("--requests >= 1, --single in 1..requests and --output-len >= 1 are required")
+    dtype = getattr(torch, args.dtype)
+    try:
+        model, source = load_or_random(args.model, args.device, dtype)
+    except FileNotFoundError as e:
+        raise CLIError(str(e)) from None
+    cfg = model.cfg
+    w = Workload(args.requests, cfg.n_chains, cfg.vocab_size, tuple(args.prompt_len), args.output_len)
+    longest = max(len(p) for p in w.prompts) + w.out_len
+    config = EngineConfig(block_size=args.block_size, max_num_seqs=max(args.requests, 1),
+                          max_num_batched_tokens=args.max_num_batched_tokens, device=args.device,
+                          kv_cache_memory=_kv_bytes(cfg, args.requests, longest, args.block_size, dtype))
+    engine = LLMEngine(model, _tokenizer(source, cfg.vocab_size), config)
+    hf = None if args.no_transformers else hf_model(cfg, args.device, dtype)
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    t = time_rounds(scenarios(engine, w, args.requests, args.single, hf, args.device), args.rounds, sync)
+    out = report(t, w, engine, args, source)
+    print(json.dumps(out, indent=None if args.json else 2))
+    return 0
+
+
+def _kv_bytes(cfg, n: int, tokens: int, block_size: int, dtype: torch.dtype) -> int:
+    """Room for n sequences of `tokens` tokens at full chains: no preemption in any scenario."""
+    from colm_runtime.model import ChainKVCache
+
+    blocks = n * (-(-tokens // block_size) + 1)
+    return blocks * sum(ChainKVCache.block_bytes(cfg, block_size, dtype))
+
+
+def _tokenizer(source: str, vocab: int):
+    """The model's tokenizer, or a small BPE one for a random model (detokenizing is engine work too)."""
+    from pathlib import Path
+
+    from colm_runtime.tokenizer import Tokenizer
+    from colm_runtime.testing import small_tokenizer
+
+    path = Path(source) / "tokenizer.json"
+    return Tokenizer.from_file(path) if path.is_file() else small_tokenizer(vocab)

@@ -12,7 +12,7 @@ import ipaddress
 import os
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -65,6 +65,7 @@ class ServerSnapshot:
     waiting: float | None
     kv_free: dict[str, float]
     kv_total: dict[str, float]
+    finished: dict[str, float] = field(default_factory=dict)  # colm_requests_total by finish_reason
 
     @property
     def leaked_blocks(self) -> int | None:
@@ -78,17 +79,24 @@ class ServerSnapshot:
 
     def to_dict(self) -> dict:
         return {"running": self.running, "waiting": self.waiting, "kv_free_blocks": self.kv_free,
-                "kv_total_blocks": self.kv_total, "leaked_blocks": self.leaked_blocks}
+                "kv_total_blocks": self.kv_total, "leaked_blocks": self.leaked_blocks,
+                "finished_by_reason": self.finished}
 
 
 def parse_metrics(text: str) -> ServerSnapshot:
+    """The engine gauges (and finished requests by reason) from a Prometheus text exposition."""
     values: dict[str, dict[str, float]] = {}
+    finished: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
+            if s.name == "colm_requests_total":
+                reason = s.labels.get("finish_reason", "")
+                finished[reason] = finished.get(reason, 0.0) + s.value
             values.setdefault(s.name, {})[s.labels.get("chain", "")] = s.value
     one = lambda name: values.get(name, {}).get("")  # noqa: E731
     return ServerSnapshot(one("colm_requests_running"), one("colm_requests_waiting"),
-                          values.get("colm_kv_cache_free_blocks", {}), values.get("colm_kv_cache_total_blocks", {}))
+                          values.get("colm_kv_cache_free_blocks", {}), values.get("colm_kv_cache_total_blocks", {}),
+                          finished)
 
 
 async def snapshot(url: str) -> ServerSnapshot | None:

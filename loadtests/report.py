@@ -69,7 +69,9 @@ def write_markdown(summary: dict, path: Path) -> None:
         c = s["calibration"]
         lines += [f"Full-chain capacity: {c['capacity_rps']:.3f} requests/s ({c['source']}"
                   + (f", {c['users']} users" if "users" in c else "") + ")"
-                  + (f"; latency budget {c['budget_ms']:.0f} ms" if c.get("budget_ms") else "") + ".", ""]
+                  + (f"; latency budget {c['budget_ms']:.0f} ms" if c.get("budget_ms") else "")
+                  + (f"; one-chain capacity {c['one_chain_capacity_rps']:.3f} requests/s"
+                     if c.get("one_chain_capacity_rps") else "") + ".", ""]
     lines += ["## Phases", ""] + _phase_table(s["phases"]) + [""]
     if s.get("comparison"):
         lines += _comparison(s["comparison"])

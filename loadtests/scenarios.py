@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from loadtests.client import CANCELLED
-from loadtests.probe import ServerSnapshot, rss_bytes, wait_idle
+from loadtests.probe import ServerSnapshot, rss_bytes, snapshot, wait_idle
 from loadtests.runner import PhaseResult, Target, run_phase
 from loadtests.spec import Distribution, LoadSpec, Selection
 from loadtests.stats import SLO, summarise
@@ -98,20 +98,26 @@ async def settle(result: ScenarioResult, target: Target, opts: RunOptions, when:
     return snap
 
 
+async def measure_capacity(result: ScenarioResult, target: Target, opts: RunOptions, selection: Selection,
+                           name: str) -> dict:
+    """Closed loop, calib_users clients with one chain selection: completed requests/s and latencies."""
+    spec = base_spec(opts, arrival="users", users=opts.calib_users, duration_s=opts.calib_duration_s,
+                     mix=(selection,), seed=opts.seed + 1000)
+    s = await phase(result, name, target, spec, opts, mode="calibration")
+    if s["request_throughput_rps"] <= 0:
+        raise RuntimeError(f"{name} completed no request: {s['error_samples']}")
+    return {"capacity_rps": s["request_throughput_rps"], "e2e_ms": s["overall"]["e2e_ms"],
+            "tokens_per_s": s["throughput_tokens_per_s"]}
+
+
 async def calibrate(result: ScenarioResult, target: Target, opts: RunOptions) -> float:
     """Full-chain capacity (requests/s): closed loop, calib_users clients pinned to all chains."""
     if opts.capacity_rps:
         result.calibration = {"capacity_rps": opts.capacity_rps, "source": "--capacity"}
         return opts.capacity_rps
-    spec = base_spec(opts, arrival="users", users=opts.calib_users, duration_s=opts.calib_duration_s,
-                     mix=(full_chains(target),), seed=opts.seed + 1000)
-    s = await phase(result, "calibration", target, spec, opts, mode="calibration")
-    capacity = s["request_throughput_rps"]
-    if capacity <= 0:
-        raise RuntimeError(f"calibration completed no request: {s['error_samples']}")
-    result.calibration = {"capacity_rps": capacity, "source": "calibration", "users": opts.calib_users,
-                          "e2e_ms": s["overall"]["e2e_ms"], "tokens_per_s": s["throughput_tokens_per_s"]}
-    return capacity
+    full = await measure_capacity(result, target, opts, full_chains(target), "calibration")
+    result.calibration = {**full, "source": "calibration", "users": opts.calib_users}
+    return full["capacity_rps"]
 
 
 def auto_budget(result: ScenarioResult, opts: RunOptions) -> float:
@@ -166,6 +172,10 @@ async def overload(target: Target, opts: RunOptions) -> ScenarioResult:
     result = ScenarioResult()
     capacity = await calibrate(result, target, opts)
     budget = auto_budget(result, opts)
+    if target.n_chains and target.n_chains > 1 and not opts.capacity_rps:
+        # The ceiling of elastic serving: everything at one chain (context for the comparison).
+        one = await measure_capacity(result, target, opts, Selection(model_chains=1), "calibration c1")
+        result.calibration["one_chain_capacity_rps"] = one["capacity_rps"]
     rows = []
     for factor in opts.load_factors:
         spec = base_spec(opts, arrival="poisson", rate=factor * capacity, duration_s=opts.duration_s or 60.0,
@@ -233,9 +243,17 @@ async def cancel(target: Target, opts: RunOptions) -> ScenarioResult:
     mix = opts.mix or mixed_selection(target, auto_budget(result, opts))
     spec = base_spec(opts, arrival="poisson", rate=rate, duration_s=opts.duration_s or 60.0, mix=mix,
                      cancel_share=opts.cancel_share)
+    before = await snapshot(target.url)
     await phase(result, "cancel", target, spec, opts, mode="mixed")
+    after = await snapshot(target.url)
     check_clean(result)
     await check_blocks(result, target, opts)
+    cancelled = sum(1 for r in result.phases[-1].records if r.outcome == CANCELLED)
+    if before is not None and after is not None and after.finished:
+        # A disconnect racing the last tokens may finish normally; most must reach the engine as aborts.
+        aborted = after.finished.get("abort", 0) - before.finished.get("abort", 0)
+        result.check("disconnects_abort", aborted > 0 if cancelled else aborted == 0, cancelled=cancelled,
+                     server_aborted=int(aborted))
     return result
 
 

@@ -20,7 +20,7 @@ RouteReason = Literal["model", "chains", "tier", "budget", "default", "degraded"
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)  # unknown fields: kept aside, ignored
 
 
 class StreamOptions(_Request):

@@ -39,6 +39,18 @@ def route_hints(req: _Sampling, headers) -> RouteHints:
     return RouteHints(model=req.model, chains=chains, tier=tier, latency_budget_ms=budget, priority=req.priority)
 
 
+def warn_unknown_fields(req: _Sampling) -> None:
+    """Unknown fields are ignored, as vLLM does; their names (never values) are logged."""
+    if req.model_extra:
+        log.warning("ignoring unknown request fields: %s", ", ".join(sorted(k[:40] for k in req.model_extra)[:10]))
+
+
+def continuous_usage(req: _Sampling) -> bool:
+    """vLLM's stream_options.continuous_usage_stats: usage so far in every chunk (with include_usage)."""
+    o = req.stream_options
+    return o is not None and o.include_usage and o.continuous_usage_stats
+
+
 def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
     """SamplingParams from the shared OpenAI/vLLM fields; 400 naming the field if invalid."""
     if req.logit_bias:

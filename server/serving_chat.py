@@ -16,8 +16,8 @@ from server.errors import APIError, InvalidRequest, error_body
 from server.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                             ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob, DeltaMessage,
                             ResponseMessage, TopLogprob)
-from server.serving import (SSE_DONE, RequestRun, colm_headers, colm_report, new_id, route_hints,
-                            sampling_params, sse)
+from server.serving import (SSE_DONE, RequestRun, colm_headers, colm_report, continuous_usage, new_id,
+                            route_hints, sampling_params, sse, warn_unknown_fields)
 from server.state import ServerState
 
 log = logging.getLogger("colm.server")
@@ -53,6 +53,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     """Validate, render, admit, start; then stream or collect the answer."""
     arrival = time.monotonic()
     _check_unsupported(req)
+    warn_unknown_fields(req)
     ids = _prompt_ids(state, req)
     requested = req.max_completion_tokens or req.max_tokens
     max_tokens = requested or max(1, state.max_model_len - len(ids))
@@ -112,7 +113,7 @@ async def _stream(run: RequestRun, req: ChatCompletionRequest, request_id: str,
                                     logprobs=_logprobs(out.logprobs) if req.logprobs else None,
                                     finish_reason=out.finish_reason, stop_reason=out.stop_reason)
             report = colm_report(run.choice, run.measured_s, run.final_chains) if last else None
-            yield _chunk(request_id, model, delta, colm=report)
+            yield _chunk(request_id, model, delta, colm=report, usage=run.usage() if continuous_usage(req) else None)
         if include_usage:
             yield sse(ChatCompletionChunk(id=request_id, model=model, choices=[], usage=run.usage(),
                                           colm=colm_report(run.choice, run.measured_s, run.final_chains)))

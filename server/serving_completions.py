@@ -14,8 +14,8 @@ from colm_runtime.engine.types import RequestOutput, TokenLogprob
 
 from server.errors import APIError, InvalidRequest, error_body
 from server.schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.serving import (SSE_DONE, RequestRun, colm_headers, colm_report, new_id, route_hints,
-                            sampling_params, sse)
+from server.serving import (SSE_DONE, RequestRun, colm_headers, colm_report, continuous_usage as _continuous,
+                            new_id, route_hints, sampling_params, sse, warn_unknown_fields)
 from server.state import ServerState
 
 log = logging.getLogger("colm.server")
@@ -69,6 +69,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     """Validate, admit, start the engine requests; then stream or collect the answer."""
     arrival = time.monotonic()
     _check_unsupported(req)
+    warn_unknown_fields(req)
     ids, texts = _prompts(state, req.prompt)
     longest = max(len(p) for p in ids)
     max_tokens = req.max_tokens or max(1, state.max_model_len - longest)
@@ -134,7 +135,7 @@ async def _stream(state: ServerState, run: RequestRun, req: CompletionRequest, r
             start = offsets.get(idx, 0) + len(text) - len(out.text)
             offsets[idx] = offsets.get(idx, 0) + len(text)
             chunk = CompletionResponse(
-                id=request_id, model=req.model, colm=report,
+                id=request_id, model=req.model, colm=report, usage=run.usage() if _continuous(req) else None,
                 choices=[CompletionChoice(index=idx, text=text, finish_reason=out.finish_reason,
                                           stop_reason=out.stop_reason,
                                           logprobs=_logprobs(out.logprobs, start)

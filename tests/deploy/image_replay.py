@@ -109,7 +109,8 @@ class Replay:
                 self.image.log.append(f"RUN {command}")
                 out = subprocess.run(["/bin/sh", "-c", command], cwd=workdir, env=env, capture_output=True,
                                      text=True, timeout=600)
-                assert out.returncode == 0, f"Dockerfile line {ins.line} failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
+                assert out.returncode == 0, \
+                    f"Dockerfile line {ins.line} failed:\n{out.stdout[-3000:]}{out.stderr[-3000:]}"
             else:
                 raise AssertionError(f"build stage: {ins.keyword} is not replayed (line {ins.line})")
 

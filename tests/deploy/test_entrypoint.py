@@ -61,8 +61,9 @@ def _run_env(img: Image, port: int) -> dict[str, str]:
 def test_install_is_the_packaged_server(image):
     """The venv holds a regular (not editable) install that imports nothing from the checkout."""
     python = Path(image.env["PATH"].split(":")[0]) / "python"
-    out = subprocess.run([str(python), "-c", "import colm_runtime, server; print(colm_runtime.__file__, server.__file__)"],
-                         capture_output=True, text=True, cwd=image.workdir, env=image.env, timeout=60, **image.popen_user())
+    code = "import colm_runtime, server; print(colm_runtime.__file__, server.__file__)"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, cwd=image.workdir,
+                         env=image.env, timeout=60, **image.popen_user())
     assert out.returncode == 0, out.stderr
     for path in out.stdout.split():
         assert Path(path).is_relative_to(image.root) and "site-packages" in path, path

@@ -63,7 +63,8 @@ def exported(plain_model_dir, tmp_path_factory) -> Exported:
             r = client.post("/v1/completions", json={"model": base, "prompt": "Hi", "max_tokens": 3,
                                                      "latency_budget_ms": 1})
             assert r.status_code == 200, r.text
-            assert client.post("/v1/completions", json={"model": base, "prompt": "Hi", "tier": "nope"}).status_code == 400
+            bad = client.post("/v1/completions", json={"model": base, "prompt": "Hi", "tier": "nope"})
+            assert bad.status_code == 400, bad.text
             text = client.get("/metrics").text
         return Exported(text)
     finally:

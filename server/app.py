@@ -87,7 +87,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.colm = await build_state(settings, app.state.metrics)
+        try:
+            app.state.colm = await build_state(settings, app.state.metrics)
+        except Exception as e:  # uvicorn prints the traceback too; this line says it plainly
+            log.error("start-up failed: %s: %s", type(e).__name__, e)
+            raise
         try:
             yield
         finally:

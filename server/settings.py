@@ -91,7 +91,8 @@ class ServerSettings(BaseSettings):
     @classmethod
     def _exists(cls, v: Path | None, info):
         if v is not None and not v.exists():
-            raise ValueError(f"{v} does not exist")
+            hint = " (train one with `colm train`, or pass --model)" if info.field_name == "model" else ""
+            raise ValueError(f"{v} does not exist{hint}")
         return v
 
     @field_validator("dtype")

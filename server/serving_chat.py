@@ -54,6 +54,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     arrival = time.monotonic()
     _check_unsupported(req)
     warn_unknown_fields(req)
+    state.check_n(req.n)
     ids = _prompt_ids(state, req)
     requested = req.max_completion_tokens or req.max_tokens
     max_tokens = requested or max(1, state.max_model_len - len(ids))

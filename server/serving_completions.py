@@ -70,6 +70,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     arrival = time.monotonic()
     _check_unsupported(req)
     warn_unknown_fields(req)
+    state.check_n(req.n)
     ids, texts = _prompts(state, req.prompt)
     longest = max(len(p) for p in ids)
     max_tokens = req.max_tokens or max(1, state.max_model_len - longest)

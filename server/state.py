@@ -78,6 +78,12 @@ class ServerState:
             raise InvalidRequest(f"{param} is not valid UTF-8 text", param=param) from None
         return self.tokenizer.encode(text)
 
+    def check_n(self, n: int) -> None:
+        """n completions run side by side: more than max_num_seqs could never be scheduled."""
+        if n > self.settings.max_num_seqs:
+            raise InvalidRequest(f"n must be at most {self.settings.max_num_seqs} on this server "
+                                 "(max_num_seqs)", param="n")
+
     def check_length(self, prompt_tokens: int, max_tokens: int, what: str) -> None:
         """400 naming the limit when a prompt (+ max_tokens) cannot fit."""
         limit = self.settings.max_prompt_tokens

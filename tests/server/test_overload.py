@@ -69,3 +69,10 @@ def test_full_queue_refuses_pinned_and_degrades_unpinned(busy_server):
         assert metric(after, "colm_chain_downgrades_total", reason="queue") - \
             metric(before, "colm_chain_downgrades_total", reason="queue") == 1
     _wait_for(url, "colm_requests_running", 0)
+
+
+def test_n_above_max_num_seqs_is_400(busy_server):
+    """n completions run side by side, so n above max_num_seqs could never be scheduled."""
+    model = httpx.get(f"{busy_server.url}/v1/models").json()["data"][0]["id"]
+    r = httpx.post(f"{busy_server.url}/v1/completions", json={"model": model, "prompt": "x", "n": 2}, timeout=30)
+    assert_error(r, 400, param="n")

@@ -83,3 +83,19 @@ def test_bad_tier_file_fails_fast(model_dir, tmp_path):
            "--tiers-file", str(tmp_path / "tiers.yaml")]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "tier 'huge'" in p.stderr, p.stderr
+
+
+def test_before_the_model_loads_everything_is_503(model_dir):
+    """The app before its lifespan has run (no engine yet): /ready and the API answer 503 not_ready
+    with Retry-After, /health stays 200."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    client = TestClient(create_app(ServerSettings(model=model_dir)))  # no `with`: no lifespan, no engine
+    assert client.get("/health").status_code == 200
+    for r in (client.get("/ready"), client.get("/v1/models"),
+              client.post("/v1/completions", json={"model": "m", "prompt": "x"})):
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json()["error"]["code"] == "not_ready" and r.json()["error"]["type"] == "service_unavailable_error"

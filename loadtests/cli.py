@@ -36,6 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
     p.add_argument("--out", type=Path, required=True, help="directory for summary.json, summary.md, plots")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target (one you own)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API "
+                   "key to send, if set (default OPENAI_API_KEY); keys never go on the command line")
     p.add_argument("--model", default=None, help="base model id (default: the first base model served)")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--prompt-format", choices=["tokens", "text"], default="tokens",
@@ -95,7 +97,7 @@ def build_summary(scenario: str, target, opts: RunOptions, result, started_at: s
 def run(args: argparse.Namespace) -> int:
     try:
         url = check_loopback(args.url, args.allow_remote)
-        target = discover(url, args.model)
+        target = discover(url, args.model, os.environ.get(args.api_key_env) or None)
         opts = options(args)
     except (TargetError, SpecError) as e:
         print(f"loadtests: {e}", file=sys.stderr)

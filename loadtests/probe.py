@@ -42,10 +42,11 @@ def check_loopback(url: str, allow_remote: bool) -> str:
     return url.rstrip("/")
 
 
-def discover(url: str, model: str | None = None, timeout: float = 10.0) -> Target:
+def discover(url: str, model: str | None = None, api_key: str | None = None, timeout: float = 10.0) -> Target:
     """The base model id and chain count from GET /v1/models (CoLM Serve cards carry `chains`)."""
+    headers = Target(url, "", api_key=api_key).headers
     try:
-        cards = httpx.get(f"{url}/v1/models", timeout=timeout).raise_for_status().json()["data"]
+        cards = httpx.get(f"{url}/v1/models", headers=headers, timeout=timeout).raise_for_status().json()["data"]
     except (httpx.HTTPError, KeyError, ValueError) as e:
         raise TargetError(f"GET {url}/v1/models failed: {e}") from None
     if not cards:
@@ -54,7 +55,7 @@ def discover(url: str, model: str | None = None, timeout: float = 10.0) -> Targe
     base = next((c for c in cards if c["id"] == model), None) if model else bases[0]
     if base is None:
         raise TargetError(f"{url} does not serve {model!r}; it serves {', '.join(c['id'] for c in cards)}")
-    return Target(url, base["id"], base.get("chains"))
+    return Target(url, base["id"], base.get("chains"), api_key)
 
 
 @dataclass(frozen=True)
@@ -99,24 +100,24 @@ def parse_metrics(text: str) -> ServerSnapshot:
                           finished)
 
 
-async def snapshot(url: str) -> ServerSnapshot | None:
+async def snapshot(target: Target) -> ServerSnapshot | None:
     """The server's engine gauges now, or None if it has no (readable) /metrics."""
     try:
-        async with httpx.AsyncClient(timeout=10.0) as client:
-            resp = await client.get(f"{url}/metrics")
+        async with httpx.AsyncClient(timeout=10.0, headers=target.headers) as client:
+            resp = await client.get(f"{target.url}/metrics")
         return parse_metrics(resp.text) if resp.status_code == 200 else None
     except (httpx.HTTPError, ValueError):
         return None
 
 
-async def wait_idle(url: str, timeout: float = 30.0) -> ServerSnapshot | None:
+async def wait_idle(target: Target, timeout: float = 30.0) -> ServerSnapshot | None:
     """Poll /metrics until nothing runs or waits and every KV block is free (aborted requests free their
     blocks at the engine's next step); returns the last snapshot, idle or not, after `timeout`."""
     deadline = time.monotonic() + timeout
-    snap = await snapshot(url)
+    snap = await snapshot(target)
     while snap is not None and not snap.idle and time.monotonic() < deadline:
         await asyncio.sleep(0.25)
-        snap = await snapshot(url)
+        snap = await snapshot(target)
     return snap
 
 

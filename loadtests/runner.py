@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -21,12 +21,17 @@ from loadtests.workload import RequestPlan
 
 @dataclass(frozen=True)
 class Target:
-    """The server under load: its base URL, the base model id, and the full chain count (None for
-    servers that are not CoLM Serve)."""
+    """The server under load: its base URL, the base model id, the full chain count (None for servers
+    that are not CoLM Serve) and the API key to send, if the server wants one (never printed)."""
 
     url: str
     model: str
     n_chains: int | None = None
+    api_key: str | None = field(default=None, repr=False)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 @dataclass
@@ -46,10 +51,10 @@ def _record(plan: RequestPlan) -> RequestRecord:
     return RequestRecord(plan.index, plan.selection.label, plan.selection.latency_budget_ms, plan.max_tokens)
 
 
-def new_client(spec: LoadSpec, connections: int) -> httpx.AsyncClient:
+def new_client(spec: LoadSpec, connections: int, headers: dict[str, str]) -> httpx.AsyncClient:
     timeout = httpx.Timeout(spec.request_timeout_s, connect=10.0)
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
-    return httpx.AsyncClient(timeout=timeout, limits=limits)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers)
 
 
 async def _open_loop(client, target: Target, spec: LoadSpec, plans, records, tasks, t0: float) -> None:
@@ -82,7 +87,7 @@ async def run_phase(name: str, target: Target, spec: LoadSpec, plans: list[Reque
     records = [_record(p) for p in plans]
     tasks: list[asyncio.Task] = []
     connections = spec.users if spec.arrival == "users" else len(plans)
-    async with new_client(spec, max(1, connections)) as client:
+    async with new_client(spec, max(1, connections), target.headers) as client:
         t0 = time.monotonic()
         if spec.arrival == "users":
             await _closed_loop(client, target, spec, plans, records, tasks, t0)

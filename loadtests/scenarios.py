@@ -93,7 +93,7 @@ async def phase(result: ScenarioResult, name: str, target: Target, spec: LoadSpe
 
 
 async def settle(result: ScenarioResult, target: Target, opts: RunOptions, when: str) -> ServerSnapshot | None:
-    snap = await wait_idle(target.url, opts.idle_timeout_s)
+    snap = await wait_idle(target, opts.idle_timeout_s)
     result.server.setdefault("snapshots", []).append({"when": when, **(snap.to_dict() if snap else {})})
     return snap
 
@@ -243,9 +243,9 @@ async def cancel(target: Target, opts: RunOptions) -> ScenarioResult:
     mix = opts.mix or mixed_selection(target, auto_budget(result, opts))
     spec = base_spec(opts, arrival="poisson", rate=rate, duration_s=opts.duration_s or 60.0, mix=mix,
                      cancel_share=opts.cancel_share)
-    before = await snapshot(target.url)
+    before = await snapshot(target)
     await phase(result, "cancel", target, spec, opts, mode="mixed")
-    after = await snapshot(target.url)
+    after = await snapshot(target)
     check_clean(result)
     await check_blocks(result, target, opts)
     cancelled = sum(1 for r in result.phases[-1].records if r.outcome == CANCELLED)

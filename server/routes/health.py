@@ -6,16 +6,30 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from pydantic import BaseModel
+
 from server.errors import Unavailable, error_body
+from server.schemas import ErrorResponse
 
 router = APIRouter(tags=["health"])
+_503 = {503: {"model": ErrorResponse, "description": "not alive / not ready or draining (Retry-After)"}}
+
+
+class Health(BaseModel):
+    status: str = "ok"
+
+
+class Ready(BaseModel):
+    status: str = "ready"
+    model: str
+    chains: int
 
 
 def _state(request: Request):
     return getattr(request.app.state, "colm", None)
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health, responses=_503)
 async def health(request: Request) -> JSONResponse:
     """200 while the process and its engine loop are alive (liveness probe)."""
     state = _state(request)
@@ -25,7 +39,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok"})
 
 
-@router.get("/ready")
+@router.get("/ready", response_model=Ready, responses=_503)
 async def ready(request: Request) -> JSONResponse:
     """200 once the model is loaded and the engine runs; 503 before that and while draining."""
     state = _state(request)
@@ -36,7 +50,9 @@ async def ready(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ready", "model": state.base_name, "chains": state.cfg.n_chains})
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key (with --metrics-auth)"}})
 async def metrics(request: Request) -> Response:
     """Prometheus text format (API key required only with metrics_auth)."""
     app_metrics = request.app.state.metrics

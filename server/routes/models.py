@@ -10,10 +10,11 @@ from fastapi import APIRouter
 from colm_runtime.config import ModelConfig
 from colm_runtime.model import CoLMModel
 
-from server.routes.deps import APIKey, State
+from server.routes.deps import ERROR_RESPONSES, APIKey, State
 from server.schemas import ModelCard, ModelList
 
-router = APIRouter(prefix="/v1", dependencies=[APIKey], tags=["models"])
+router = APIRouter(prefix="/v1", dependencies=[APIKey], tags=["models"],
+                   responses={k: ERROR_RESPONSES[k] for k in (401, 503)})
 
 
 @lru_cache(maxsize=64)

@@ -8,7 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from colm_runtime.engine.types import RequestOutput, TokenLogprob
 
@@ -73,7 +73,8 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
         body = await _collect(run, req, request_id)
     finally:
         await run.close()
-    return JSONResponse(body.model_dump(), headers=headers)
+    # pydantic's JSON, not json.dumps: a -inf logprob becomes null instead of failing the response
+    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
 
 async def _collect(run: RequestRun, req: ChatCompletionRequest, request_id: str) -> ChatCompletionResponse:

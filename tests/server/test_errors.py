@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import httpx
 import openai
 import pytest
@@ -141,3 +144,20 @@ def test_no_500_from_odd_input(server, model_info):
     r = httpx.post(f"{server.url}/v1/completions", content=b'{"prompt": NaN, "model": "m"}',
                    headers={"content-type": "application/json"})
     assert r.status_code < 500
+
+
+def test_logs_hold_no_prompts_or_keys(auth_server):
+    """Structured access logs: one JSON line per request, without prompts, completions or keys."""
+    h = {"Authorization": f"Bearer {API_KEYS[0]}"}
+    model = httpx.get(f"{auth_server.url}/v1/models", headers=h).json()["data"][0]["id"]
+    r = post(auth_server.url, {"model": model, "prompt": "SECRET-PROMPT-MARKER", "max_tokens": 2,
+                               "unknown_field_marker": "SECRET-VALUE"}, h)
+    assert r.status_code == 200
+    post(auth_server.url, {"model": model, "prompt": "x"}, {"Authorization": "Bearer SECRET-WRONG-KEY"})
+    time.sleep(0.2)
+    log = auth_server.log()
+    for secret in ("SECRET-PROMPT-MARKER", "SECRET-VALUE", "SECRET-WRONG-KEY", *API_KEYS):
+        assert secret not in log, secret
+    access = [json.loads(line.split("colm.access: ", 1)[1]) for line in log.splitlines() if "colm.access: " in line]
+    assert any(a["status"] == 401 for a in access) and any(a.get("request_id") == r.json()["id"] for a in access)
+    assert "unknown_field_marker" in log  # unknown field names are logged, their values never

@@ -121,4 +121,20 @@ def write_plots(summary: dict, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "chains_vs_load.png", dpi=100)
     plt.close(fig)
-    return ["latency_vs_load.png", "chains_vs_load.png"]
+    return ["latency_vs_load.png", "chains_vs_load.png"] + _rss_plot(summary, out, plt)
+
+
+def _rss_plot(summary: dict, out: Path, plt) -> list[str]:
+    """soak: the server's resident memory over the soak phase."""
+    rss = summary["checks"].get("rss_bounded", {})
+    if not rss.get("samples_mib"):
+        return []
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([t for t, _ in rss["samples_mib"]], [m for _, m in rss["samples_mib"]], ".-")
+    ax.axhline(rss["rss_before_mib"] + rss["bound_mib"], color="red", linestyle="--", label="bound")
+    ax.set(xlabel="seconds into the soak", ylabel="server RSS (MiB)", title="server memory during the soak")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "rss.png", dpi=100)
+    plt.close(fig)
+    return ["rss.png"]

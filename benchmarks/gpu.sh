@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# The engine and model benchmarks on CUDA, and decode step time against the memory-bandwidth bound
+# of a ~1B-parameter random CoLM. Under 8 minutes on one H200. Needs torch (CUDA build), safetensors,
+# tokenizers and numpy importable; transformers is optional (without it the HF comparison is skipped).
+#
+#   benchmarks/gpu.sh                              # CUDA, bfloat16, the 1B model
+#   benchmarks/gpu.sh --device cpu --size tiny     # dry run of every step on CPU, about a minute
+#
+# Writes one JSON file per benchmark to $OUT (default: bench-out/), then prints them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+DEVICE=cuda
+SIZE=1b
+OUT=${OUT:-bench-out}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --device) DEVICE=$2; shift 2 ;;
+    --size) SIZE=$2; shift 2 ;;
+    --out) OUT=$2; shift 2 ;;
+    *) echo "usage: $0 [--device cuda|cpu] [--size 1b|tiny] [--out DIR]" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=python3; fi
+fi
+
+"$PY" - "$DEVICE" <<'PYEOF' | tee "$OUT/env.txt" || exit 1
+import sys, torch
+dev = sys.argv[1]
+print("torch", torch.__version__, "cuda available:", torch.cuda.is_available())
+if dev.startswith("cuda"):
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --device cpu --size tiny for a dry run")
+    p = torch.cuda.get_device_properties(0)
+    print("device:", p.name, f"{p.total_memory / 2**30:.0f} GiB")
+PYEOF
+NOHF=""
+"$PY" -c "import transformers" 2>/dev/null || { NOHF="--no-transformers"; echo "transformers missing: skipping the HF comparison"; }
+
+if [ "$DEVICE" = cpu ]; then
+  DTYPE=float32
+  BW=(--size "$SIZE" --batch 1 4 --context 64 --rounds 3)
+  MODEL=(--batch 1 8 --context 32 --rounds 3)
+  ENGINE=(--requests 8 --single 2 --prompt-len 8 16 --output-len 8 --rounds 1)
+  ENGINE_BIG=(--random tiny --requests 8 --single 2 --prompt-len 8 16 --output-len 8 --rounds 1)
+else
+  DTYPE=bfloat16
+  BW=(--size "$SIZE" --batch 1 16 64 256 --context 1024 --rounds 20)
+  MODEL=(--batch 1 32 256 --context 512 --rounds 30)
+  ENGINE=(--requests 32 --rounds 3)
+  ENGINE_BIG=(--random "$SIZE" --requests 64 --single 4 --prompt-len 128 512 --output-len 64 --rounds 2
+              --max-num-batched-tokens 4096)
+fi
+
+FAILED=0
+step() {  # step NAME SECONDS ARGS...: one benchmark, its JSON in $OUT/NAME.json
+  local name=$1 limit=$2; shift 2
+  local t0=$SECONDS
+  if timeout "$limit" "$PY" -m colm_runtime.cli bench "$@" --json >"$OUT/$name.json" 2>"$OUT/$name.err"; then
+    echo "== $name: ok in $((SECONDS - t0)) s"
+  else
+    echo "== $name: FAILED after $((SECONDS - t0)) s (see $OUT/$name.err)"; tail -5 "$OUT/$name.err"; FAILED=1
+  fi
+}
+
+step bandwidth 150 bandwidth --device "$DEVICE" --dtype "$DTYPE" "${BW[@]}"
+step model 90 model --device "$DEVICE" --dtype "$DTYPE" "${MODEL[@]}"
+step engine 120 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE[@]}"
+step engine_big 200 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE_BIG[@]}"
+
+for f in bandwidth model engine engine_big; do
+  echo "--- $f"; cat "$OUT/$f.json" 2>/dev/null; echo
+done
+exit $FAILED

@@ -96,22 +96,28 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         self.running.sort(key=Sequence.sort_key)
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_uncomputed, budget)
-            copies = self._allocate(seq, n, out)
-            if copies is None:  # seq itself was preempted
-                continue
-            out.scheduled.append((seq, n))
-            out.copies.extend(copies)
-            budget -= n
-            i += 1
+        done: set[int] = set()  # seq_ids scheduled this step
+        # Decodes first, so that no prompt chunk (even of a higher-priority request) stalls them.
+        for decodes in (True, False):
+            for seq in list(self.running):
+                if budget <= 0:
+                    break
+                if seq.seq_id in done or seq.status is not SequenceStatus.RUNNING or \
+                        (seq.num_uncomputed == 1) != decodes:
+                    continue
+                n = min(seq.num_uncomputed, budget)
+                copies = self._allocate(seq, n, out, done)
+                if copies is None:  # seq itself was preempted
+                    continue
+                out.scheduled.append((seq, n))
+                out.copies.extend(copies)
+                done.add(seq.seq_id)
+                budget -= n
         if not out.num_preempted:
             self._admit(out, budget)
         return out
 
-    def _allocate(self, seq: Sequence, n: int, out: SchedulerOutput) -> list[BlockCopy] | None:
+    def _allocate(self, seq: Sequence, n: int, out: SchedulerOutput, done: set[int]) -> list[BlockCopy] | None:
         """Blocks for a running seq, relieving pressure as needed; None if seq itself got preempted."""
         while True:
             copies = self.blocks.allocate_slots(seq, n)
@@ -122,7 +128,8 @@ class Scheduler:
                 out.num_shrunk += 1
                 self.shrinks_total += 1
                 continue
-            victim = self.running[-1]  # lowest priority; never one already scheduled this step
+            # The lowest-priority sequence not scheduled this step (seq itself at worst).
+            victim = next(s for s in reversed(self.running) if s.seq_id not in done)
             self._preempt(victim)
             out.num_preempted += 1
             if victim is seq:

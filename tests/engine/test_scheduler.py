@@ -43,6 +43,22 @@ def test_decodes_go_first_and_a_long_prompt_is_chunked_to_the_budget():
     assert long.num_computed_tokens == 40 and long.num_tokens == 41
 
 
+def test_a_higher_priority_prompt_does_not_stall_running_decodes():
+    sched, bm = scheduler(max_num_batched_tokens=8)
+    decoders = [make_seq(bm.cfg, 2, chains=2) for _ in range(3)]
+    for s in decoders:
+        sched.add(s)
+    advance(sched.schedule())
+    urgent = make_seq(bm.cfg, 30, chains=4, priority=9)
+    sched.add(urgent)
+    for _ in range(4):
+        so = sched.schedule()
+        got = {s.seq_id: n for s, n in so.scheduled}
+        assert all(got[d.seq_id] == 1 for d in decoders)
+        assert got[urgent.seq_id] == 5  # the budget left after the decodes
+        advance(so)
+
+
 def test_higher_priority_is_admitted_first():
     sched, bm = scheduler(max_num_seqs=1)
     low = make_seq(bm.cfg, 4, chains=1, priority=0)

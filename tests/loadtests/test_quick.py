@@ -47,7 +47,7 @@ def test_quick_scenario(load_server, tmp_path):
     assert 0 < aborted <= s["cancelled"]
     assert s["throughput_tokens_per_s"] > 0 and s["goodput_requests_per_s"] > 0
     assert s["checks"]["no_leaked_blocks"]["passed"] and s["checks"]["no_leaked_blocks"]["leaked_blocks"] == 0
-    assert s["checks"]["no_errors"]["passed"]
+    assert s["checks"]["no_errors"]["passed"] and s["checks"]["disconnects_abort"]["passed"]
     n = s["target"]["n_chains"]
     assert {"1", str(n)} <= set(s["per_chains"]), "model=c1 and the default (all chains) are in the mix"
     for block in s["per_chains"].values():

@@ -146,10 +146,10 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> None:
         self.waiting.sort(key=Sequence.sort_key)
+        seats = sum(map(_seats, self.running))
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            n_seqs = 1 if seq.request.forked else seq.params.n  # room for the forks to come
-            if len(self.running) + n_seqs > self.config.max_num_seqs:
+            if seats + _seats(seq) > self.config.max_num_seqs:
                 break
             n = min(seq.num_uncomputed, budget)
             copies = self.blocks.allocate_slots(seq, n)
@@ -161,3 +161,9 @@ class Scheduler:
             out.scheduled.append((seq, n))
             out.copies.extend(copies)
             budget -= n
+            seats += _seats(seq)
+
+
+def _seats(seq: Sequence) -> int:
+    """Running sequences seq stands for: an n > 1 request not yet forked counts its forks to come."""
+    return 1 if seq.request.forked else seq.params.n

@@ -105,3 +105,20 @@ async def test_shutdown_drains_then_aborts_and_refuses_new_requests():
 
 async def _drain(gen):
     return [o async for o in gen]
+
+
+async def test_a_failing_step_ends_its_requests_with_error_and_the_engine_keeps_serving(engine):
+    runner = engine.engine.runner
+    real = runner.forward
+
+    def broken(so):  # a device error in the middle of a step, once
+        runner.forward = real
+        raise RuntimeError("simulated device failure")
+
+    runner.forward = broken
+    outs = await collect(engine, req(prompt(6), max_tokens=5, n=2, rid="unlucky"))
+    assert sorted((o.index, o.finish_reason) for o in outs) == [(0, "error"), (1, "error")]
+    assert all(o.error for o in outs)
+    after = await collect(engine, req(prompt(6), max_tokens=5, rid="next"))
+    assert after[-1].finish_reason == "length" and engine.stats().alive
+    await wait_idle(engine)

@@ -31,6 +31,7 @@ class RequestRecord:
     selection: str
     budget_ms: float | None
     max_tokens: int
+    planned_s: float = 0.0  # when the arrival process meant to send it, seconds after the phase start
     sent_at: float = 0.0  # monotonic
     outcome: str = PENDING
     status: int | None = None

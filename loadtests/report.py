@@ -13,12 +13,14 @@ def _ms(block: dict, key: str) -> str:
 
 
 def _phase_table(phases: list[dict]) -> list[str]:
-    lines = ["| phase | offered req/s | requests | ok | errors | refused | cancelled | timed out | tokens/s "
-             "| goodput req/s | budget met | chains chosen |", "|" + "---|" * 12]
+    lines = ["| phase | offered req/s | send lag p99 ms | requests | ok | errors | refused | cancelled | timed out "
+             "| tokens/s | goodput req/s | budget met | chains chosen |", "|" + "---|" * 13]
     for p in phases:
         share = p["overall"]["budget_met_share"]
         chains = ", ".join(f"c{k}: {v}" for k, v in p["chosen_chains"].items()) or "-"
-        lines.append(f"| {p['name']} | {p['offered_rate_rps']:.2f} | {p['requests']} | {p['completed']} | "
+        lag = (p.get("send_lag_ms") or {}).get("p99")
+        lines.append(f"| {p['name']} | {p['offered_rate_rps']:.2f} | {'-' if lag is None else f'{lag:.0f}'} | "
+                     f"{p['requests']} | {p['completed']} | "
                      f"{p['errors']} | {p['rejected']} | {p['cancelled']} | {p['timed_out']} | "
                      f"{p['throughput_tokens_per_s']:.1f} | {p['goodput_requests_per_s']:.3f} | "
                      f"{'-' if share is None else f'{share:.1%}'} | {chains} |")

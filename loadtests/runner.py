@@ -48,7 +48,8 @@ class PhaseResult:
 
 
 def _record(plan: RequestPlan) -> RequestRecord:
-    return RequestRecord(plan.index, plan.selection.label, plan.selection.latency_budget_ms, plan.max_tokens)
+    return RequestRecord(plan.index, plan.selection.label, plan.selection.latency_budget_ms, plan.max_tokens,
+                         planned_s=plan.send_at)
 
 
 def new_client(spec: LoadSpec, connections: int, headers: dict[str, str]) -> httpx.AsyncClient:

@@ -82,6 +82,10 @@ def summarise(phase: PhaseResult, slo: SLO = SLO()) -> dict:
         "name": phase.name, "mode": phase.mode, "spec": phase.spec.to_dict(),
         "offered_rate_rps": offered if offered is not None else round(len(recs) / sending, 4),
         "offered_rate_kind": "open loop" if offered is not None else "closed loop (achieved send rate)",
+        "achieved_send_rate_rps": round(len(recs) / sending, 4),
+        # Open loop: how late the client sent (a saturated client lowers the real offered load).
+        "send_lag_ms": percentiles([r.sent_at - phase.started - r.planned_s for r in recs])
+        if offered is not None else None,
         "requests": len(recs), "completed": outcomes[OK], "errors": outcomes[ERROR],
         "rejected": outcomes[REJECTED], "cancelled": outcomes[CANCELLED], "timed_out": outcomes[PENDING],
         "error_samples": _error_samples(recs),

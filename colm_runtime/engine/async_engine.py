@@ -120,6 +120,7 @@ class AsyncEngine(EngineClient):
                 self._wake.wait(self._idle_wait)
                 self._wake.clear()
                 continue
+            steps = eng.metrics.steps
             try:
                 outputs = eng.step()
             except Exception as e:  # a bug or a device error: fail the requests, keep serving
@@ -128,6 +129,9 @@ class AsyncEngine(EngineClient):
                 continue
             self._stats = eng.stats()  # before the outputs: a consumer woken by them sees this step
             self._dispatch(outputs)
+            if eng.metrics.steps == steps and not outputs:  # nothing could run: do not spin
+                self._wake.wait(0.005)
+                self._wake.clear()
         self._close()
 
     def _run_commands(self) -> None:

@@ -74,6 +74,8 @@ class LLMEngine:
             raise InvalidRequest(f"chains must be an integer in 1..{n}, got {req.chains!r}")
         if not isinstance(req.min_chains, int) or not 1 <= req.min_chains <= req.chains:
             raise InvalidRequest(f"min_chains must be in 1..chains ({req.chains}), got {req.min_chains!r}")
+        if req.params.n > self.config.max_num_seqs:
+            raise InvalidRequest(f"n = {req.params.n} exceeds max_num_seqs ({self.config.max_num_seqs})")
         if not req.prompt_token_ids:
             raise InvalidRequest("the prompt is empty")
         if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= self.cfg.vocab_size:

@@ -88,15 +88,16 @@ async def test_admission_errors_are_raised_before_any_output(engine):
 
 
 async def test_shutdown_drains_then_aborts_and_refuses_new_requests():
-    eng = AsyncEngine(make_engine(diverse_model()))
+    # The long request needs thousands of steps: it cannot finish within the drain timeout.
+    eng = AsyncEngine(make_engine(diverse_model(max_position_embeddings=8192)))
     await eng.start()
-    streams = {name: eng.generate(req(prompt(5), max_tokens=m, rid=name)) for name, m in (("short", 3), ("long", 500))}
+    streams = {name: eng.generate(req(prompt(5), max_tokens=m, rid=name)) for name, m in (("short", 3), ("long", 8000))}
     firsts = {name: await g.__anext__() for name, g in streams.items()}  # both are running now
     rest = {name: asyncio.create_task(_drain(g)) for name, g in streams.items()}
-    await eng.shutdown(drain_timeout=0.5)
+    await eng.shutdown(drain_timeout=0.3)
     outs = {name: [firsts[name]] + await task for name, task in rest.items()}
     assert outs["short"][-1].finish_reason == "length" and len(outs["short"]) == 3
-    assert outs["long"][-1].finish_reason == "abort" and len(outs["long"]) < 500
+    assert outs["long"][-1].finish_reason == "abort" and len(outs["long"]) < 8000
     assert not eng.stats().alive
     with pytest.raises(EngineStopped):
         await collect(eng, req(prompt(5)))

@@ -19,7 +19,7 @@ def test_a_full_waiting_queue_raises_engine_overloaded():
 
 
 @pytest.mark.parametrize("bad", [dict(chains=5), dict(chains=2, min_chains=3), dict(prompt=[]),
-                                 dict(prompt=[512])])
+                                 dict(prompt=[512]), dict(n=65)])
 def test_malformed_requests_are_invalid(bad):
     eng = make_engine()
     with pytest.raises(InvalidRequest):

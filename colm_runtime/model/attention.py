@@ -72,10 +72,11 @@ class ChainAttention(nn.Module):
         # x: [T, width(kmax)] rows sorted by chains; cos/sin: [T, hd] at each row's position
         kmax, rows = batch.chains, batch.rows
         y = self.qkv(x, kmax, rows)
-        for p in range(self.cfg.pools_for(kmax)):
-            n = batch.slots[p].shape[0]
-            k, v = self._kv(y[:n], p)
-            cache.write(self.layer, p, batch.slots[p], apply_rope(k, cos[:n], sin[:n]), v)
+        if not self._write_kv_at_once(y, batch, cache, cos, sin):
+            for p in range(self.cfg.pools_for(kmax)):
+                n = batch.slots[p].shape[0]
+                k, v = self._kv(y[:n], p)
+                cache.write(self.layer, p, batch.slots[p], apply_rope(k, cos[:n], sin[:n]), v)
         # all chains' query heads roped at once: [T, heads(kmax), hd]
         q = apply_rope(torch.cat([self._q(y, j) for j in range(kmax)], dim=1), cos, sin)
         if groups is None:
@@ -83,6 +84,25 @@ class ChainAttention(nn.Module):
         else:
             attn = self._attend_groups(q, groups, cache, kmax)
         return self.o(attn, kmax, rows)
+
+    def _write_kv_at_once(self, y: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache,
+                          cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        """Every row uses every pool of the step and the pools share one tensor with equal chains: rope
+        and store the K/V of all pools in one go (per-pool writes cost ~10 small ops per pool)."""
+        P, T = self.cfg.pools_for(batch.chains), y.shape[0]
+        if P == 1 or cache.k_all is None or batch.rows[-1] != T or len(set(self.cfg.chains)) != 1:
+            return False
+        q, kv, hd = self.q_widths[0], self.kv_widths[0], self.cfg.head_dim
+        yc = y.view(T, -1, q + 2 * kv)[:, :P]  # [T, P, q + 2kv]: chain-major columns
+        k = apply_rope(yc[..., q : q + kv].reshape(T, -1, hd), cos, sin)  # [T, P*h, hd]
+        h = kv // hd
+        k = k.view(T, P, h, hd).transpose(0, 1).reshape(P * T, h, hd)
+        v = yc[..., q + kv :].transpose(0, 1).reshape(P * T, h, hd)
+        bs = cache.block_size
+        slots = torch.cat([batch.slots[p] + cache.offsets[p] * bs for p in range(P)])
+        cache.k_all[self.layer].view(-1, h, hd).index_copy_(0, slots, k)
+        cache.v_all[self.layer].view(-1, h, hd).index_copy_(0, slots, v)
+        return True
 
     def _attend_groups(self, q: torch.Tensor, groups: list[AttnGroup], cache: ChainKVCache,
                        kmax: int) -> torch.Tensor:

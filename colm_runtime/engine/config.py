@@ -56,6 +56,8 @@ class EngineConfig:
     max_waiting: requests queued before EngineOverloaded.
     pool_weights: relative block count of each pool (None: equal; see the module docstring).
     seed: seeds the sampling of requests without their own seed.
+    cpu_threads: torch intra-op threads to use (process-wide; None: leave torch's setting). On a CPU
+      shared with other processes, 1 avoids OpenMP spin-waiting (see docs/engine.md).
     """
 
     block_size: int = 16
@@ -68,10 +70,11 @@ class EngineConfig:
     dtype: str | None = None
     pool_weights: tuple[float, ...] | None = None
     seed: int = 0
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         assert self.block_size >= 1 and self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
-        assert self.max_waiting >= 0
+        assert self.max_waiting >= 0 and (self.cpu_threads is None or self.cpu_threads >= 1)
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError("kv_cache_memory must be positive")
         if self.pool_weights is not None:

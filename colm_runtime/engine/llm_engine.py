@@ -44,6 +44,8 @@ class LLMEngine:
 
     def __init__(self, model: CoLMModel, tokenizer: Tokenizer, config: EngineConfig = EngineConfig(),
                  model_name: str = "colm"):
+        if config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
         self.model, self.tokenizer, self.config, self.model_name = model, tokenizer, config, model_name
         self.cfg = model.cfg
         param = next(model.parameters())

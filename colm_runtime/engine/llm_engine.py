@@ -174,16 +174,18 @@ class LLMEngine:
         r = seq.request
         r.first_token = r.first_token or time.monotonic()
         seq.token_ids.append(token)
-        seq.detok.add(token)
         p = seq.params
+        # A stop token (or EOS) ends the completion without adding its text (OpenAI / vLLM).
         if token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif token == self.tokenizer.eos_token_id and not p.ignore_eos:
             seq.finish_reason = "stop"
-        elif seq.detok.stopped_by is not None:
-            seq.finish_reason, seq.stop_reason = "stop", seq.detok.stopped_by
-        elif len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens or seq.num_tokens >= self.model_len:
-            seq.finish_reason = "length"
+        else:
+            seq.detok.add(token)
+            if seq.detok.stopped_by is not None:
+                seq.finish_reason, seq.stop_reason = "stop", seq.detok.stopped_by
+            elif len(seq.token_ids) - seq.num_prompt_tokens >= p.max_tokens or seq.num_tokens >= self.model_len:
+                seq.finish_reason = "length"
         if seq.finish_reason is not None:
             self.scheduler.finish(seq)
             if r.finished:

@@ -117,4 +117,5 @@ def test_stop_strings_and_stop_token_ids_end_a_completion():
     first = full.token_ids.index(tid)
     assert by_id.token_ids == full.token_ids[: first + 1]
     assert by_id.finish_reason == "stop" and by_id.stop_reason == tid
+    assert by_id.text == tok.decode(full.token_ids[:first])  # the stop token's text is not output
     assert full.finish_reason == "length"

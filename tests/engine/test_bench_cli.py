@@ -1,0 +1,31 @@
+"""`colm bench engine` and `colm bench bandwidth` run end to end (tiny sizes) and print one JSON object."""
+
+from __future__ import annotations
+
+import json
+
+from colm_runtime.cli import main
+
+
+def run_json(capsys, *argv: str) -> dict:
+    assert main(["bench", *argv, "--json"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    return json.loads(out[0])
+
+
+def test_bench_engine_reports_every_ratio(capsys):
+    r = run_json(capsys, "engine", "--random", "tiny", "--requests", "4", "--single", "2", "--prompt-len", "4", "8",
+                 "--output-len", "3", "--rounds", "1", "--no-transformers")
+    for key in ("mixed_vs_separate", "mixed_vs_padded", "continuous_vs_sequential", "padded_flop_ratio"):
+        assert r[key] > 0
+    assert set(r["tokens_per_s"]) == {"mixed", "separate", "padded", "sequential", "full_single"}
+    assert r["threads"] == 1 and r["model"] == "random(tiny)"
+
+
+def test_bench_bandwidth_reports_every_chain_count(capsys):
+    r = run_json(capsys, "bandwidth", "--size", "tiny", "--device", "cpu", "--dtype", "float32", "--batch", "2",
+                 "--context", "16", "--rounds", "1")
+    assert [s["chains"] for s in r["steps"]] == [1, 2, 3, 4]
+    bytes_ = [s["bytes"] for s in r["steps"]]
+    assert bytes_ == sorted(bytes_) and all(s["step_ms"] > 0 for s in r["steps"])

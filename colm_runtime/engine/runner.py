@@ -35,6 +35,8 @@ class ModelRunner:
                                  seq.block_tables[: self.cfg.pools_for(seq.chains)]))
         batch = ForwardBatch.build(self.cfg, specs, self.cache.block_size, self.device)
         logits = self.model.forward_step(batch, self.cache)  # [B, V], sorted by chain count
+        if batch.order == tuple(range(len(batch.order))):
+            return logits  # already in the scheduler's order (e.g. one chain count)
         inverse = [0] * len(batch.order)
         for sorted_i, caller_i in enumerate(batch.order):
             inverse[caller_i] = sorted_i
@@ -49,7 +51,15 @@ class ModelRunner:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> SamplerOutput:
         """Sample one token for each seqs[j] from logits row rows[j] (rows may repeat: n > 1 forks)."""
-        sub = logits[torch.tensor(rows, device=logits.device)]
-        info = [SamplingRow(s.params, s.generator, s.token_ids[: s.num_prompt_tokens], s.output_token_ids)
-                for s in seqs]
+        same = rows == list(range(logits.shape[0]))
+        sub = logits if same else logits[torch.tensor(rows, device=logits.device)]
+        info = [SamplingRow(s.params, s.generator, *self._history(s)) for s in seqs]
         return sample(sub, info, self.generator)
+
+    @staticmethod
+    def _history(s: Sequence) -> tuple[list[int], list[int]]:
+        """(prompt, output) token ids, copied only when a penalty needs them."""
+        p = s.params
+        if p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1:
+            return [], []
+        return s.token_ids[: s.num_prompt_tokens], s.output_token_ids

@@ -78,12 +78,20 @@ class ChainAttention(nn.Module):
                 k, v = self._kv(y[:n], p)
                 cache.write(self.layer, p, batch.slots[p], apply_rope(k, cos[:n], sin[:n]), v)
         # all chains' query heads roped at once: [T, heads(kmax), hd]
-        q = apply_rope(torch.cat([self._q(y, j) for j in range(kmax)], dim=1), cos, sin)
+        q = apply_rope(self._all_q(y, kmax), cos, sin)
         if groups is None:
             attn = self._attend_per_chain(q, batch, cache)
         else:
             attn = self._attend_groups(q, groups, cache, kmax)
         return self.o(attn, kmax, rows)
+
+    def _all_q(self, y: torch.Tensor, kmax: int) -> torch.Tensor:
+        """Query heads of chains < kmax: [T, heads(kmax), hd]. With equal chain blocks one strided
+        view replaces a slice per chain and a cat."""
+        if len(set(self.q_widths[:kmax])) == 1 and len(set(self.kv_widths[:kmax])) == 1:
+            w = self.q_widths[0] + 2 * self.kv_widths[0]
+            return y.view(y.shape[0], -1, w)[:, :kmax, : self.q_widths[0]].reshape(y.shape[0], -1, self.cfg.head_dim)
+        return torch.cat([self._q(y, j) for j in range(kmax)], dim=1)
 
     def _write_kv_at_once(self, y: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache,
                           cos: torch.Tensor, sin: torch.Tensor) -> bool:
@@ -124,7 +132,7 @@ class ChainAttention(nn.Module):
             qf = qg.permute(0, 2, 3, 1, 4).reshape(B * k, c, S, hd)
             kf, vf = (t.flatten(0, 1).transpose(1, 2) for t in (K, V))  # [B*k, kv, L, hd]
             mask = None if g.mask is None else g.mask.repeat_interleave(k, dim=0)
-            o = sdpa(qf, kf, vf, mask=mask, causal=True)  # [B*k, c, S, hd]
+            o = sdpa(qf, kf, vf, mask=mask, causal=S > 1)  # [B*k, c, S, hd]
             o = o.view(B, k, c, S, hd).permute(0, 3, 1, 2, 4)
         else:  # CoLM-Air: every chain attends the same K/V: fold chains into the query rows
             qf = qg.permute(0, 3, 2, 1, 4).reshape(B, c, k * S, hd)
@@ -210,7 +218,10 @@ def plan_groups(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> l
         idx = torch.cat([batch.dec_tables[p][start:end] + cache.offsets[p] for p in range(P)], dim=1)
         d0 = batch.dec_start
         rows = slice(d0 + start, d0 + end) if d0 is not None else batch.dec_rows[start:end]
-        groups.append(AttnGroup(k, P, end - start, 1, batch.dec_len, rows, idx, batch.dec_mask[start:end]))
+        # The step's only decode sequence sees its whole gathered context (dec_len is its own length):
+        # no mask, so SDPA takes its faster unmasked path.
+        mask = None if batch.dec_rows.shape[0] == 1 else batch.dec_mask[start:end]
+        groups.append(AttnGroup(k, P, end - start, 1, batch.dec_len, rows, idx, mask))
         start = end
     for g in batch.prefills:
         P = cfg.pools_for(g.chains)

@@ -28,7 +28,8 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints-cpu.txt .
 
 FROM ${PYTHON_IMAGE} AS runtime
 # A fixed numeric uid so Kubernetes' runAsNonRoot can check it without a passwd lookup.
-RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin colm \
+RUN groupadd --system --gid 10001 colm \
+    && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin colm \
     && mkdir -p /models
 COPY --from=build /opt/venv /opt/venv
 # Owned by the server's user: safetensors writes weights owner-only (0600), which root's copy would

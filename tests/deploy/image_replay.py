@@ -29,7 +29,7 @@ from .dockerfile import Dockerfile, DockerIgnore, Stage, copy_args, copy_owner, 
 # The base image's PATH (python:3.11-slim), which `ENV PATH=/opt/venv/bin:$PATH` extends.
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # RUN steps of the final stage that the replay may skip (user creation and an empty directory).
-SKIPPABLE_RUNTIME_RUN = re.compile(r"useradd [^&]+( && mkdir -p [/\w]+)?")
+SKIPPABLE_RUNTIME_RUN = re.compile(r"(groupadd [^&]+&& )?useradd [^&]+( && mkdir -p [/\w]+)?")
 
 
 @dataclass

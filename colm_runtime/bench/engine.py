@@ -9,6 +9,8 @@ its fastest round, so machine noise hits all sides alike. Ratios (goal in bracke
   continuous_vs_sequential  all requests concurrently / one at a time [>= 8 on 2 CPU cores]
   vs_transformers           ours at full chains / Hugging Face transformers `generate` on a random
                             dense Llama of the full model's shape, at concurrency 1 and N [>= 1]
+  air_prefill_speedup       CoLM-Air variant of the model: prompt-only requests at full chains, time
+                            with the 1-chain prefill off / on [up to air_prefill_flop_ratio]
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def time_rounds(fns: dict[str, Callable[[], None]], rounds: int, sync: Callable[
     return {k: min(v) for k, v in times.items()}
 
 
-def scenarios(engine: LLMEngine, w: Workload, n: int, single: int, hf, device: str) -> dict[str, Callable[[], None]]:
+def scenarios(engine: LLMEngine, w: Workload, n: int, single: int, hf, device: str,
+              air: tuple[LLMEngine, LLMEngine] | None = None) -> dict[str, Callable[[], None]]:
     k = engine.cfg.n_chains
     everyone, few = list(range(n)), list(range(single))
     fns: dict[str, Callable[[], None]] = {
@@ -127,6 +130,10 @@ def scenarios(engine: LLMEngine, w: Workload, n: int, single: int, hf, device: s
         "sequential": lambda: run_one_by_one(engine, w.requests(few)),
         "full_single": lambda: run_one_by_one(engine, w.requests(few, chains=k)),
     }
+    if air is not None:
+        prompts = Workload(8, k, engine.cfg.vocab_size, (256, 256), 1, seed=2)
+        fns["air_prefill_on"] = lambda: run_batch(air[0], prompts.requests(list(range(8)), chains=k))
+        fns["air_prefill_off"] = lambda: run_batch(air[1], prompts.requests(list(range(8)), chains=k))
     if hf is not None:
         fns["hf_batch"] = lambda: hf_generate(hf, w.prompts[:n], w.out_len, device)
         fns["hf_single"] = lambda: [hf_generate(hf, [w.prompts[i]], w.out_len, device) for i in few]
@@ -138,7 +145,7 @@ def report(t: dict[str, float], w: Workload, engine: LLMEngine, args, source: st
 
     cfg, n, single = engine.cfg, args.requests, args.single
     tps = {name: (single if name in ("sequential", "full_single", "hf_single") else n) * w.out_len / sec
-           for name, sec in t.items()}
+           for name, sec in t.items() if not name.startswith("air_")}
     ctx = int(statistics.mean(len(p) for p in w.prompts) + w.out_len / 2)
     flops_mixed = statistics.mean(step_flops(cfg, c, ctx) for c in w.chains[:n])
     out = {
@@ -153,6 +160,11 @@ def report(t: dict[str, float], w: Workload, engine: LLMEngine, args, source: st
         "decode_step_ms_per_chains": {str(k): round(v * 1e3, 3) for k, v in
                                       sorted(engine.stats().step_time_per_chains.items())},
     }
+    if "air_prefill_on" in t:
+        out["air_prefill_speedup"] = round(t["air_prefill_off"] / t["air_prefill_on"], 3)
+        full, one = step_flops(cfg, cfg.n_chains, 128), step_flops(cfg, 1, 128)
+        head = 2 * cfg.vocab_size * cfg.width(cfg.n_chains)  # the LM head runs once per prompt, not per token
+        out["air_prefill_flop_ratio"] = round((full - head) / (one - 2 * cfg.vocab_size * cfg.width(1)), 3)
     if "hf_batch" in tps:
         out["vs_transformers"] = {"1": round(tps["full_single"] / tps["hf_single"], 3),
                                   str(n): round(tps["padded"] / tps["hf_batch"], 3),
@@ -182,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
     engine = LLMEngine(model, _tokenizer(source, cfg.vocab_size), config)
     hf = None if args.no_transformers else hf_model(cfg, args.device, dtype)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    fns = scenarios(engine, w, args.requests, args.single, hf, args.device)
+    fns = scenarios(engine, w, args.requests, args.single, hf, args.device, air_engines(model, config))
     t = time_rounds(fns, args.rounds, sync, lambda: _warmup(engine, w, hf, args.device))
     out = report(t, w, engine, args, source)
     print(json.dumps(out, indent=None if args.json else 2))
@@ -196,6 +208,24 @@ def _warmup(engine: LLMEngine, w: Workload, hf, device: str) -> None:
         run_batch(engine, short.requests(list(range(8))))
         if hf is not None:
             hf_generate(hf, short.prompts, short.out_len, device)
+
+
+def air_engines(model, config: EngineConfig) -> tuple[LLMEngine, LLMEngine] | None:
+    """A random CoLM-Air model of the same shape, with the 1-chain prefill on and off."""
+    import dataclasses
+
+    from colm_runtime.model import CoLMModel
+
+    cfg = model.cfg
+    if cfg.n_chains == 1:
+        return None
+    air_cfg = cfg if cfg.kv_sharing else dataclasses.replace(cfg, kv_sharing=True, kv_heads=(cfg.kv_heads[0],))
+    p = next(model.parameters())
+    with torch.device(p.device):
+        air = CoLMModel(air_cfg)
+    air = air.init_weights(seed=0).to(p.dtype).eval()
+    tok = _tokenizer("", cfg.vocab_size)
+    return (LLMEngine(air, tok, config), LLMEngine(air, tok, dataclasses.replace(config, air_prefill_one_chain=False)))
 
 
 def random_model(shape: str, device: str, dtype: torch.dtype):

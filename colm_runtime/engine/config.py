@@ -58,6 +58,8 @@ class EngineConfig:
     seed: seeds the sampling of requests without their own seed.
     cpu_threads: torch intra-op threads to use (process-wide; None: leave torch's setting). On a CPU
       shared with other processes, 1 avoids OpenMP spin-waiting (see docs/engine.md).
+    air_prefill_one_chain: CoLM-Air only: compute prompt tokens at 1 chain (exact: the KV cache comes
+      from chain 1), only each sequence's last prompt token at its chain count.
     """
 
     block_size: int = 16
@@ -71,6 +73,7 @@ class EngineConfig:
     pool_weights: tuple[float, ...] | None = None
     seed: int = 0
     cpu_threads: int | None = None
+    air_prefill_one_chain: bool = True
 
     def __post_init__(self) -> None:
         assert self.block_size >= 1 and self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1

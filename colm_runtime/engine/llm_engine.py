@@ -53,7 +53,7 @@ class LLMEngine:
         cache = ChainKVCache(self.cfg, self.num_blocks, config.block_size, param.dtype, param.device)
         self.blocks = BlockManager(self.cfg, self.num_blocks, config.block_size)
         self.scheduler = Scheduler(config, self.blocks)
-        self.runner = ModelRunner(model, cache, config.seed)
+        self.runner = ModelRunner(model, cache, config.seed, config.air_prefill_one_chain)
         self.model_len = config.model_len(self.cfg)
         self.requests: dict[str, Request] = {}
         self.outputs = OutputBuilder(tokenizer)

@@ -18,29 +18,50 @@ from colm_runtime.model import ChainKVCache, CoLMModel, ForwardBatch, SeqSpec
 class ModelRunner:
     """Owns the model and the KV tensors; stateless between steps otherwise."""
 
-    def __init__(self, model: CoLMModel, cache: ChainKVCache, seed: int = 0):
+    def __init__(self, model: CoLMModel, cache: ChainKVCache, seed: int = 0, air_prefill: bool = True):
         self.model, self.cache = model, cache
         self.cfg = model.cfg
         self.device = cache.k[0].device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.air_prefill = air_prefill and self.cfg.kv_sharing
 
     @torch.inference_mode()
     def forward(self, so: SchedulerOutput) -> torch.Tensor:
         """Run the step's forward; returns fp32 logits [B, V] in the scheduler's order."""
         self._copy_blocks(so)
-        specs = []
-        for seq, n in so.scheduled:
-            start = seq.num_computed_tokens
-            specs.append(SeqSpec(seq.token_ids[start : start + n], start, seq.chains,
-                                 seq.block_tables[: self.cfg.pools_for(seq.chains)]))
+        specs, pick = self._specs(so)
         batch = ForwardBatch.build(self.cfg, specs, self.cache.block_size, self.device)
         logits = self.model.forward_step(batch, self.cache)  # [B, V], sorted by chain count
-        if batch.order == tuple(range(len(batch.order))):
+        if len(specs) == len(pick) and batch.order == tuple(range(len(batch.order))):
             return logits  # already in the scheduler's order (e.g. one chain count)
         inverse = [0] * len(batch.order)
         for sorted_i, caller_i in enumerate(batch.order):
             inverse[caller_i] = sorted_i
-        return logits[torch.tensor(inverse, device=logits.device)]
+        return logits[torch.tensor([inverse[i] for i in pick], device=logits.device)]
+
+    def _specs(self, so: SchedulerOutput) -> tuple[list[SeqSpec], list[int]]:
+        """The step's SeqSpecs and, per scheduled sequence, the spec whose last token gives its logits.
+
+        CoLM-Air prefill acceleration (the paper's): every chain attends the K/V computed from chain 1,
+        and chain 1 never reads other chains, so the KV cache of a prompt is the same at any chain
+        count. Prompt tokens are computed at 1 chain; only a sequence's last known token (whose logits
+        are sampled) runs at its chain count, attending the K/V its prompt wrote earlier in the same
+        layer (the model writes every row's K/V before attending).
+        """
+        specs, pick = [], []
+        for seq, n in so.scheduled:
+            start = seq.num_computed_tokens
+            ids = seq.token_ids[start : start + n]
+            tables = seq.block_tables[: self.cfg.pools_for(seq.chains)]
+            if self.air_prefill and seq.chains > 1 and n > 1:
+                last = start + n == seq.num_tokens
+                specs.append(SeqSpec(ids[:-1] if last else ids, start, 1, tables))
+                if last:
+                    specs.append(SeqSpec(ids[-1:], start + n - 1, seq.chains, tables))
+            else:
+                specs.append(SeqSpec(ids, start, seq.chains, tables))
+            pick.append(len(specs) - 1)
+        return specs, pick
 
     def _copy_blocks(self, so: SchedulerOutput) -> None:
         for pool in {p for p, _, _ in so.copies}:

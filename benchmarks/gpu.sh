@@ -70,7 +70,7 @@ step() {  # step NAME SECONDS ARGS...: one benchmark, its JSON in $OUT/NAME.json
 step bandwidth 150 bandwidth --device "$DEVICE" --dtype "$DTYPE" "${BW[@]}"
 step model 90 model --device "$DEVICE" --dtype "$DTYPE" "${MODEL[@]}"
 step engine 120 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE[@]}"
-step engine_big 200 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE_BIG[@]}"
+step engine_big 240 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE_BIG[@]}"
 
 for f in bandwidth model engine engine_big; do
   echo "--- $f"; cat "$OUT/$f.json" 2>/dev/null; echo

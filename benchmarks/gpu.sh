@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The engine and model benchmarks on CUDA, and decode step time against the memory-bandwidth bound
-# of a ~1B-parameter random CoLM. Under 8 minutes on one H200. Needs torch (CUDA build), safetensors,
+# of a ~1B-parameter random CoLM. Under 8 minutes on one H200 (the step limits add up to 470 s). Needs torch (CUDA build), safetensors,
 # tokenizers and numpy importable; transformers is optional (without it the HF comparison is skipped).
 #
 #   benchmarks/gpu.sh                              # CUDA, bfloat16, the 1B model
@@ -52,7 +52,7 @@ else
   BW=(--size "$SIZE" --batch 1 16 64 256 --context 1024 --rounds 20)
   MODEL=(--batch 1 32 256 --context 512 --rounds 30)
   ENGINE=(--requests 32 --rounds 3)
-  ENGINE_BIG=(--random "$SIZE" --requests 64 --single 4 --prompt-len 128 512 --output-len 64 --rounds 2
+  ENGINE_BIG=(--random "$SIZE" --requests 32 --single 4 --prompt-len 128 384 --output-len 64 --rounds 2
               --max-num-batched-tokens 4096)
 fi
 
@@ -67,10 +67,10 @@ step() {  # step NAME SECONDS ARGS...: one benchmark, its JSON in $OUT/NAME.json
   fi
 }
 
-step bandwidth 150 bandwidth --device "$DEVICE" --dtype "$DTYPE" "${BW[@]}"
-step model 90 model --device "$DEVICE" --dtype "$DTYPE" "${MODEL[@]}"
-step engine 120 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE[@]}"
-step engine_big 240 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE_BIG[@]}"
+step bandwidth 120 bandwidth --device "$DEVICE" --dtype "$DTYPE" "${BW[@]}"
+step model 60 model --device "$DEVICE" --dtype "$DTYPE" "${MODEL[@]}"
+step engine 90 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE[@]}"
+step engine_big 200 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE_BIG[@]}"
 
 for f in bandwidth model engine engine_big; do
   echo "--- $f"; cat "$OUT/$f.json" 2>/dev/null; echo

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The engine and model benchmarks on CUDA, and decode step time against the memory-bandwidth bound
-# of a ~1B-parameter random CoLM. Under 8 minutes on one H200 (the step limits add up to 470 s). Needs torch (CUDA build), safetensors,
-# tokenizers and numpy importable; transformers is optional (without it the HF comparison is skipped).
+# of a ~1B-parameter random CoLM. Under 8 minutes on one H200 (the step limits add up to 470 s).
+# Needs torch (CUDA build), safetensors, tokenizers and numpy importable; transformers is optional
+# (without it the HF comparison is skipped).
 #
 #   benchmarks/gpu.sh                              # CUDA, bfloat16, the 1B model
 #   benchmarks/gpu.sh --device cpu --size tiny     # dry run of every step on CPU, about a minute

@@ -2,8 +2,9 @@
 
 Running sequences go first, in priority order, each asking for all its uncomputed tokens (1 for a
 decode, a chunk for a prompt) within the step's token budget; then waiting sequences are admitted in
-priority order while blocks, budget and max_num_seqs allow, their prompts chunked to the budget
-left, so a long prompt never stalls the decodes. When a running sequence cannot get its blocks,
+priority order while blocks, budget and max_num_seqs allow (preempting running sequences of strictly
+lower priority when the head does not fit), their prompts chunked to the budget left, so a long
+prompt never stalls the decodes. When a running sequence cannot get its blocks,
 MemoryRelief first shrinks running sequences that allow it (freeing their upper pools), then preempts
 the lowest-priority ones (they recompute later).
 """
@@ -149,12 +150,15 @@ class Scheduler:
         seats = sum(map(_seats, self.running))
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            if seats + _seats(seq) > self.config.max_num_seqs:
-                break
             n = min(seq.num_uncomputed, budget)
-            copies = self.blocks.allocate_slots(seq, n)
+            fits = seats + _seats(seq) <= self.config.max_num_seqs
+            copies = self.blocks.allocate_slots(seq, n) if fits else None
             if copies is None:
-                break  # strict priority order: nobody overtakes the head of the queue
+                refund = self._evict_for(seq, out)
+                if refund is None:
+                    break  # strict priority order: nobody overtakes the head of the queue
+                budget, seats = budget + refund, sum(map(_seats, self.running))
+                continue
             self.waiting.pop(0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -162,6 +166,22 @@ class Scheduler:
             out.copies.extend(copies)
             budget -= n
             seats += _seats(seq)
+
+    def _evict_for(self, seq: Sequence, out: SchedulerOutput) -> int | None:
+        """Preempt the lowest-priority running sequence if its priority is below seq's (higher priority
+        is preempted last); returns the step tokens it gave back, None if nobody ranks below seq."""
+        victim = max(self.running, key=Sequence.sort_key, default=None)  # lowest priority, latest arrival
+        if victim is None or victim.priority >= seq.priority:
+            return None
+        refund = 0
+        for i, (s, n) in enumerate(out.scheduled):
+            if s is victim:
+                refund = n
+                del out.scheduled[i]
+                break
+        self._preempt(victim)
+        out.num_preempted += 1
+        return refund
 
 
 def _seats(seq: Sequence) -> int:

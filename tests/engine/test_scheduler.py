@@ -109,6 +109,27 @@ def test_pressure_preempts_the_lowest_priority_when_nobody_can_shrink():
     assert sched.preemptions_total == 1 and sched.shrinks_total == 0
 
 
+def test_a_higher_priority_arrival_preempts_lower_priority_running_sequences():
+    sched, bm = scheduler(blocks=(4, 4, 4, 4), max_num_batched_tokens=64)
+    low = [make_seq(bm.cfg, 6, chains=1, priority=p) for p in (0, 1)]  # 2 blocks each: pool 0 full
+    for s in low:
+        sched.add(s)
+    advance(sched.schedule())
+    assert bm.num_free[0] == 0
+    urgent = make_seq(bm.cfg, 6, chains=1, priority=5)
+    equal = make_seq(bm.cfg, 6, chains=1, priority=1)
+    sched.add(urgent)
+    so = sched.schedule()
+    assert urgent.status is SequenceStatus.RUNNING and (urgent, 6) in so.scheduled
+    assert low[0].status is SequenceStatus.WAITING and low[0].preempted == 1  # the lowest went
+    assert low[1].status is SequenceStatus.RUNNING
+    assert all(s is not low[0] for s, _ in so.scheduled)
+    advance(so)
+    sched.add(equal)  # priority 1 does not outrank the running priority-1 sequence: it waits
+    sched.schedule()
+    assert equal.status is SequenceStatus.WAITING and low[1].preempted == 0
+
+
 def test_a_request_that_can_never_fit_is_rejected():
     eng = make_engine(max_model_len=64)
     with pytest.raises(RequestTooLong):

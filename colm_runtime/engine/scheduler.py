@@ -1,10 +1,10 @@
 """The scheduler: each step, how many tokens each sequence computes (vLLM v1 style, no phases).
 
-Running sequences go first, in priority order, each asking for all its uncomputed tokens (1 for a
-decode, a chunk for a prompt) within the step's token budget; then waiting sequences are admitted in
-priority order while blocks, budget and max_num_seqs allow (preempting running sequences of strictly
-lower priority when the head does not fit), their prompts chunked to the budget left, so a long
-prompt never stalls the decodes. When a running sequence cannot get its blocks,
+Running sequences go first (decodes, then prompt chunks), in priority order, each asking for all its
+uncomputed tokens (1 for a decode, a chunk for a prompt) within the step's token budget; then waiting
+sequences are admitted in priority order while blocks, budget and max_num_seqs allow (shrinking, then
+preempting, running sequences of strictly lower priority when the head does not fit), their prompts
+chunked to the budget left, so a long prompt never stalls the decodes. When a running sequence cannot get its blocks,
 MemoryRelief first shrinks running sequences that allow it (freeing their upper pools), then preempts
 the lowest-priority ones (they recompute later).
 """
@@ -154,6 +154,11 @@ class Scheduler:
             fits = seats + _seats(seq) <= self.config.max_num_seqs
             copies = self.blocks.allocate_slots(seq, n) if fits else None
             if copies is None:
+                lower = [r for r in self.running if r.priority < seq.priority]
+                if fits and self.relief.shrink_one(self.blocks.shortage(seq, n), lower) is not None:
+                    out.num_shrunk += 1
+                    self.shrinks_total += 1
+                    continue
                 refund = self._evict_for(seq, out)
                 if refund is None:
                     break  # strict priority order: nobody overtakes the head of the queue

@@ -130,6 +130,19 @@ def test_a_higher_priority_arrival_preempts_lower_priority_running_sequences():
     assert equal.status is SequenceStatus.WAITING and low[1].preempted == 0
 
 
+def test_a_higher_priority_arrival_shrinks_an_elastic_running_sequence_before_preempting():
+    sched, bm = scheduler(blocks=(32, 32, 32, 2), max_num_batched_tokens=64)
+    elastic = make_seq(bm.cfg, 6, chains=4, min_chains=1, priority=0)
+    sched.add(elastic)
+    advance(sched.schedule())
+    assert bm.num_free[3] == 0
+    urgent = make_seq(bm.cfg, 6, chains=4, priority=5)
+    sched.add(urgent)
+    so = sched.schedule()
+    assert urgent.status is SequenceStatus.RUNNING and elastic.status is SequenceStatus.RUNNING
+    assert elastic.chains == 3 and so.num_shrunk == 1 and so.num_preempted == 0
+
+
 def test_a_request_that_can_never_fit_is_rejected():
     eng = make_engine(max_model_len=64)
     with pytest.raises(RequestTooLong):

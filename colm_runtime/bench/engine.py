@@ -39,7 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "concurrency-1 transformers comparisons; the first ones, so every chain count is there)")
     p.add_argument("--prompt-len", type=int, nargs=2, default=[32, 96], metavar=("MIN", "MAX"))
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--device", default="cpu")

@@ -2,7 +2,7 @@
 
     python -m colm_runtime.training.report card RUN_DIR --name colm-tiny --command "colm train ..."
     python -m colm_runtime.training.report ladder RUN_DIR [RUN_DIR ...]
-    python -m colm_runtime.training.report plot OUT.png LABEL=RUN_DIR[+OFFSET_RUN_DIR] ...
+    python -m colm_runtime.training.report plot OUT.png LABEL=RUN_DIR[@PREVIOUS_STAGE_DIR] ... [--scale K]
 """
 
 from __future__ import annotations
@@ -104,10 +104,17 @@ def plot(out: Path, curves: dict[str, list[tuple[float, float]]], title: str) ->
     fig.savefig(out)
 
 
-def curve(run: Path, scale: str, offset: Path | None = None) -> list[tuple[float, float]]:
-    """(FLOPs, val loss at `scale` chains) points; `offset` prepends a previous stage's FLOPs."""
-    base = read_log(offset)[-1]["flops"] if offset else 0.0
-    return [(base + r["flops"], r["val_loss"][scale]) for r in read_log(run)]
+def curve(run: Path, scale: str, previous: Path | None = None) -> list[tuple[float, float]]:
+    """(FLOPs, val loss at `scale` chains) points. With `previous` (the stage a model was expanded
+    from), that stage's points at its own full width come first and its FLOPs are added to this run's."""
+    pts: list[tuple[float, float]] = []
+    base = 0.0
+    if previous is not None:
+        prev = read_log(previous)
+        full = max(prev[-1]["val_loss"], key=int)
+        pts = [(r["flops"], r["val_loss"][full]) for r in prev]
+        base = prev[-1]["flops"]
+    return pts + [(base + r["flops"], r["val_loss"][scale]) for r in read_log(run)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +127,20 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--decode-json", type=Path, default=None, help="`colm eval --json` output")
     lad = sub.add_parser("ladder")
     lad.add_argument("runs", type=Path, nargs="+")
+    pl = sub.add_parser("plot")
+    pl.add_argument("out", type=Path)
+    pl.add_argument("runs", nargs="+", help="LABEL=RUN_DIR or LABEL=RUN_DIR@PREVIOUS_STAGE_DIR")
+    pl.add_argument("--scale", default="2", help="chain count whose validation loss is plotted")
+    pl.add_argument("--title", default="progressive scaling")
     a = p.parse_args(argv)
+    if a.cmd == "plot":
+        curves = {}
+        for spec in a.runs:
+            label, _, dirs = spec.partition("=")
+            run, _, prev = dirs.partition("@")
+            curves[label] = curve(Path(run), a.scale, Path(prev) if prev else None)
+        plot(a.out, curves, a.title)
+        return
     if a.cmd == "card":
         decode = json.loads(a.decode_json.read_text())["tokens_per_second"] if a.decode_json else None
         print(model_card(a.run, a.name, a.command, decode))

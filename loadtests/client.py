@@ -122,11 +122,12 @@ async def send(client: httpx.AsyncClient, url: str, plan: RequestPlan, base_mode
                 rec.outcome = REJECTED if resp.status_code in _REJECT_STATUS else ERROR
                 rec.error = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 return
+            done = False
             async for line in resp.aiter_lines():
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if done := data == "[DONE]":
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
@@ -137,8 +138,8 @@ async def send(client: httpx.AsyncClient, url: str, plan: RequestPlan, base_mode
                     rec.outcome = CANCELLED  # leaving the block closes the connection mid-stream
                     return
         rec.e2e_s = time.monotonic() - rec.sent_at
-        rec.outcome = OK if rec.chunks else ERROR
-        if not rec.chunks:
-            rec.error = "stream ended without any token"
+        rec.outcome = OK if rec.chunks and done else ERROR
+        if rec.outcome == ERROR:
+            rec.error = "stream ended without [DONE]" if not done else "stream ended without any token"
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         rec.outcome, rec.error = ERROR, f"{type(e).__name__}: {str(e)[:200]}"

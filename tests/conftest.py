@@ -8,6 +8,14 @@ import torch
 from colm_runtime.testing import make_model_dir, small_config
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Test tensors are tiny; on a 2-core machine shared with test servers, OpenMP's spin-waiting makes
+    two threads many times slower than one."""
+    torch.set_num_threads(1)
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

@@ -15,7 +15,8 @@ from colm_runtime.config import ModelConfig
 from colm_runtime.model.attention import ChainAttention, plan_groups
 from colm_runtime.model.batch import ForwardBatch
 from colm_runtime.model.kv_cache import ChainKVCache
-from colm_runtime.model.layers import ChainLinear, ChainRMSNorm, Rows, rope_cache, scatter_chain_outputs
+from colm_runtime.model.layers import (ChainLinear, ChainRMSNorm, Rows, rope_cache, scatter_chain_outputs,
+                                       uniform)
 
 
 class ChainFFN(nn.Module):
@@ -26,9 +27,13 @@ class ChainFFN(nn.Module):
         self.ffn_widths = cfg.ffn_widths
         self.gate_up = ChainLinear(cfg.chain_widths, [2 * w for w in cfg.ffn_widths])
         self.down = ChainLinear(cfg.ffn_widths, cfg.chain_widths)
+        self._equal = len(set(cfg.ffn_widths)) == 1
 
     def forward(self, x: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:
         gu = self.gate_up(x, chains, rows)
+        if self._equal and uniform(rows, gu.shape[0]):  # one silu and one product for all chains
+            g, u = gu.unflatten(-1, (chains, 2, self.ffn_widths[0])).unbind(-2)
+            return self.down((F.silu(g) * u).flatten(-2), chains, rows)
         outs, col = [], 0
         for j in range(chains):
             w = self.ffn_widths[j]

@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from colm_runtime.cli import CLIError
+from colm_runtime.paths import default_model_dir
 from server.cli import add_arguments, load_settings
 from server.settings import parse_size
 
@@ -57,3 +58,14 @@ def test_parse_size():
     assert [parse_size(v) for v in ("1024", "4KiB", "2MB", "1.5GiB", 7)] == [1024, 4096, 2_000_000, 3 << 29, 7]
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_no_arguments_serve_the_default_model(monkeypatch):
+    """`colm serve` with no arguments: models/colm-tiny on 127.0.0.1:8000."""
+    for var in ("COLM_MODEL", "COLM_HOST", "COLM_PORT", "COLM_SERVED_MODEL_NAME"):
+        monkeypatch.delenv(var, raising=False)
+    default = default_model_dir()
+    if not (default / "config.json").is_file():
+        pytest.skip("models/colm-tiny is not in this checkout")
+    s = settings_from([])
+    assert (s.model, s.host, s.port, s.model_name) == (default, "127.0.0.1", 8000, "colm-tiny")

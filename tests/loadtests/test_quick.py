@@ -80,3 +80,18 @@ def test_refuses_non_loopback_target(tmp_path):
     assert proc.returncode == 2
     assert "--allow-remote" in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_chat_endpoint_with_text_prompts(load_server, tmp_path):
+    """The chat path: text prompts, role-only first chunk not taken for a token, usage counted."""
+    url, _ = load_server
+    out = tmp_path / "chat"
+    proc = run_cli("--url", url, "--scenario", "quick", "--out", str(out), "--endpoint", "chat",
+                   "--prompt-format", "text", "--duration", "3", "--rate", "2", "--output-tokens", "8")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["errors"] == 0 and s["completed"] > 0
+    finished = s["completed"]
+    assert s["output_tokens"] >= 8 * finished  # ignore_eos: every finished request has all 8 tokens
+    for p in s["phases"]:
+        assert p["spec"]["endpoint"] == "chat" and p["spec"]["prompt_format"] == "text"

@@ -35,6 +35,7 @@ def save_model(model: CoLMModel, out_dir: str | Path, tokenizer_file: str | Path
     model.cfg.save(out / CONFIG)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "model_type": "colm"})
+    (out / WEIGHTS).chmod(0o644)  # safetensors writes 0600; a container's non-root user must read it
     if tokenizer_file is not None and Path(tokenizer_file).resolve() != (out / TOKENIZER).resolve():
         shutil.copyfile(tokenizer_file, out / TOKENIZER)
     return out

@@ -29,6 +29,9 @@ class SeqSpec:
     ctx_len: int
     chains: int
     block_tables: Sequence[Sequence[int]]
+    # Trailing tokens whose logits the step returns: 1 normally; speculative verification needs the
+    # target's logits at every drafted position (gamma + 1 rows).
+    num_logits: int = 1
 
 
 @dataclass(frozen=True)
@@ -51,7 +54,8 @@ class ForwardBatch:
     rows: tuple[int, ...]  # rows[j]: leading rows that use chain j
     order: tuple[int, ...]  # sorted sequence -> caller's index
     seq_chains: tuple[int, ...]  # per sorted sequence
-    last_rows: torch.Tensor  # [B] row of each sorted sequence's last token
+    last_rows: torch.Tensor  # [N] logit rows: each sorted sequence's last num_logits rows (N = B normally)
+    num_logits: tuple[int, ...]  # per sorted sequence
     slots: list[torch.Tensor]  # per pool: [rows using the pool] flat cache slots of new tokens
     dec_rows: torch.Tensor  # [Bd] rows of single-token sequences (sorted by chains, descending)
     dec_start: int | None  # first decode row when dec_rows is a contiguous run (a slice beats indexing)
@@ -66,8 +70,16 @@ class ForwardBatch:
         return int(self.input_ids.shape[0])
 
     def logit_rows(self) -> tuple[int, ...]:
-        """Prefix counts per chain over last_rows (one row per sorted sequence)."""
-        return tuple(sum(1 for c in self.seq_chains if c > j) for j in range(self.chains))
+        """Prefix counts per chain over last_rows (num_logits rows per sorted sequence)."""
+        return tuple(sum(n for c, n in zip(self.seq_chains, self.num_logits) if c > j) for j in range(self.chains))
+
+    def logit_offsets(self) -> list[int]:
+        """Per sorted sequence, the index of its first row in last_rows (and in forward_step's logits)."""
+        out, acc = [], 0
+        for n in self.num_logits:
+            out.append(acc)
+            acc += n
+        return out
 
     @staticmethod
     def build(cfg: ModelConfig, seqs: Sequence[SeqSpec], block_size: int,
@@ -78,7 +90,7 @@ class ForwardBatch:
         for s in ss:
             cfg.check_chains(s.chains)
             assert len(s.block_tables) >= cfg.pools_for(s.chains), "a block table per used pool"
-            assert len(s.token_ids) >= 1
+            assert 1 <= s.num_logits <= len(s.token_ids)
         kmax = ss[0].chains
         ids, pos, starts = [], [], []
         for s in ss:
@@ -88,6 +100,7 @@ class ForwardBatch:
         n_tok = [len(s.token_ids) for s in ss]
         rows = tuple(sum(n for n, s in zip(n_tok, ss) if s.chains > j) for j in range(kmax))
         last_rows = [st + n - 1 for st, n in zip(starts, n_tok)]
+        logit_rows = [r for s, last in zip(ss, last_rows) for r in range(last - s.num_logits + 1, last + 1)]
 
         def slots_for(p: int) -> torch.Tensor:
             out = []
@@ -137,7 +150,8 @@ class ForwardBatch:
             input_ids=torch.tensor(ids, dtype=torch.long, device=device),
             positions=torch.tensor(pos, dtype=torch.long, device=device),
             chains=kmax, rows=rows, order=tuple(order), seq_chains=tuple(s.chains for s in ss),
-            last_rows=torch.tensor(last_rows, dtype=torch.long, device=device), slots=slots,
+            last_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
+            num_logits=tuple(s.num_logits for s in ss), slots=slots,
             dec_rows=torch.tensor(drows, dtype=torch.long, device=device),
             dec_start=drows[0] if drows and drows == list(range(drows[0], drows[0] + len(drows))) else None,
             dec_count=tuple(sum(1 for i in dec if ss[i].chains > j) for j in range(kmax)),

@@ -132,6 +132,50 @@ class BlockManager:
             seq.block_tables[p].clear()
         seq.chains = chains
         seq.shrunk = True
+        seq.mem_cap = chains  # the chain switcher does not raise it again
+
+    def drop_pools(self, seq: Sequence, chains: int) -> None:
+        """Lower seq to `chains` (a schedule or the load policy), releasing the pools it leaves."""
+        assert 1 <= chains < seq.chains
+        for p in range(self.cfg.pools_for(chains), self.cfg.pools_for(seq.chains)):
+            self.pools[p].release(seq.block_tables[p])
+            seq.block_tables[p].clear()
+        seq.chains = chains
+
+    def grow(self, seq: Sequence, chains: int) -> int | None:
+        """Raise seq to `chains`. Returns the tokens to recompute (0 when its pools already hold every
+        chain's KV: CoLM-Air, or nothing computed yet), None (no change) when blocks are short.
+
+        Plain CoLM: the new pools' KV needs the lower chains' hidden states, so the sequence recomputes
+        all its tokens (num_computed_tokens = 0) at the new chain count. Every position is rewritten
+        before it is read, so shared lower blocks are swapped for private ones without a copy."""
+        assert chains > seq.chains
+        lo, hi = self.cfg.pools_for(seq.chains), self.cfg.pools_for(chains)
+        done = seq.num_computed_tokens
+        if lo == hi or done == 0:
+            seq.chains = chains
+            return 0
+        nb = self.blocks_for_tokens(seq.num_tokens)
+        shared = [[i for i, b in enumerate(seq.block_tables[p]) if self.pools[p].ref[b] > 1] for p in range(lo)]
+        if any(self.pools[p].num_free < nb for p in range(lo, hi)) or \
+                any(self.pools[p].num_free < len(shared[p]) for p in range(lo)):
+            return None
+        for p in range(lo):
+            table = seq.block_tables[p]
+            for i in shared[p]:
+                self.pools[p].release([table[i]])
+                (table[i],) = self.pools[p].take(1)
+        seq.chains = chains
+        seq.num_computed_tokens = 0
+        return done
+
+    def trim(self, seq: Sequence) -> None:
+        """Release the blocks past seq's computed tokens (rejected speculative positions)."""
+        keep = self.blocks_for_tokens(seq.num_computed_tokens)
+        for p, table in enumerate(seq.block_tables):
+            if len(table) > keep:
+                self.pools[p].release(table[keep:])
+                del table[keep:]
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """child shares every block of parent (same tokens computed, same chains)."""

@@ -60,6 +60,12 @@ class EngineConfig:
       shared with other processes, 1 avoids OpenMP spin-waiting (see docs/engine.md).
     air_prefill_one_chain: CoLM-Air only: compute prompt tokens at 1 chain (exact: the KV cache comes
       from chain 1), only each sequence's last prompt token at its chain count.
+    num_speculative_tokens: self-speculative decoding: the most tokens a sequence drafts per step (its
+      gamma adapts below this to the measured acceptance rate); 0 disables it on this engine.
+    speculative_draft_chains: the chain count that drafts (sequences at more chains speculate).
+    speculative_default: whether requests that do not say (EngineRequest.speculative None) speculate.
+    step_time_target: load policy: when the average decode step takes longer (seconds), unpinned
+      running sequences step down a chain, and back up when it falls (None: off; chain_switch.py).
     """
 
     block_size: int = 16
@@ -74,6 +80,10 @@ class EngineConfig:
     seed: int = 0
     cpu_threads: int | None = None
     air_prefill_one_chain: bool = True
+    num_speculative_tokens: int = 0
+    speculative_draft_chains: int = 1
+    speculative_default: bool = True
+    step_time_target: float | None = None
 
     def __post_init__(self) -> None:
         assert self.block_size >= 1 and self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
@@ -85,6 +95,10 @@ class EngineConfig:
             if any(w <= 0 for w in self.pool_weights):
                 raise ValueError("pool_weights must be positive")
         parse_dtype(self.dtype)
+        if self.num_speculative_tokens < 0 or self.speculative_draft_chains < 1:
+            raise ValueError("num_speculative_tokens must be >= 0 and speculative_draft_chains >= 1")
+        if self.step_time_target is not None and self.step_time_target <= 0:
+            raise ValueError("step_time_target must be positive")
 
     @property
     def torch_dtype(self) -> torch.dtype | None:

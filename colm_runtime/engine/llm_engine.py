@@ -14,13 +14,16 @@ from pathlib import Path
 import torch
 
 from colm_runtime.engine.block_manager import BlockManager
+from colm_runtime.engine.chain_switch import ChainSwitcher
 from colm_runtime.engine.config import EngineConfig
 from colm_runtime.engine.detokenizer import IncrementalDetokenizer
 from colm_runtime.engine.metrics import StepMetrics
 from colm_runtime.engine.output import OutputBuilder
 from colm_runtime.engine.runner import ModelRunner
+from colm_runtime.engine.sampler import token_logprobs
 from colm_runtime.engine.scheduler import Scheduler
 from colm_runtime.engine.sequence import Request, Sequence
+from colm_runtime.engine.speculative import SpeculativeDecoder
 from colm_runtime.engine.types import (EngineOverloaded, EngineRequest, EngineStats, InvalidRequest,
                                        RequestOutput, RequestTooLong)
 from colm_runtime.model import ChainKVCache, CoLMModel
@@ -59,6 +62,9 @@ class LLMEngine:
         self.outputs = OutputBuilder(tokenizer)
         self.metrics = StepMetrics()
         self._pending: list[RequestOutput] = []  # abort outputs, handed out by the next step()
+        self.switcher = ChainSwitcher(self.blocks, config.step_time_target)
+        self.spec = SpeculativeDecoder(config.num_speculative_tokens, config.speculative_draft_chains,
+                                       self.model_len)
 
     @classmethod
     def from_model_dir(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> "LLMEngine":
@@ -87,9 +93,25 @@ class LLMEngine:
             raise RequestTooLong(f"prompt ({len(req.prompt_token_ids)} tokens) + max_tokens "
                                  f"({req.params.max_tokens}) = {total} exceeds the maximum context of "
                                  f"{self.model_len} tokens")
+        if req.chain_schedule is not None:
+            self._validate_schedule(req)
+        if req.speculative and not self.config.num_speculative_tokens:
+            raise InvalidRequest("speculative decoding is not enabled on this server")
         if not self.blocks.fits_ever(total, req.min_chains):
             raise RequestTooLong(f"prompt + max_tokens = {total} tokens do not fit the KV cache "
                                  f"({min(self.num_blocks) * self.config.block_size} tokens per pool)")
+
+    def _validate_schedule(self, req: EngineRequest) -> None:
+        sched, n = req.chain_schedule, self.cfg.n_chains
+        ok = bool(sched) and all(isinstance(e, tuple) and len(e) == 2 for e in sched)
+        if not ok or sched[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(sched, sched[1:])):
+            raise InvalidRequest("chain_schedule must be [[0, chains], [generated_tokens, chains], ...] "
+                                 "with strictly increasing token indices")
+        if any(not isinstance(c, int) or not 1 <= c <= n for _, c in sched):
+            raise InvalidRequest(f"chain_schedule chain counts must be integers in 1..{n}")
+        if sched[0][1] != req.chains or req.min_chains > min(c for _, c in sched):
+            raise InvalidRequest("chain_schedule must start at the request's chain count, and min_chains "
+                                 "may not exceed any scheduled chain count")
 
     def add_request(self, req: EngineRequest) -> None:
         """Queue a request; raises InvalidRequest, RequestTooLong or EngineOverloaded."""
@@ -109,7 +131,10 @@ class LLMEngine:
         if p.seed is not None:
             gen = torch.Generator(device=self.runner.device).manual_seed(p.seed + index)
         detok = IncrementalDetokenizer(self.tokenizer, p.stop)
-        return Sequence(r, index, r.req.prompt_token_ids, self.cfg.n_kv_pools, gen, detok)
+        seq = Sequence(r, index, r.req.prompt_token_ids, self.cfg.n_kv_pools, gen, detok)
+        want = self.config.speculative_default if r.req.speculative is None else r.req.speculative
+        seq.speculative = bool(want and self.config.num_speculative_tokens)
+        return seq
 
     def abort(self, request_id: str) -> bool:
         """Abort a request: its blocks are freed now, its final outputs come with the next step()."""
@@ -138,16 +163,22 @@ class LLMEngine:
         """Run one scheduling step and model forward; returns the updates it produced."""
         outputs = self.take_pending()
         t0 = time.perf_counter()
+        self._plan()
         so = self.scheduler.schedule()
         if so.empty:
             return outputs
-        logits = self.runner.forward(so)  # [B, V], the scheduler's order
+        spec = [(i, seq, n - 1) for i, (seq, n) in enumerate(so.scheduled)
+                if seq.num_uncomputed == 1 and n > 1 and seq.chains > self.spec.draft_chains]
+        drafts = self.spec.propose(self.runner, [(seq, g) for _, seq, g in spec]) if spec else []
+        logits, verify = self.runner.forward(so, {i: d for (i, _, _), d in zip(spec, drafts)})
         rows, seqs = [], []
         now = time.monotonic()
         for i, (seq, n) in enumerate(so.scheduled):
-            seq.num_computed_tokens += n
             r = seq.request
             r.first_scheduled = r.first_scheduled or now
+            if i in verify:
+                continue
+            seq.num_computed_tokens += min(n, seq.num_uncomputed)  # n > uncomputed: a shrunk draft
             if seq.num_computed_tokens == seq.num_tokens:  # its last known token: sample the next
                 for s in ([seq] if r.forked else self._fork(seq)):
                     rows.append(i)
@@ -156,8 +187,35 @@ class LLMEngine:
             samples = self.runner.sample(logits, rows, seqs)
             for j, seq in enumerate(seqs):
                 outputs.append(self._append(seq, samples.token_ids[j], samples.logprobs[j]))
-        self.metrics.record(so, time.perf_counter() - t0)
+        for (i, seq, _), draft in zip(spec, drafts):
+            outputs.extend(self._accept(seq, verify[i], draft))
+        seconds = time.perf_counter() - t0
+        self.metrics.record(so, seconds)
+        self.switcher.observe(seconds, so.num_tokens - so.num_lookahead == len(so.scheduled))
         return outputs
+
+    def _plan(self) -> None:
+        """Before scheduling: chain schedules and the load policy move chain counts, then each decode
+        that may speculate gets its lookahead (the scheduler reserves budget and slots for it)."""
+        s = self.scheduler
+        s.running.sort(key=Sequence.sort_key)
+        self.switcher.balance(s.running)
+        self.switcher.apply(s.running + s.waiting)
+        for seq in s.running:
+            seq.lookahead = self.spec.lookahead(seq, self.switcher.next_switch(seq)) if seq.request.forked else 0
+
+    def _accept(self, seq: Sequence, target: torch.Tensor, draft) -> list[RequestOutput]:
+        """Apply one verify: append the accepted tokens (stopping at a finish), roll back the rest."""
+        tokens = self.spec.accept(seq, target, draft, self.runner)
+        lps = token_logprobs(target[: len(tokens)], tokens, [seq.params] * len(tokens))
+        seq.num_computed_tokens += len(tokens)  # its last token and the accepted drafts
+        outs = []
+        for tok, lp in zip(tokens, lps):
+            outs.append(self._append(seq, tok, lp))
+            if seq.finish_reason is not None:
+                return outs
+        self.blocks.trim(seq)
+        return outs
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """After the prompt is computed: the other n - 1 completions share its blocks."""
@@ -219,4 +277,7 @@ class LLMEngine:
             kv_blocks_total=self.blocks.num_total, kv_blocks_free=self.blocks.num_free,
             step_time_per_chains=dict(self.metrics.decode), prefill_time_per_token=dict(self.metrics.prefill),
             preemptions_total=s.preemptions_total, shrinks_total=s.shrinks_total,
-            steps_total=self.metrics.steps, alive=True)
+            steps_total=self.metrics.steps, alive=True,
+            spec_proposed_total=self.spec.proposed_total, spec_accepted_total=self.spec.accepted_total,
+            chain_switches=dict(self.switcher.switches),
+            recomputed_tokens_total=self.switcher.recomputed_tokens_total)

@@ -30,7 +30,7 @@ class StepMetrics:
         n = so.num_tokens
         self.tokens += n
         k = max(seq.chains for seq, _ in so.scheduled)
-        if n == len(so.scheduled):
+        if n - so.num_lookahead == len(so.scheduled):
             self._ema(self.decode, k, seconds)
         else:
             self._ema(self.prefill, k, seconds / n)

@@ -12,6 +12,7 @@ import torch
 from colm_runtime.engine.sampler import SamplerOutput, SamplingRow, sample
 from colm_runtime.engine.scheduler import SchedulerOutput
 from colm_runtime.engine.sequence import Sequence
+from colm_runtime.engine.speculative import Draft
 from colm_runtime.model import ChainKVCache, CoLMModel, ForwardBatch, SeqSpec
 
 
@@ -26,33 +27,47 @@ class ModelRunner:
         self.air_prefill = air_prefill and self.cfg.kv_sharing
 
     @torch.inference_mode()
-    def forward(self, so: SchedulerOutput) -> torch.Tensor:
-        """Run the step's forward; returns fp32 logits [B, V] in the scheduler's order."""
+    def forward(self, so: SchedulerOutput, drafts: dict[int, Draft] | None = None
+                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Run the step's forward. Returns fp32 logits [B, V] of each scheduled sequence's last token in
+        the scheduler's order, and for each speculative entry (drafts: scheduled index -> its draft) the
+        target logits [gamma + 1, V] of its last real token and its drafted tokens."""
+        drafts = drafts or {}
         self._copy_blocks(so)
-        specs, pick = self._specs(so)
+        specs, pick = self._specs(so, drafts)
         batch = ForwardBatch.build(self.cfg, specs, self.cache.block_size, self.device)
-        logits = self.model.forward_step(batch, self.cache)  # [B, V], sorted by chain count
-        if len(specs) == len(pick) and batch.order == tuple(range(len(batch.order))):
-            return logits  # already in the scheduler's order (e.g. one chain count)
+        logits = self.model.forward_step(batch, self.cache)  # [N, V], sorted by chain count
+        if not drafts and len(specs) == len(pick) and batch.order == tuple(range(len(batch.order))):
+            return logits, {}  # already in the scheduler's order (e.g. one chain count)
         inverse = [0] * len(batch.order)
         for sorted_i, caller_i in enumerate(batch.order):
             inverse[caller_i] = sorted_i
-        return logits[torch.tensor([inverse[i] for i in pick], device=logits.device)]
+        offs = batch.logit_offsets()
+        first = [offs[inverse[i]] for i in pick]  # first logit row of each scheduled entry
+        last = [f + batch.num_logits[inverse[i]] - 1 for f, i in zip(first, pick)]
+        verify = {i: logits[first[i] : last[i] + 1] for i in drafts}
+        return logits[torch.tensor(last, device=logits.device)], verify
 
-    def _specs(self, so: SchedulerOutput) -> tuple[list[SeqSpec], list[int]]:
+    def _specs(self, so: SchedulerOutput, drafts: dict[int, Draft]) -> tuple[list[SeqSpec], list[int]]:
         """The step's SeqSpecs and, per scheduled sequence, the spec whose last token gives its logits.
 
         CoLM-Air prefill acceleration (the paper's): every chain attends the K/V computed from chain 1,
         and chain 1 never reads other chains, so the KV cache of a prompt is the same at any chain
         count. Prompt tokens are computed at 1 chain; only a sequence's last known token (whose logits
         are sampled) runs at its chain count, attending the K/V its prompt wrote earlier in the same
-        layer (the model writes every row's K/V before attending).
+        layer (the model writes every row's K/V before attending). A speculative entry verifies its
+        last token and its draft at its own chain count, with logits for all of them.
         """
         specs, pick = [], []
-        for seq, n in so.scheduled:
+        for i, (seq, n) in enumerate(so.scheduled):
             start = seq.num_computed_tokens
-            ids = seq.token_ids[start : start + n]
             tables = seq.block_tables[: self.cfg.pools_for(seq.chains)]
+            if i in drafts:
+                ids = seq.token_ids[start:] + drafts[i].tokens
+                specs.append(SeqSpec(ids, start, seq.chains, tables, num_logits=len(ids)))
+                pick.append(len(specs) - 1)
+                continue
+            ids = seq.token_ids[start : start + n]
             if self.air_prefill and seq.chains > 1 and n > 1:
                 last = start + n == seq.num_tokens
                 specs.append(SeqSpec(ids[:-1] if last else ids, start, 1, tables))

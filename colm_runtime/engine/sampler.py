@@ -94,6 +94,19 @@ def _noise(rows: list[SamplingRow], V: int, device: torch.device, default: torch
     return q.clamp_min_(1e-20)  # never divide by zero: excluded tokens (p = 0) stay at 0
 
 
+def processed_probs(logits: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
+    """The distribution a non-greedy row samples from: temperature, top-k, top-p, then min-p (the
+    kept probabilities are not renormalised: sampling and speculative acceptance only need ratios).
+    logits: [B, V] fp32 after penalties -> [B, V]."""
+    sub = logits / _col([p.temperature for p in ps], torch.float32, logits.device)
+    sub = apply_top_k_top_p(sub, [p.top_k for p in ps], [p.top_p for p in ps])
+    probs = sub.softmax(dim=-1)
+    if any(p.min_p > 0 for p in ps):
+        floor = _col([p.min_p for p in ps], torch.float32, logits.device) * probs.amax(-1, keepdim=True)
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return probs
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generator) -> SamplerOutput:
     """Pick one token per row. logits: [B, V] fp32 (modified in place is fine: the caller's copy)."""
     raw = logits
@@ -102,19 +115,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generat
     tokens = logits.argmax(dim=-1)
     rand = [i for i, p in enumerate(ps) if not p.greedy]
     if rand:
-        sub = logits[rand] / _col([ps[i].temperature for i in rand], torch.float32, logits.device)
-        sub = apply_top_k_top_p(sub, [ps[i].top_k for i in rand], [ps[i].top_p for i in rand])
-        probs = sub.softmax(dim=-1)
-        if any(ps[i].min_p > 0 for i in rand):
-            floor = _col([ps[i].min_p for i in rand], torch.float32, logits.device) * probs.amax(-1, keepdim=True)
-            probs = probs.masked_fill(probs < floor, 0.0)
+        probs = processed_probs(logits[rand], [ps[i] for i in rand])
         q = _noise([rows[i] for i in rand], logits.shape[1], logits.device, default)
         tokens[rand] = (probs / q).argmax(dim=-1)
     token_list = tokens.tolist()
-    return SamplerOutput(token_list, _logprobs(raw, token_list, ps))
+    return SamplerOutput(token_list, token_logprobs(raw, token_list, ps))
 
 
-def _logprobs(raw: torch.Tensor, tokens: list[int], ps: list[SamplingParams]) -> list:
+def token_logprobs(raw: torch.Tensor, tokens: list[int], ps: list[SamplingParams]) -> list:
+    """Per row: None, or (logprob of tokens[i], top-N ids, top-N logprobs) from the raw logits [B, V]."""
     want = [i for i, p in enumerate(ps) if p.logprobs is not None]
     out: list = [None] * len(ps)
     if not want:

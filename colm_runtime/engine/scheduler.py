@@ -26,6 +26,7 @@ class SchedulerOutput:
     copies: list[BlockCopy] = field(default_factory=list)
     num_preempted: int = 0
     num_shrunk: int = 0
+    num_lookahead: int = 0  # speculative tokens among num_tokens (a verify computes 1 + lookahead)
 
     @property
     def num_tokens(self) -> int:
@@ -106,10 +107,12 @@ class Scheduler:
                 if seq.seq_id in done or seq.status is not SequenceStatus.RUNNING or \
                         (seq.num_uncomputed == 1) != decodes:
                     continue
-                n = min(seq.num_uncomputed, budget)
+                # A speculating decode reserves budget and slots for its drafted tokens as well.
+                n = min(seq.num_uncomputed + (seq.lookahead if decodes else 0), budget)
                 copies = self._allocate(seq, n, out, done)
                 if copies is None:  # seq itself was preempted
                     continue
+                out.num_lookahead += n - min(n, seq.num_uncomputed)
                 out.scheduled.append((seq, n))
                 out.copies.extend(copies)
                 done.add(seq.seq_id)
@@ -182,6 +185,7 @@ class Scheduler:
         for i, (s, n) in enumerate(out.scheduled):
             if s is victim:
                 refund = n
+                out.num_lookahead -= n - min(n, s.num_uncomputed)
                 del out.scheduled[i]
                 break
         self._preempt(victim)

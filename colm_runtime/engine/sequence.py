@@ -48,6 +48,16 @@ class Sequence:
         self.stop_reason: str | int | None = None
         self.shrunk = False  # ever run at fewer chains than requested
         self.preempted = 0  # times preempted (recomputed)
+        # Chain switching (chain_switch.py): the request's schedule, and caps set by the load policy
+        # and by memory relief (None: no cap).
+        self.schedule = request.req.chain_schedule
+        self.load_cap: int | None = None
+        self.mem_cap: int | None = None
+        # Speculative decoding (speculative.py): whether it may speculate, the tokens it drafts this
+        # step (set before scheduling; the scheduler reserves them), its acceptance-rate average.
+        self.speculative = False
+        self.lookahead = 0
+        self.spec_alpha: float | None = None
 
     # ---- views ------------------------------------------------------------------------------------
     @property

@@ -97,6 +97,9 @@ class EngineRequest:
     chains: the chain count to run at. min_chains: the engine may shrink the request down to this
     many chains under memory pressure (== chains: never shrunk; the server sets it from whether the
     client pinned a chain count). priority: higher is admitted first and preempted last.
+    chain_schedule: ((generated-token index, chains), ...), starting at (0, chains), indices strictly
+    increasing: the chain count of each generated token (None: `chains` throughout). speculative: use
+    self-speculative decoding (None: the engine's default; True needs an engine that has it enabled).
     """
 
     request_id: str
@@ -106,6 +109,8 @@ class EngineRequest:
     min_chains: int | None = None
     priority: int = 0
     arrival_time: float = field(default_factory=time.monotonic)
+    chain_schedule: tuple[tuple[int, int], ...] | None = None
+    speculative: bool | None = None
 
     def __post_init__(self) -> None:
         if self.min_chains is None:
@@ -168,6 +173,13 @@ class EngineStats:
     shrinks_total: int
     steps_total: int
     alive: bool
+    # Self-speculative decoding: draft tokens proposed / accepted by verification, since start.
+    spec_proposed_total: int = 0
+    spec_accepted_total: int = 0
+    # Chain switches since start by (direction "up" | "down", reason "schedule" | "load"), and the
+    # tokens recomputed to raise plain-CoLM sequences to more chains.
+    chain_switches: dict[tuple[str, str], int] = field(default_factory=dict)
+    recomputed_tokens_total: int = 0
 
 
 class EngineClient(ABC):

@@ -112,7 +112,7 @@ async def test_a_failing_step_ends_its_requests_with_error_and_the_engine_keeps_
     runner = engine.engine.runner
     real = runner.forward
 
-    def broken(so):  # a device error in the middle of a step, once
+    def broken(so, drafts=None):  # a device error in the middle of a step, once
         runner.forward = real
         raise RuntimeError("simulated device failure")
 

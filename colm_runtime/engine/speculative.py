@@ -1,0 +1,150 @@
+"""Self-speculative decoding: a CoLM drafts with its own first chains and verifies with all of them.
+
+A chain model contains its smaller models: the first d chains of a k-chain request are a complete
+d-chain model that shares the request's weights and (CoLM-Air) its KV cache. Each verify step:
+
+1. propose: gamma one-token forwards at d chains (the draft), batched over the speculating sequences,
+   write their K/V into pools 0..pools_for(d)-1 only (CoLM-Air: the one shared pool, so drafting needs
+   no KV memory of its own; plain CoLM: pool 0 for d = 1) and sample x_1..x_gamma from q;
+2. verify: the step's main forward (with every other sequence of the batch) computes the sequence's
+   last token and x_1..x_gamma at k chains and returns the target logits of all gamma + 1 rows;
+3. accept x_i with probability min(1, p(x_i) / q(x_i)); at the first rejection sample from
+   norm(max(0, p - q)); when all are accepted, sample a bonus token from p (Leviathan et al. 2023).
+   The output follows p exactly; greedy rows accept while the draft equals the target's argmax, so
+   they produce the plain greedy tokens. Rejected positions roll back: num_computed_tokens counts only
+   the accepted tokens and blocks past them are released (their stale K/V is overwritten later).
+
+Gamma adapts per sequence: an exponential moving average of the acceptance rate alpha picks the gamma
+that maximises the expected tokens per verify, (1 - alpha^(gamma+1)) / (1 - alpha), per unit of cost
+1 + gamma * d / k (a draft step costs about d/k of a target step in FLOPs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from colm_runtime.engine.sampler import processed_probs
+from colm_runtime.engine.sequence import Sequence
+from colm_runtime.model import ForwardBatch, SeqSpec
+
+ALPHA_EMA = 0.3  # weight of the newest verify in the acceptance-rate average
+ALPHA_PRIOR = 0.7  # assumed acceptance rate before the first verify
+
+
+@dataclass
+class Draft:
+    """gamma proposed tokens of one sequence and, for sampled rows, their draft distributions."""
+
+    tokens: list[int]
+    q: torch.Tensor | None  # [gamma, V] normalised draft probabilities; None for greedy rows
+
+
+def eligible(seq: Sequence, draft_chains: int) -> bool:
+    """Whether seq may speculate this step: it opted in, decodes above the draft's chain count, and has
+    no penalty (a penalty depends on the tokens before each position, which drafting would change)."""
+    p = seq.params
+    return (seq.speculative and seq.chains > draft_chains and seq.num_uncomputed == 1
+            and p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1)
+
+
+def best_gamma(alpha: float, max_gamma: int, cost: float) -> int:
+    """The gamma in 1..max_gamma with the most expected tokens per unit of verify cost."""
+    a = min(max(alpha, 1e-3), 0.999)
+    return max(range(1, max_gamma + 1), key=lambda g: (1 - a ** (g + 1)) / (1 - a) / (1 + g * cost))
+
+
+class SpeculativeDecoder:
+    """Plans each sequence's lookahead, drafts, accepts, and counts proposed and accepted tokens."""
+
+    def __init__(self, max_gamma: int, draft_chains: int, model_len: int):
+        self.max_gamma, self.draft_chains, self.model_len = max_gamma, draft_chains, model_len
+        self.proposed_total = 0
+        self.accepted_total = 0
+
+    # ---- plan ---------------------------------------------------------------------------------------
+    def lookahead(self, seq: Sequence, next_switch: int | None) -> int:
+        """Tokens seq drafts this step (0: a plain decode). Never past max_tokens, the context, or the
+        next change of its chain schedule (next_switch: generated tokens at which it changes)."""
+        if not self.max_gamma or not eligible(seq, self.draft_chains):
+            return 0
+        done = len(seq.token_ids) - seq.num_prompt_tokens
+        room = min(seq.params.max_tokens - done, self.model_len - seq.num_tokens) - 1
+        if next_switch is not None:
+            room = min(room, next_switch - done - 1)
+        alpha = ALPHA_PRIOR if seq.spec_alpha is None else seq.spec_alpha
+        return max(0, min(room, best_gamma(alpha, self.max_gamma, self.draft_chains / seq.chains)))
+
+    # ---- draft --------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def propose(self, runner, entries: list[tuple[Sequence, int]]) -> list[Draft]:
+        """Run the draft forwards for entries (sequence, gamma); their K/V lands in the draft's pools."""
+        d, cfg = self.draft_chains, runner.cfg
+        drafts = [Draft([], None) for _ in entries]
+        probs: list[list[torch.Tensor]] = [[] for _ in entries]
+        for i in range(max(g for _, g in entries)):
+            live = [j for j, (_, g) in enumerate(entries) if g > i]
+            specs = []
+            for j in live:
+                seq = entries[j][0]
+                tok = seq.token_ids[-1] if i == 0 else drafts[j].tokens[-1]
+                specs.append(SeqSpec([tok], seq.num_computed_tokens + i, d, seq.block_tables[: cfg.pools_for(d)]))
+            batch = ForwardBatch.build(cfg, specs, runner.cache.block_size, runner.device)
+            logits = runner.model.forward_step(batch, runner.cache)  # [len(live), V]; all at d chains: caller order
+            for row, j in enumerate(live):
+                seq = entries[j][0]
+                if seq.params.greedy:
+                    drafts[j].tokens.append(int(logits[row].argmax()))
+                    continue
+                q = processed_probs(logits[row : row + 1], [seq.params])[0]
+                q = q / q.sum()
+                drafts[j].tokens.append(int(torch.multinomial(q, 1, generator=self._gen(seq, runner))))
+                probs[j].append(q)
+        for j, p in enumerate(probs):
+            if p:
+                drafts[j].q = torch.stack(p)
+        return drafts
+
+    # ---- verify -------------------------------------------------------------------------------------
+    def accept(self, seq: Sequence, target: torch.Tensor, draft: Draft, runner) -> list[int]:
+        """The tokens seq gains from one verify: the accepted prefix of the draft plus one token from the
+        target (the correction at the first rejection, else the bonus). target: [gamma + 1, V] logits."""
+        gamma = len(draft.tokens)
+        if seq.params.greedy:
+            best = target.argmax(dim=-1).tolist()
+            a = next((i for i in range(gamma) if draft.tokens[i] != best[i]), gamma)
+            out = draft.tokens[:a] + [best[a]]
+        else:
+            out = accept_sampled(processed_probs(target, [seq.params] * (gamma + 1)), draft, self._gen(seq, runner))
+        self.record(seq, gamma, len(out) - 1)
+        return out
+
+    def record(self, seq: Sequence, gamma: int, accepted: int) -> None:
+        self.proposed_total += gamma
+        self.accepted_total += accepted
+        rate = accepted / gamma
+        seq.spec_alpha = rate if seq.spec_alpha is None else seq.spec_alpha + ALPHA_EMA * (rate - seq.spec_alpha)
+
+    @staticmethod
+    def _gen(seq: Sequence, runner) -> torch.Generator:
+        return seq.generator if seq.generator is not None else runner.generator
+
+
+def accept_sampled(p: torch.Tensor, draft: Draft, gen: torch.Generator) -> list[int]:
+    """Speculative sampling. p: [gamma + 1, V] target probabilities (unnormalised rows are fine);
+    draft.q: [gamma, V] normalised. Returns the accepted tokens plus one more."""
+    assert draft.q is not None
+    p = p / p.sum(dim=-1, keepdim=True)
+    gamma = len(draft.tokens)
+    x = torch.tensor(draft.tokens, device=p.device)
+    ratio = p[:gamma].gather(1, x[:, None])[:, 0] / draft.q.gather(1, x[:, None])[:, 0]  # [gamma]
+    u = torch.rand(gamma, generator=gen, device=gen.device).to(p.device)
+    rejected = (u >= ratio).nonzero()
+    if rejected.numel() == 0:  # all accepted: a bonus token from the target's next position
+        return draft.tokens + [int(torch.multinomial(p[gamma], 1, generator=gen))]
+    a = int(rejected[0, 0])
+    residual = (p[a] - draft.q[a]).clamp_min(0)
+    if float(residual.sum()) <= 0:  # p == q up to rounding: any draw from p is exact
+        residual = p[a]
+    return draft.tokens[:a] + [int(torch.multinomial(residual / residual.sum(), 1, generator=gen))]

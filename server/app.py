@@ -58,6 +58,17 @@ async def warm_up(engine: EngineClient) -> None:
             pass
 
 
+async def while_alive(engine: EngineClient, work) -> None:
+    """Await `work`, but fail at once if the engine loop dies meanwhile (it would wait forever)."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.2)
+        if not task.done() and not engine.stats().alive:
+            task.cancel()
+            raise RuntimeError("the engine loop died during warm-up (its traceback is above)")
+    task.result()
+
+
 async def build_state(settings: ServerSettings, metrics: ServerMetrics) -> ServerState:
     """Engine, router, policy and template for one server; raises on any start-up error."""
     t0 = time.monotonic()
@@ -75,7 +86,8 @@ async def build_state(settings: ServerSettings, metrics: ServerMetrics) -> Serve
     state = ServerState(settings, engine, router, policy, metrics, template, max_len)
     state.loop = asyncio.get_running_loop()
     if settings.warmup:
-        await warm_up(engine)
+        await while_alive(engine, warm_up(engine))
+    state.start_watchdog()
     state.ready = True
     log.info("serving %s (%d chains, max_model_len %d, chat template: %s) after %.1fs",
              settings.model_name, cfg.n_chains, max_len, origin, time.monotonic() - t0)

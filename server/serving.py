@@ -148,6 +148,7 @@ class RequestRun:
             raise self._api_error(failure)
         self._tasks = [asyncio.create_task(self._pump(i, it, first))
                        for i, (it, first) in enumerate(zip(iters, firsts))]
+        self.state.runs.add(self)
 
     async def _discard(self, firsts: list[asyncio.Future]) -> None:
         self._closed = True
@@ -157,7 +158,13 @@ class RequestRun:
         for r in self.requests:
             await self.state.engine.abort(r.request_id)
 
+    def fail(self, err: APIError) -> None:
+        """End this request with an error (the engine loop died): iteration raises it."""
+        self._queue.put_nowait((-1, err))
+
     def _api_error(self, e: BaseException) -> APIError:
+        if isinstance(e, APIError):
+            return e
         if isinstance(e, EngineError):
             return from_engine_error(e)
         log.error("engine stream failed: %r", e)
@@ -224,6 +231,7 @@ class RequestRun:
         if self._closed:
             return
         self._closed = True
+        self.state.runs.discard(self)
         for task in self._tasks:
             task.cancel()  # closes the engine stream, which aborts the request in the engine
         for t, r in zip(self.tracks, self.requests):

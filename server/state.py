@@ -47,16 +47,36 @@ class ServerState:
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
+        self.runs: set = set()  # the RequestRuns in flight, for the engine watchdog
+        self._watchdog: asyncio.Task | None = None
+
+    def start_watchdog(self, period: float = 0.5) -> None:
+        """Fail in-flight requests if the engine loop dies (instead of leaving them waiting forever);
+        /health then answers 503 so that the orchestrator restarts the process."""
+        async def watch() -> None:
+            while not self.draining:
+                if not self.engine.stats().alive:
+                    log.error("the engine loop died; failing %d in-flight request(s)", len(self.runs))
+                    for run in list(self.runs):
+                        run.fail(Unavailable("the engine loop stopped; retry on another replica",
+                                             code="engine_dead"))
+                    return
+                await asyncio.sleep(period)
+
+        self._watchdog = asyncio.ensure_future(watch())
 
     def begin_drain(self, timeout: float) -> None:
         """Stop admitting now (503); after `timeout` seconds stop the engine, which ends what still
         runs (those streams get an error chunk, then [DONE]). Call on the event loop."""
         self.draining = True
         if self._drain_task is None:
-            self._drain_task = asyncio.ensure_future(self._stop_engine_after(timeout))
+            alive = self.engine.stats().alive  # a dead engine has nothing left to drain
+            self._drain_task = asyncio.ensure_future(self._stop_engine_after(timeout if alive else 0.0))
 
     async def shutdown(self, timeout: float) -> None:
         """Drain (if no signal started it already) and wait until the engine has stopped."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self.begin_drain(timeout)
         await self._drain_task
 

@@ -99,3 +99,25 @@ def test_before_the_model_loads_everything_is_503(model_dir):
               client.post("/v1/completions", json={"model": "m", "prompt": "x"})):
         assert r.status_code == 503 and r.headers["retry-after"] == "1"
         assert r.json()["error"]["code"] == "not_ready" and r.json()["error"]["type"] == "service_unavailable_error"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_dead_engine_fails_requests_instead_of_hanging(model_dir):
+    """Fault injection into the real engine: if its loop dies (an exception it does not expect),
+    waiting requests get 503 engine_dead within a second, and /health and /ready turn 503."""
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import ServerSettings
+
+    app = create_app(ServerSettings(model=model_dir, access_log=False))
+    with TestClient(app) as client:
+        def broken(request):
+            raise RuntimeError("injected fault")
+
+        app.state.colm.engine.engine.add_request = broken  # the engine thread dies on the next request
+        start = time.monotonic()
+        r = client.post("/v1/completions", json={"model": app.state.colm.base_name, "prompt": "x", "max_tokens": 4})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+        assert time.monotonic() - start < 5
+        assert client.get("/health").status_code == 503 and client.get("/ready").status_code == 503

@@ -52,3 +52,25 @@ def test_plain_colm_prompts_keep_their_chain_count():
     seen = spy_chains(eng)
     eng.generate([req(prompt(12), chains=3, max_tokens=2)])
     assert seen[0] == (3, 12)
+
+
+def test_air_prefill_is_chunked_so_a_long_prompt_never_stalls_running_decodes():
+    model = diverse_model(kv_sharing=True)
+    eng = make_engine(model, max_num_batched_tokens=16)
+    seen = spy_chains(eng)
+    eng.add_request(req(prompt(5, seed=1), chains=4, max_tokens=40, rid="decoding"))
+    eng.step()
+    eng.add_request(req(prompt(200, seed=2), chains=4, max_tokens=3, rid="long"))
+    first, long_tokens = None, []
+    for step in range(30):
+        before = len(seen)
+        outs = eng.step()
+        assert any(o.request_id == "decoding" for o in outs), f"step {step}: the decode stalled"
+        assert sum(n for _, n in seen[before:]) <= 16
+        long_tokens += [t for o in outs if o.request_id == "long" for t in o.token_ids]
+        if first is None and long_tokens:
+            first = step
+    assert first is not None and first >= 200 // 15 - 1, "the long prompt was not chunked"
+    ref = make_engine(model, air_prefill_one_chain=False, max_num_batched_tokens=4096)
+    got = ref.generate([req(prompt(200, seed=2), chains=4, max_tokens=3, rid="long")])
+    assert long_tokens == got["long"][0].token_ids  # chunked 1-chain prefill == one full-chain prefill

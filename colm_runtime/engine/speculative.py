@@ -16,7 +16,8 @@ d-chain model that shares the request's weights and (CoLM-Air) its KV cache. Eac
 
 Gamma adapts per sequence: an exponential moving average of the acceptance rate alpha picks the gamma
 that maximises the expected tokens per verify, (1 - alpha^(gamma+1)) / (1 - alpha), per unit of cost
-1 + gamma * d / k (a draft step costs about d/k of a target step in FLOPs).
+1 + gamma * d / k (a draft step costs about d/k of a target step in FLOPs). When alpha falls below
+d / k even gamma 1 loses, so the sequence decodes plainly and re-probes every PROBE_EVERY tokens.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from colm_runtime.model import ForwardBatch, SeqSpec
 
 ALPHA_EMA = 0.3  # weight of the newest verify in the acceptance-rate average
 ALPHA_PRIOR = 0.7  # assumed acceptance rate before the first verify
+PROBE_EVERY = 16  # a sequence whose drafts do not pay off still verifies one draft every this many tokens
 
 
 @dataclass
@@ -74,7 +76,10 @@ class SpeculativeDecoder:
         if next_switch is not None:
             room = min(room, next_switch - done - 1)
         alpha = ALPHA_PRIOR if seq.spec_alpha is None else seq.spec_alpha
-        return max(0, min(room, best_gamma(alpha, self.max_gamma, self.draft_chains / seq.chains)))
+        cost = self.draft_chains / seq.chains
+        if alpha < cost and done % PROBE_EVERY:
+            return 0  # even gamma 1 loses ((1 + alpha) / (1 + cost) < 1): decode plainly, probe now and then
+        return max(0, min(room, best_gamma(alpha, self.max_gamma, cost)))
 
     # ---- draft --------------------------------------------------------------------------------------
     @torch.inference_mode()

@@ -54,4 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module's main: as __main__ this file is a second copy whose CLIError class
+    # is not the one the subcommand modules raise.
+    from colm_runtime.cli import main as _main
+
+    sys.exit(_main())

@@ -148,6 +148,17 @@ class AsyncEngine(EngineClient):
                 self.engine.add_request(req)
             except EngineError as e:
                 self._send(req.request_id, e)
+            except Exception as e:  # a fault in this request's own processing: it alone fails
+                self._dispatch(self._fail_added(req, e))
+
+    def _fail_added(self, req: EngineRequest, error: Exception) -> list[RequestOutput]:
+        """Error outputs for a request whose add_request raised (its blocks freed if it got any)."""
+        r = self.engine.requests.get(req.request_id)
+        if r is not None:
+            return self.engine.fail_request(r, error)
+        log.error("request %s failed while being added: %r", req.request_id, error)
+        return [RequestOutput(req.request_id, i, "", (), "error", req.chains, len(req.prompt_token_ids), 0,
+                              error=f"engine error: {type(error).__name__}") for i in range(req.params.n)]
 
     def _send(self, rid: str, item: RequestOutput | BaseException) -> None:
         with self._lock:

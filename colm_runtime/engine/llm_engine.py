@@ -7,6 +7,7 @@ the sequences that reached their last token -> append, detokenize, check stops -
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from colm_runtime.engine.block_manager import BlockManager
 from colm_runtime.engine.chain_switch import ChainSwitcher
 from colm_runtime.engine.config import EngineConfig
 from colm_runtime.engine.detokenizer import IncrementalDetokenizer
+from colm_runtime.engine.faults import FaultInjector
 from colm_runtime.engine.metrics import StepMetrics
 from colm_runtime.engine.output import OutputBuilder
 from colm_runtime.engine.runner import ModelRunner
@@ -28,6 +30,8 @@ from colm_runtime.engine.types import (EngineOverloaded, EngineRequest, EngineSt
                                        RequestOutput, RequestTooLong)
 from colm_runtime.model import ChainKVCache, CoLMModel
 from colm_runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +69,8 @@ class LLMEngine:
         self.switcher = ChainSwitcher(self.blocks, config.step_time_target)
         self.spec = SpeculativeDecoder(config.num_speculative_tokens, config.speculative_draft_chains,
                                        self.model_len)
+        self.faults = FaultInjector.from_env()  # off unless COLM_FAULT_INJECT is set (tests only)
+        self._marked: set[str] = set()  # request ids the fault hook fires on
 
     @classmethod
     def from_model_dir(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> "LLMEngine":
@@ -124,6 +130,9 @@ class LLMEngine:
         r.seqs.append(self._new_seq(r, 0))
         self.requests[req.request_id] = r
         self.scheduler.add(r.seqs[0])
+        if self.faults.marked(req.prompt_token_ids, self.tokenizer):
+            self._marked.add(req.request_id)
+            self.faults.check("add", True)
 
     def _new_seq(self, r: Request, index: int) -> Sequence:
         p = r.req.params
@@ -139,6 +148,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> bool:
         """Abort a request: its blocks are freed now, its final outputs come with the next step()."""
         r = self.requests.pop(request_id, None)
+        self._marked.discard(request_id)
         if r is None:
             return False
         indices = range(r.req.params.n) if not r.forked else [s.index for s in r.seqs]
@@ -148,6 +158,23 @@ class LLMEngine:
         done = {s.index for s in r.seqs if s.finish_reason is not None}
         self._pending.extend(self.outputs.aborted(r, i) for i in indices if i not in done)
         return True
+
+    def fail_request(self, r: Request, error: BaseException, culprit: Sequence | None = None) -> list[RequestOutput]:
+        """An exception in one request's own processing: free its blocks and end each of its open
+        completions (and the one that raised) with finish_reason "error"; other requests go on."""
+        log.error("request %s failed in the engine: %s: %s", r.request_id, type(error).__name__, error,
+                  exc_info=error)
+        self.requests.pop(r.request_id, None)
+        self._marked.discard(r.request_id)
+        open_ = [s for s in r.seqs if not s.is_finished or s is culprit]
+        indices = [s.index for s in open_] if r.forked else list(range(r.req.params.n))
+        for seq in r.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq)
+            seq.finish_reason = seq.finish_reason or "error"
+        chains = {s.index: s.chains for s in r.seqs}
+        return [RequestOutput(r.request_id, i, "", (), "error", chains.get(i, r.req.chains), r.num_prompt_tokens,
+                              0, error=f"engine error: {type(error).__name__}") for i in indices]
 
     def take_pending(self) -> list[RequestOutput]:
         """The abort updates not yet handed out by step()."""
@@ -169,6 +196,7 @@ class LLMEngine:
             return outputs
         spec = [(i, seq, n - 1) for i, (seq, n) in enumerate(so.scheduled)
                 if seq.num_uncomputed == 1 and n > 1 and seq.chains > self.spec.draft_chains]
+        self.runner.copy_blocks(so)
         drafts = self.spec.propose(self.runner, [(seq, g) for _, seq, g in spec]) if spec else []
         logits, verify = self.runner.forward(so, {i: d for (i, _, _), d in zip(spec, drafts)})
         rows, seqs = [], []
@@ -183,12 +211,23 @@ class LLMEngine:
                 for s in ([seq] if r.forked else self._fork(seq)):
                     rows.append(i)
                     seqs.append(s)
+        failed: dict[str, tuple[Sequence, Exception]] = {}  # one request's fault fails that request only
         if seqs:
             samples = self.runner.sample(logits, rows, seqs)
             for j, seq in enumerate(seqs):
-                outputs.append(self._append(seq, samples.token_ids[j], samples.logprobs[j]))
+                if seq.request.request_id not in failed:
+                    try:
+                        outputs.append(self._append(seq, samples.token_ids[j], samples.logprobs[j]))
+                    except Exception as e:
+                        failed[seq.request.request_id] = (seq, e)
         for (i, seq, _), draft in zip(spec, drafts):
-            outputs.extend(self._accept(seq, verify[i], draft))
+            if seq.request.request_id not in failed:
+                try:
+                    outputs.extend(self._accept(seq, verify[i], draft))
+                except Exception as e:
+                    failed[seq.request.request_id] = (seq, e)
+        for seq, e in failed.values():
+            outputs.extend(self.fail_request(seq.request, e, seq))
         seconds = time.perf_counter() - t0
         self.metrics.record(so, seconds)
         self.switcher.observe(seconds, so.num_tokens - so.num_lookahead == len(so.scheduled))
@@ -230,6 +269,8 @@ class LLMEngine:
 
     def _append(self, seq: Sequence, token: int, logprob) -> RequestOutput:
         r = seq.request
+        if r.request_id in self._marked:
+            self.faults.check("step", True)
         r.first_token = r.first_token or time.monotonic()
         seq.token_ids.append(token)
         p = seq.params

@@ -1,0 +1,66 @@
+"""An exception inside one request's processing fails that request alone (finish_reason "error"),
+frees its blocks, and leaves the engine serving the others. The fault comes from the test-only hook
+(COLM_FAULT_INJECT), which is off unless the environment sets it."""
+
+from __future__ import annotations
+
+import pytest
+
+from colm_runtime.engine.config import EngineConfig
+from colm_runtime.engine.faults import ENV, FaultInjector
+from colm_runtime.engine.llm_engine import LLMEngine
+from colm_runtime.engine.types import EngineRequest, SamplingParams
+
+MARKER = "zq-fault-marker"
+
+
+def _engine(model_dir, monkeypatch, spec: str | None) -> LLMEngine:
+    if spec is None:
+        monkeypatch.delenv(ENV, raising=False)
+    else:
+        monkeypatch.setenv(ENV, spec)
+    return LLMEngine.from_model_dir(model_dir, EngineConfig(kv_cache_memory=4 << 20, cpu_threads=1))
+
+
+def _requests(engine: LLMEngine, n: int = 2) -> list[EngineRequest]:
+    p = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, n=n)
+    good = [EngineRequest(f"good-{i}", engine.tokenizer.encode(f"a good prompt {i}"), p, chains=1 + i % 4)
+            for i in range(3)]
+    bad = EngineRequest("bad", engine.tokenizer.encode(f"hello {MARKER} there"), p, chains=4)
+    return [good[0], bad, *good[1:]]
+
+
+def test_hook_is_off_by_default(plain_model_dir, monkeypatch):
+    engine = _engine(plain_model_dir, monkeypatch, None)
+    assert not engine.faults.enabled
+    done = engine.generate(_requests(engine))
+    assert all(c.finish_reason == "length" for cs in done.values() for c in cs)
+
+
+def test_bad_setting_is_refused(monkeypatch):
+    monkeypatch.setenv(ENV, "forward:x")
+    with pytest.raises(ValueError, match=ENV):
+        FaultInjector.from_env()
+
+
+def test_step_fault_fails_one_request(plain_model_dir, monkeypatch):
+    engine = _engine(plain_model_dir, monkeypatch, f"step:{MARKER}")
+    ref = _engine(plain_model_dir, monkeypatch, None).generate(
+        [r for r in _requests(engine) if r.request_id != "bad"])
+    done = engine.generate(_requests(engine))
+    assert [c.finish_reason for c in done["bad"]] == ["error", "error"]
+    for rid, completions in ref.items():  # the others: exactly what they give without the faulty one
+        assert [c.token_ids for c in done[rid]] == [c.token_ids for c in completions]
+        assert all(c.finish_reason == "length" for c in done[rid])
+    assert not engine.has_unfinished and engine.blocks.num_free == engine.blocks.num_total
+
+
+def test_add_fault_fails_one_request(plain_model_dir, monkeypatch):
+    engine = _engine(plain_model_dir, monkeypatch, f"add:{MARKER}")
+    reqs = _requests(engine)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        engine.add_request(reqs[1])
+    engine.fail_request(engine.requests["bad"], RuntimeError("x"))  # what AsyncEngine does on that raise
+    done = engine.generate([r for r in reqs if r.request_id != "bad"])
+    assert all(c.finish_reason == "length" for cs in done.values() for c in cs)
+    assert engine.blocks.num_free == engine.blocks.num_total

@@ -86,6 +86,7 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu",
     with torch.device("meta"):
         model = CoLMModel(cfg)
     model.load_state_dict(state, assign=True)
+    model.column_major_head()
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -31,6 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=30)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
 
 
@@ -104,6 +105,8 @@ def load_or_random(model_dir: str | None, device: str, dtype: torch.dtype) -> tu
 def run(args: argparse.Namespace) -> int:
     from colm_runtime.checkpoint import extract_state
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     model, source = load_or_random(args.model, args.device, dtype)
     cfg = model.cfg
@@ -115,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         subs[k].load_state_dict(state)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     out: dict = {"model": source, "device": args.device, "dtype": args.dtype, "context": args.context,
+                 "threads": torch.get_num_threads(),
                  "slice_overhead": {}, "vs_dense": {}, "step_ms": {}, "flop_ratio": {}}
     full_flops = step_flops(cfg, cfg.n_chains, args.context)
     for k in range(1, cfg.n_chains + 1):

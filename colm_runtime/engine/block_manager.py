@@ -185,3 +185,4 @@ class BlockManager:
             child.block_tables[p] = list(table)
         child.num_computed_tokens = parent.num_computed_tokens
         child.chains = parent.chains
+        child.mem_cap, child.load_cap = parent.mem_cap, parent.load_cap  # a shrunk parent's forks stay down

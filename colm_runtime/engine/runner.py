@@ -31,9 +31,9 @@ class ModelRunner:
                 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the step's forward. Returns fp32 logits [B, V] of each scheduled sequence's last token in
         the scheduler's order, and for each speculative entry (drafts: scheduled index -> its draft) the
-        target logits [gamma + 1, V] of its last real token and its drafted tokens."""
+        target logits [gamma + 1, V] of its last real token and its drafted tokens. copy_blocks(so) runs
+        first."""
         drafts = drafts or {}
-        self._copy_blocks(so)
         specs, pick = self._specs(so, drafts)
         batch = ForwardBatch.build(self.cfg, specs, self.cache.block_size, self.device)
         logits = self.model.forward_step(batch, self.cache)  # [N, V], sorted by chain count
@@ -78,7 +78,8 @@ class ModelRunner:
             pick.append(len(specs) - 1)
         return specs, pick
 
-    def _copy_blocks(self, so: SchedulerOutput) -> None:
+    def copy_blocks(self, so: SchedulerOutput) -> None:
+        """The step's copy-on-write block copies; before any forward of the step (drafts included)."""
         for pool in {p for p, _, _ in so.copies}:
             src = torch.tensor([s for p, s, _ in so.copies if p == pool], device=self.device)
             dst = torch.tensor([d for p, _, d in so.copies if p == pool], device=self.device)

@@ -37,7 +37,11 @@ def engine_config(settings: ServerSettings):
                         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                         max_model_len=settings.max_model_len, max_waiting=settings.hard_queue_limit,
                         device=settings.resolved_device,
-                        dtype=None if settings.dtype == "auto" else settings.dtype, seed=settings.seed)
+                        dtype=None if settings.dtype == "auto" else settings.dtype, seed=settings.seed,
+                        num_speculative_tokens=settings.num_speculative_tokens,
+                        speculative_draft_chains=settings.speculative_draft_chains,
+                        step_time_target=None if settings.step_time_target_ms is None
+                        else settings.step_time_target_ms / 1e3)
 
 
 def build_engine(settings: ServerSettings) -> EngineClient:

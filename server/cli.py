@@ -40,6 +40,11 @@ _FLAGS = {
     "--drain-timeout": ("drain_timeout", float, "seconds to finish in-flight requests on SIGTERM (default 30)"),
     "--log-level": ("log_level", str, "critical, error, warning, info or debug (default info)"),
     "--seed": ("seed", int, "sampling seed of requests without their own (default 0)"),
+    "--num-speculative-tokens": ("num_speculative_tokens", int, "self-speculative decoding: draft tokens per "
+                                 "step at most (default 0: off)"),
+    "--speculative-draft-chains": ("speculative_draft_chains", int, "chain count that drafts (default 1)"),
+    "--step-time-target-ms": ("step_time_target_ms", float, "step unpinned running requests down a chain while "
+                              "a decode step takes longer (default: off)"),
 }
 _SWITCHES = {
     "--metrics-auth": ("metrics_auth", "require an API key on /metrics"),

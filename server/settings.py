@@ -68,6 +68,11 @@ class ServerSettings(BaseSettings):
     device: str = "cpu"
     dtype: str = "auto"
     seed: int = 0
+    num_speculative_tokens: int = Field(0, ge=0, le=16, description="self-speculative decoding: draft tokens "
+                                        "per step at most (0: off)")
+    speculative_draft_chains: int = Field(1, ge=1, description="chain count that drafts")
+    step_time_target_ms: float | None = Field(None, gt=0, description="load policy: unpinned running requests "
+                                              "step down a chain while a decode step takes longer")
     warmup: bool = Field(True, description="run one tiny request per chain count before /ready")
     chat_template: Path | None = None
     # Lifecycle and logs.

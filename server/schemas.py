@@ -10,11 +10,12 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 MAX_STOP = 16
 MAX_LOGPROBS = 20
+MAX_SCHEDULE = 64
 
 RouteReason = Literal["model", "chains", "tier", "budget", "default", "degraded"]
 
@@ -54,6 +55,26 @@ class _Sampling(_Request):
     tier: str | None = Field(None, description="a named tier of the server (economy, standard, premium)")
     latency_budget_ms: float | None = Field(None, gt=0, description="end-to-end target in milliseconds")
     priority: int | None = Field(None, description="scheduling priority (higher first); default: the tier's")
+    chain_schedule: list[tuple[int, int]] | None = Field(
+        None, max_length=MAX_SCHEDULE, description="[[generated_token, chains], ...] from [0, k]: the chain "
+        "count of each generated token (pins the request; e.g. [[0, 4], [32, 2]])")
+    speculative: bool | None = Field(None, description="self-speculative decoding (default: the server's)")
+
+    @field_validator("chain_schedule")
+    @classmethod
+    def _schedule(cls, v):
+        if v is None:
+            return v
+        if not v or v[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(v, v[1:])) or any(c < 1 for _, c in v):
+            raise ValueError("chain_schedule must be [[0, chains], [generated_token, chains], ...] with "
+                             "strictly increasing token indices and chain counts >= 1")
+        return v
+
+    @model_validator(mode="after")
+    def _schedule_vs_chains(self):
+        if self.chain_schedule and self.chains is not None and self.chains != self.chain_schedule[0][1]:
+            raise ValueError("chains and chain_schedule[0] disagree (give one of them)")
+        return self
 
 
 class CompletionRequest(_Sampling):

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from colm_runtime.engine.types import EngineError, EngineRequest, RequestOutput, SamplingParams
 
-from server.errors import APIError, InternalError, InvalidRequest, Unavailable, from_engine_error
+from server.errors import APIError, InternalError, InvalidRequest, SlowClient, Unavailable, from_engine_error
 from server.routing import ChainChoice, RouteHints, parse_header_number
 from server.schemas import ColmReport, Usage, _Sampling
 from server.state import ServerState
@@ -36,7 +36,15 @@ def route_hints(req: _Sampling, headers) -> RouteHints:
     budget = req.latency_budget_ms if req.latency_budget_ms is not None else parse_header_number(
         "X-CoLM-Latency-Budget-Ms", headers.get("x-colm-latency-budget-ms"), float)
     tier = req.tier if req.tier is not None else headers.get("x-colm-tier")
+    if req.chain_schedule and chains is None:
+        chains = req.chain_schedule[0][1]  # a schedule pins the chain count it starts at
     return RouteHints(model=req.model, chains=chains, tier=tier, latency_budget_ms=budget, priority=req.priority)
+
+
+def engine_extras(req: _Sampling) -> dict:
+    """EngineRequest fields taken from the body as they are (chain schedule, speculation)."""
+    schedule = tuple(tuple(e) for e in req.chain_schedule) if req.chain_schedule else None
+    return {"chain_schedule": schedule, "speculative": req.speculative}
 
 
 def warn_unknown_fields(req: _Sampling) -> None:
@@ -118,16 +126,21 @@ class RequestRun:
     """
 
     def __init__(self, state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams,
-                 choice: ChainChoice, arrival: float):
+                 choice: ChainChoice, arrival: float, chain_schedule: tuple | None = None,
+                 speculative: bool | None = None):
         self.state, self.choice, self.arrival = state, choice, arrival
+        floor = choice.chains if choice.pinned else 1
+        if chain_schedule:
+            floor = min(c for _, c in chain_schedule)
         self.requests = [EngineRequest(f"{request_id}-{i}", p, params, chains=choice.chains,
-                                       min_chains=choice.chains if choice.pinned else 1,
-                                       priority=choice.priority, arrival_time=arrival)
+                                       min_chains=floor, priority=choice.priority, arrival_time=arrival,
+                                       chain_schedule=chain_schedule, speculative=speculative)
                          for i, p in enumerate(prompts)]
         self.tracks = [_Track(len(p)) for p in prompts]
         self._queue: asyncio.Queue = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._closed = False
+        self._overflowed = False
         self.end: float | None = None
 
     async def start(self) -> None:
@@ -170,11 +183,28 @@ class RequestRun:
         log.error("engine stream failed: %r", e)
         return InternalError(f"generation failed: {type(e).__name__}")
 
+    def _buffer(self, i: int, out: RequestOutput) -> bool:
+        """Queue one output; False (and an error queued instead) once a client that does not read has
+        let max_stream_buffer outputs pile up: its request is then aborted, so memory stays bounded."""
+        if self._queue.qsize() < self.state.settings.max_stream_buffer:
+            self._queue.put_nowait((i, out))
+            return True
+        if not self._overflowed:
+            self._overflowed = True
+            self.state.metrics.rejected.labels("slow_client").inc()
+            log.warning("request %s aborted: its client stopped reading (%d chunks buffered)",
+                        self.requests[i].request_id, self._queue.qsize())
+            self._queue.put_nowait((i, SlowClient("the client stopped reading this stream; the request was "
+                                                  "aborted (max_stream_buffer)")))
+        return False
+
     async def _pump(self, i: int, it: AsyncIterator[RequestOutput], first: asyncio.Future) -> None:
         try:
-            await self._queue.put((i, await first))
-            async for out in it:
-                await self._queue.put((i, out))
+            if self._buffer(i, await first):
+                async for out in it:
+                    if not self._buffer(i, out):
+                        break
+            await it.aclose()  # after an overflow: closing the engine stream aborts the request
         except Exception as e:  # an engine fault fails this request only
             await self._queue.put((i, e))
         finally:

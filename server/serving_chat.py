@@ -16,7 +16,7 @@ from server.errors import APIError, InvalidRequest, error_body
 from server.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                             ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob, DeltaMessage,
                             ResponseMessage, TopLogprob)
-from server.serving import (SSE_DONE, RequestRun, colm_headers, colm_report, continuous_usage, new_id,
+from server.serving import (SSE_DONE, RequestRun, colm_headers, colm_report, continuous_usage, engine_extras, new_id,
                             route_hints, sampling_params, sse, warn_unknown_fields)
 from server.state import ServerState
 
@@ -62,7 +62,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     choice = state.admit(route_hints(req, raw.headers), len(ids), max_tokens)
     request_id = new_id("chatcmpl")
-    run = RequestRun(state, request_id, [ids], params, choice, arrival)
+    run = RequestRun(state, request_id, [ids], params, choice, arrival, **engine_extras(req))
     await run.start()
     headers = colm_headers(request_id, choice)
     if req.stream:

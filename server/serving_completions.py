@@ -15,7 +15,7 @@ from colm_runtime.engine.types import RequestOutput, TokenLogprob
 from server.errors import APIError, InvalidRequest, error_body
 from server.schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
 from server.serving import (SSE_DONE, RequestRun, colm_headers, colm_report, continuous_usage as _continuous,
-                            new_id, route_hints, sampling_params, sse, warn_unknown_fields)
+                            engine_extras, new_id, route_hints, sampling_params, sse, warn_unknown_fields)
 from server.state import ServerState
 
 log = logging.getLogger("colm.server")
@@ -79,7 +79,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     params = sampling_params(req, max_tokens, req.logprobs)
     choice = state.admit(route_hints(req, raw.headers), longest, max_tokens)
     request_id = new_id("cmpl")
-    run = RequestRun(state, request_id, ids, params, choice, arrival)
+    run = RequestRun(state, request_id, ids, params, choice, arrival, **engine_extras(req))
     await run.start()
     echo = [(t if t is not None else state.tokenizer.decode(p)) if req.echo else "" for p, t in zip(ids, texts)]
     headers = colm_headers(request_id, choice)

@@ -44,6 +44,14 @@ class _EngineCollector:
         shrinks = CounterMetricFamily("colm_chain_shrinks", "Running requests shrunk to fewer chains "
                                       "by the engine under KV pressure")
         steps = CounterMetricFamily("colm_engine_steps", "Engine steps run")
+        proposed = CounterMetricFamily("colm_spec_decode_proposed_tokens", "Draft tokens proposed by "
+                                       "self-speculative decoding")
+        accepted = CounterMetricFamily("colm_spec_decode_accepted_tokens", "Draft tokens accepted by verification")
+        switches = CounterMetricFamily("colm_chain_switches", "Chain-count changes of running requests, by "
+                                       "direction (up, down) and reason (schedule, load)",
+                                       labels=["direction", "reason"])
+        recomputed = CounterMetricFamily("colm_chain_switch_recomputed_tokens", "Tokens recomputed to raise "
+                                         "plain-CoLM requests to more chains")
         if s is not None:
             running.add_metric([], s.running)
             waiting.add_metric([], s.waiting)
@@ -54,7 +62,13 @@ class _EngineCollector:
             preempt.add_metric([], s.preemptions_total)
             shrinks.add_metric([], s.shrinks_total)
             steps.add_metric([], s.steps_total)
-        yield from (running, waiting, kv, free, total, preempt, shrinks, steps)
+            proposed.add_metric([], s.spec_proposed_total)
+            accepted.add_metric([], s.spec_accepted_total)
+            for d, why in [(d, w) for d in ("up", "down") for w in ("schedule", "load")]:
+                switches.add_metric([d, why], s.chain_switches.get((d, why), 0))
+            recomputed.add_metric([], s.recomputed_tokens_total)
+        yield from (running, waiting, kv, free, total, preempt, shrinks, steps, proposed, accepted, switches,
+                    recomputed)
 
 
 class ServerMetrics:

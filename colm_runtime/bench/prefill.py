@@ -83,7 +83,7 @@ def air_models(args) -> list[tuple[str, torch.nn.Module]]:
 
 def bench_model(name: str, model, args) -> dict:
     cfg = model.cfg
-    lengths = [L for L in args.lengths if L < cfg.max_position_embeddings]
+    lengths = [L for L in args.lengths if L < cfg.max_position_embeddings]  # + 1 output token must fit
     config = EngineConfig(block_size=16, max_num_seqs=1, max_num_batched_tokens=args.max_num_batched_tokens,
                           device=args.device, kv_cache_memory=_kv_bytes(cfg, max(lengths) + 1, model),
                           air_prefill_one_chain=True)
@@ -99,9 +99,13 @@ def bench_model(name: str, model, args) -> dict:
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
     fns = {f"{mode}/{L}": run(e, L) for L in lengths for mode, e in engines.items()}
     t = time_rounds(fns, args.rounds, sync, lambda: [run(e, 64)() for e in engines.values()])
-    return {str(L): {"full_s": round(t[f"full/{L}"], 4), "first_chain_s": round(t[f"first_chain/{L}"], 4),
+    skipped = [L for L in args.lengths if L not in lengths]
+    rows = {str(L): {"full_s": round(t[f"full/{L}"], 4), "first_chain_s": round(t[f"first_chain/{L}"], 4),
                      "speedup": round(t[f"full/{L}"] / t[f"first_chain/{L}"], 3),
                      "flop_ratio": round(prefill_flop_ratio(cfg, L), 3)} for L in lengths}
+    if skipped:
+        rows["skipped_beyond_context"] = skipped
+    return rows
 
 
 def _kv_bytes(cfg: ModelConfig, tokens: int, model) -> int:
@@ -124,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
     per_model = {name: bench_model(name, m, args) for name, m in models}
     out = {"device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
            "chunk": args.max_num_batched_tokens, "rounds": args.rounds,
-           "speedup": {n: {L: r["speedup"] for L, r in rs.items()} for n, rs in per_model.items()},
-           "flop_ratio": {n: {L: r["flop_ratio"] for L, r in rs.items()} for n, rs in per_model.items()},
+           "speedup": {n: {L: r["speedup"] for L, r in rs.items() if L.isdigit()} for n, rs in per_model.items()},
+           "flop_ratio": {n: {L: r["flop_ratio"] for L, r in rs.items() if L.isdigit()} for n, rs in per_model.items()},
            "models": per_model}
     print(json.dumps(out, indent=None if args.json else 2))
     return 0

@@ -97,10 +97,11 @@ class SpeculativeDecoder:
                 specs.append(SeqSpec([tok], seq.num_computed_tokens + i, d, seq.block_tables[: cfg.pools_for(d)]))
             batch = ForwardBatch.build(cfg, specs, runner.cache.block_size, runner.device)
             logits = runner.model.forward_step(batch, runner.cache)  # [len(live), V]; all at d chains: caller order
+            best = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
             for row, j in enumerate(live):
                 seq = entries[j][0]
                 if seq.params.greedy:
-                    drafts[j].tokens.append(int(logits[row].argmax()))
+                    drafts[j].tokens.append(best[row])
                     continue
                 q = processed_probs(logits[row : row + 1], [seq.params])[0]
                 q = q / q.sum()

@@ -1,4 +1,4 @@
-"""`colm bench engine` and `colm bench bandwidth` run end to end (tiny sizes) and print one JSON object."""
+"""Every `colm bench` benchmark runs end to end at tiny sizes and prints one JSON object."""
 
 from __future__ import annotations
 
@@ -29,3 +29,19 @@ def test_bench_bandwidth_reports_every_chain_count(capsys):
     assert [s["chains"] for s in r["steps"]] == [1, 2, 3, 4]
     bytes_ = [s["bytes"] for s in r["steps"]]
     assert bytes_ == sorted(bytes_) and all(s["step_ms"] > 0 for s in r["steps"])
+
+
+def test_bench_prefill_reports_speedup_and_flop_ratio_per_length(capsys):
+    r = run_json(capsys, "prefill", "--random-shape", "none", "--lengths", "16", "40", "--rounds", "1",
+                 "--max-num-batched-tokens", "16")
+    (model,) = r["speedup"]
+    assert set(r["speedup"][model]) == {"16", "40"} and all(v > 0 for v in r["speedup"][model].values())
+    assert all(v > 1 for v in r["flop_ratio"][model].values())  # chain 1 is always cheaper in FLOPs
+
+
+def test_bench_speculative_reports_speedup_and_acceptance_per_chain_count(capsys):
+    r = run_json(capsys, "speculative", "--output-len", "6", "--rounds", "1", "--gamma", "2")
+    assert len(r["speedup"]) == 2  # both default models (or random stand-ins)
+    for model, by_k in r["speedup"].items():
+        assert set(by_k) == {"2", "3", "4"} and all(v > 0 for v in by_k.values())
+        assert all(0 <= a <= 1 for a in r["acceptance"][model].values())

@@ -30,13 +30,14 @@ class APIKeyChecker:
             ok |= hmac.compare_digest(candidate, key)
         return ok
 
-    def check(self, request: Request) -> None:
-        """Raise Unauthorized (401) unless the request carries a valid key (or no keys are set)."""
+    def check(self, request: Request) -> str | None:
+        """The request's valid key (None when no keys are set); Unauthorized (401) otherwise."""
         if not self.enabled:
-            return
+            return None
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
         if not self.valid(token.strip()):
             raise Unauthorized("incorrect API key provided")
+        return token.strip()

@@ -75,6 +75,13 @@ class Overloaded(APIError):
         super().__init__(message, headers={"Retry-After": str(RETRY_AFTER_S)}, **kw)
 
 
+class SlowClient(APIError):
+    """A stream's client stopped reading and its buffer filled: the request was aborted (sent as the
+    stream's error chunk, if the client ever reads again; 499 as nginx logs a client gone)."""
+
+    status, type, code = 499, "timeout_error", "slow_client"
+
+
 class Unavailable(APIError):
     """Not ready yet, or draining for shutdown (503, Retry-After)."""
 
@@ -127,7 +134,8 @@ _HTTP_ERRORS = {404: ("not_found_error", "not_found"), 405: ("invalid_request_er
                 413: ("invalid_request_error", "request_too_large")}
 
 
-_REJECT_REASONS = {(400, "context_length_exceeded"): "too_long", 401: "unauthorized", 404: "not_found",
+_REJECT_REASONS = {(400, "context_length_exceeded"): "too_long", (429, "rate_limit_exceeded"): "rate_limited",
+                   (499, "slow_client"): "slow_client", 401: "unauthorized", 404: "not_found",
                    413: "body_too_large", 429: "queue_full", (503, "draining"): "draining", 503: "not_ready"}
 
 

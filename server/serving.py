@@ -183,10 +183,15 @@ class RequestRun:
         log.error("engine stream failed: %r", e)
         return InternalError(f"generation failed: {type(e).__name__}")
 
-    def _buffer(self, i: int, out: RequestOutput) -> bool:
+    async def _buffer(self, i: int, out: RequestOutput) -> bool:
         """Queue one output; False (and an error queued instead) once a client that does not read has
-        let max_stream_buffer outputs pile up: its request is then aborted, so memory stays bounded."""
-        if self._queue.qsize() < self.state.settings.max_stream_buffer:
+        left max_stream_buffer outputs waiting for slow_client_timeout seconds: its request is then
+        aborted, so the memory a stalled stream holds stays bounded."""
+        limit, loop = self.state.settings.max_stream_buffer, asyncio.get_running_loop()
+        deadline = loop.time() + self.state.settings.slow_client_timeout
+        while self._queue.qsize() >= limit and loop.time() < deadline and not self._overflowed:
+            await asyncio.sleep(0.05)  # polled only while full: a reading client empties it at once
+        if self._queue.qsize() < limit:
             self._queue.put_nowait((i, out))
             return True
         if not self._overflowed:
@@ -200,9 +205,9 @@ class RequestRun:
 
     async def _pump(self, i: int, it: AsyncIterator[RequestOutput], first: asyncio.Future) -> None:
         try:
-            if self._buffer(i, await first):
+            if await self._buffer(i, await first):
                 async for out in it:
-                    if not self._buffer(i, out):
+                    if not await self._buffer(i, out):
                         break
             await it.aclose()  # after an overflow: closing the engine stream aborts the request
         except Exception as e:  # an engine fault fails this request only

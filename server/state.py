@@ -15,6 +15,7 @@ from server.chat_template import ChatTemplate
 from server.degradation import DegradationPolicy
 from server.errors import ContextTooLong, InvalidRequest, Unavailable
 from server.metrics import ServerMetrics
+from server.ratelimit import RateLimiter, RateLimits, current_api_key
 from server.routing import ChainChoice, ChainRouter, LatencyPredictor, RouteHints
 from server.settings import ServerSettings
 
@@ -42,6 +43,7 @@ class ServerState:
         self.cfg, self.tokenizer = engine.config, engine.tokenizer
         self.base_name = router.base_name
         self.auth = APIKeyChecker(settings.all_api_keys)
+        self.limiter = RateLimiter(RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm))
         self.queue_time = QueueTimeAverage()
         self.ready = False
         self.draining = False
@@ -129,6 +131,7 @@ class ServerState:
         predictor = self.predictor(stats)
         choice = self.router.route(hints, predictor, prompt_tokens, max_tokens)
         choice = self.policy.apply(choice, stats, predictor, prompt_tokens, max_tokens)
+        self.limiter.charge(current_api_key.get(), prompt_tokens + max_tokens)
         for why in choice.degrade_reasons:
             self.metrics.downgrades.labels(why).inc()
         self.metrics.routed.labels(choice.reason, str(choice.chains)).inc()

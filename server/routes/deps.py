@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.errors import Unavailable
+from server.ratelimit import current_api_key
 from server.schemas import ErrorResponse
 from server.state import ServerState
 
@@ -21,9 +22,10 @@ def get_state(request: Request) -> ServerState:
 State = Annotated[ServerState, Depends(get_state)]
 
 
-def require_api_key(request: Request, state: State) -> None:
-    """401 unless the request carries a configured key (no keys configured: open)."""
-    state.auth.check(request)
+async def require_api_key(request: Request, state: State) -> None:
+    """401 unless the request carries a configured key (no keys configured: open). Async so that the
+    key it sets for the per-key rate limits stays in the context the endpoint runs in."""
+    current_api_key.set(state.auth.check(request))
 
 
 APIKey = Depends(require_api_key)
@@ -34,6 +36,6 @@ ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": what} for code,
     401: "missing or wrong API key",
     404: "unknown model",
     413: "request body too large",
-    429: "waiting queue full (Retry-After)",
+    429: "waiting queue full, or a per-key rate limit reached (Retry-After)",
     503: "not ready, or draining for shutdown (Retry-After)",
 }.items()}

@@ -112,8 +112,11 @@ def test_dead_engine_fails_requests_instead_of_hanging(model_dir):
 
     app = create_app(ServerSettings(model=model_dir, access_log=False))
     with TestClient(app) as client:
+        class Fatal(BaseException):
+            """Not an Exception: per-request isolation does not catch it, so the loop dies."""
+
         def broken(request):
-            raise RuntimeError("injected fault")
+            raise Fatal("injected fault")
 
         app.state.colm.engine.engine.add_request = broken  # the engine thread dies on the next request
         start = time.monotonic()

@@ -74,6 +74,31 @@ def test_greedy_speculative_equals_greedy_plain_alone_and_in_mixed_batches(kv_sh
         assert alone[rid][0].token_ids == plain[rid][0].token_ids
 
 
+@pytest.mark.parametrize("kv_sharing, draft_chains", [(False, 1), (True, 1), (False, 2), (True, 2)])
+def test_drafts_are_the_draft_chain_models_own_greedy_continuation(kv_sharing, draft_chains):
+    """The draft reads the KV the request's k chains wrote (pool 0 / the shared pool) and writes its own:
+    its tokens must equal a full causal forward of the draft_chains model from the same context."""
+    model = diverse_model(kv_sharing=kv_sharing)
+    eng = make_engine(model, num_speculative_tokens=4, speculative_draft_chains=draft_chains)
+    real, checked = eng.spec.propose, []
+
+    def propose(runner, entries):
+        contexts = [list(seq.token_ids) for seq, _ in entries]
+        drafts = real(runner, entries)
+        for ids, draft, (_, gamma) in zip(contexts, drafts, entries):
+            ref = list(ids)
+            for _ in range(gamma):
+                with torch.no_grad():
+                    h = model(torch.tensor([ref]), chains=draft_chains)
+                ref.append(int(model.logits(h, draft_chains)[0, -1].argmax()))
+            checked.append(ref[len(ids):] == draft.tokens)
+        return drafts
+
+    eng.spec.propose = propose
+    eng.generate([req(prompt(9, seed=s), chains=4, max_tokens=20, rid=f"r{s}") for s in range(3)])
+    assert len(checked) >= 3 and all(checked)
+
+
 def test_gamma_follows_the_acceptance_rate():
     assert best_gamma(0.999, 6, 0.25) == 6  # drafts always accepted: draft as far as allowed
     assert best_gamma(0.05, 6, 0.25) == 1  # almost never: the smallest lookahead

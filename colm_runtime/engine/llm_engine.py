@@ -197,7 +197,9 @@ class LLMEngine:
         spec = [(i, seq, n - 1) for i, (seq, n) in enumerate(so.scheduled)
                 if seq.num_uncomputed == 1 and n > 1 and seq.chains > self.spec.draft_chains]
         self.runner.copy_blocks(so)
+        t_draft = time.perf_counter()
         drafts = self.spec.propose(self.runner, [(seq, g) for _, seq, g in spec]) if spec else []
+        t_draft = time.perf_counter() - t_draft
         logits, verify = self.runner.forward(so, {i: d for (i, _, _), d in zip(spec, drafts)})
         rows, seqs = [], []
         now = time.monotonic()
@@ -229,6 +231,8 @@ class LLMEngine:
         for seq, e in failed.values():
             outputs.extend(self.fail_request(seq.request, e, seq))
         seconds = time.perf_counter() - t0
+        if spec:
+            self.spec.observe(t_draft, max(g for _, _, g in spec), seconds - t_draft)
         self.metrics.record(so, seconds)
         self.switcher.observe(seconds, so.num_tokens - so.num_lookahead == len(so.scheduled))
         return outputs

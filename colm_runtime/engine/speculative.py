@@ -16,8 +16,10 @@ d-chain model that shares the request's weights and (CoLM-Air) its KV cache. Eac
 
 Gamma adapts per sequence: an exponential moving average of the acceptance rate alpha picks the gamma
 that maximises the expected tokens per verify, (1 - alpha^(gamma+1)) / (1 - alpha), per unit of cost
-1 + gamma * d / k (a draft step costs about d/k of a target step in FLOPs). When alpha falls below
-d / k even gamma 1 loses, so the sequence decodes plainly and re-probes every PROBE_EVERY tokens.
+1 + gamma * c, where c is the measured time of a draft forward over that of a verify step (moving
+averages; before the first measurement the FLOP ratio d / k). On a CPU or at tiny sizes per-step
+overhead makes c much larger than d / k. When alpha falls below c even gamma 1 loses, so the sequence
+decodes plainly and re-probes every PROBE_EVERY tokens.
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class SpeculativeDecoder:
         self.max_gamma, self.draft_chains, self.model_len = max_gamma, draft_chains, model_len
         self.proposed_total = 0
         self.accepted_total = 0
+        self.draft_s: float | None = None  # moving average: seconds per draft forward
+        self.verify_s: float | None = None  # moving average: seconds of a step with verification, drafts excluded
 
     # ---- plan ---------------------------------------------------------------------------------------
     def lookahead(self, seq: Sequence, next_switch: int | None) -> int:
@@ -76,10 +80,22 @@ class SpeculativeDecoder:
         if next_switch is not None:
             room = min(room, next_switch - done - 1)
         alpha = ALPHA_PRIOR if seq.spec_alpha is None else seq.spec_alpha
-        cost = self.draft_chains / seq.chains
+        cost = self.cost_ratio(seq.chains)
         if alpha < cost and done % PROBE_EVERY:
             return 0  # even gamma 1 loses ((1 + alpha) / (1 + cost) < 1): decode plainly, probe now and then
         return max(0, min(room, best_gamma(alpha, self.max_gamma, cost)))
+
+    def cost_ratio(self, chains: int) -> float:
+        """A draft forward's cost in verify steps: measured when possible, else the FLOP ratio."""
+        if self.draft_s is None or not self.verify_s:
+            return self.draft_chains / chains
+        return self.draft_s / self.verify_s
+
+    def observe(self, draft_seconds: float, draft_steps: int, verify_seconds: float) -> None:
+        """Feed one step's timing: its draft forwards and the rest of the step."""
+        for name, value in (("draft_s", draft_seconds / draft_steps), ("verify_s", verify_seconds)):
+            old = getattr(self, name)
+            setattr(self, name, value if old is None else old + ALPHA_EMA * (value - old))
 
     # ---- draft --------------------------------------------------------------------------------------
     @torch.inference_mode()

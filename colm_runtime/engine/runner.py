@@ -67,6 +67,7 @@ class ModelRunner:
                 specs.append(SeqSpec(ids, start, seq.chains, tables, num_logits=len(ids)))
                 pick.append(len(specs) - 1)
                 continue
+            n = min(n, seq.num_uncomputed)  # a lookahead whose draft was dropped (shrunk to the draft's chains)
             ids = seq.token_ids[start : start + n]
             if self.air_prefill and seq.chains > 1 and n > 1:
                 last = start + n == seq.num_tokens

@@ -189,3 +189,27 @@ def test_speculative_sampling_in_the_engine_follows_the_target(kv_sharing, monke
     monkeypatch.setattr(speculative, "accept_sampled", accept_all)
     stat, df = chi2(second_tokens(), exact, n)
     assert stat > 3 * chi2_critical(df), "a broken rule must fail the same test clearly"
+
+
+@pytest.mark.parametrize("kv_sharing", [False, True])
+def test_speculation_under_memory_pressure_stays_exact(kv_sharing):
+    """A KV cache too small for the batch: sequences are shrunk (plain CoLM) and preempted while they
+    speculate; greedy tokens still equal plain decoding at the chain counts each token ran at."""
+    from tests.engine._helpers import kv_bytes
+
+    model = diverse_model(kv_sharing=kv_sharing)
+    reqs = lambda: [req(prompt(10, seed=i), chains=4, min_chains=2 if i % 2 else None, max_tokens=24,  # noqa: E731
+                        rid=f"p{i}") for i in range(5)]
+    eng = make_engine(model, num_speculative_tokens=3, kv_cache_memory=kv_bytes(model.cfg, 24))
+    got = eng.generate(reqs())
+    st = eng.stats()
+    assert st.preemptions_total + st.shrinks_total > 0, "the cache was not under pressure"
+    assert st.spec_proposed_total > 0
+    for r in reqs():
+        c = got[r.request_id][0]
+        ids = list(r.prompt_token_ids)
+        for tok, k in zip(c.token_ids, c.chains):
+            with torch.no_grad():
+                assert int(model.logits(model(torch.tensor([ids]), chains=k), k)[0, -1].argmax()) == tok
+            ids.append(tok)
+    assert_all_free(eng)

@@ -99,6 +99,23 @@ def test_drafts_are_the_draft_chain_models_own_greedy_continuation(kv_sharing, d
     assert len(checked) >= 3 and all(checked)
 
 
+def test_plain_colm_drafts_write_pool_zero_only():
+    """A 1-chain draft of a plain-CoLM request touches no upper pool: its KV memory is pool 0's."""
+    eng = make_engine(diverse_model(), num_speculative_tokens=3)
+    real, seen = eng.spec.propose, []
+
+    def propose(runner, entries):
+        before = [(k.clone(), v.clone()) for k, v in zip(runner.cache.k, runner.cache.v)]
+        drafts = real(runner, entries)
+        seen.append([not (torch.equal(k, b[0]) and torch.equal(v, b[1]))
+                     for (k, v), b in zip(zip(runner.cache.k, runner.cache.v), before)])
+        return drafts
+
+    eng.spec.propose = propose
+    eng.generate([req(prompt(7), chains=4, max_tokens=12, rid="a")])
+    assert seen and all(changed == [True, False, False, False] for changed in seen)
+
+
 def test_gamma_follows_the_acceptance_rate():
     assert best_gamma(0.999, 6, 0.25) == 6  # drafts always accepted: draft as far as allowed
     assert best_gamma(0.05, 6, 0.25) == 1  # almost never: the smallest lookahead

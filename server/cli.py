@@ -29,10 +29,8 @@ _FLAGS = {
     "--max-num-batched-tokens": ("max_num_batched_tokens", int, "tokens per engine step (default 512)"),
     "--max-body-bytes": ("max_body_bytes", str, "request body limit (default 1MiB)"),
     "--max-prompt-tokens": ("max_prompt_tokens", int, "prompt tokens at most (default: the context)"),
-    "--max-stream-buffer": ("max_stream_buffer", int, "stream chunks held for a client that does not read "
-                            "before its request is aborted (default 256)"),
-    "--slow-client-timeout": ("slow_client_timeout", float, "seconds a full stream buffer waits for its "
-                              "client before the request is aborted (default 5)"),
+    "--max-stream-buffer": ("max_stream_buffer", int, "stream outputs held for a client that does not read "
+                            "before its request is aborted (default 1024)"),
     "--rate-limit-rpm": ("rate_limit_rpm", int, "requests per minute per API key (default: unlimited)"),
     "--rate-limit-tpm": ("rate_limit_tpm", int, "prompt + max_tokens per minute per API key (default: unlimited)"),
     "--max-model-len": ("max_model_len", int, "prompt + output tokens at most (default: the model's)"),

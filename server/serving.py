@@ -127,8 +127,10 @@ class RequestRun:
 
     def __init__(self, state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams,
                  choice: ChainChoice, arrival: float, chain_schedule: tuple | None = None,
-                 speculative: bool | None = None):
+                 speculative: bool | None = None, stream: bool = False):
         self.state, self.choice, self.arrival = state, choice, arrival
+        # A stream's outputs wait for a network client: bounded. A collected answer is read in-process.
+        self.buffer_limit = state.settings.max_stream_buffer if stream else None
         floor = choice.chains if choice.pinned else 1
         if chain_schedule:
             floor = min(c for _, c in chain_schedule)
@@ -183,15 +185,12 @@ class RequestRun:
         log.error("engine stream failed: %r", e)
         return InternalError(f"generation failed: {type(e).__name__}")
 
-    async def _buffer(self, i: int, out: RequestOutput) -> bool:
-        """Queue one output; False (and an error queued instead) once a client that does not read has
-        left max_stream_buffer outputs waiting for slow_client_timeout seconds: its request is then
-        aborted, so the memory a stalled stream holds stays bounded."""
-        limit, loop = self.state.settings.max_stream_buffer, asyncio.get_running_loop()
-        deadline = loop.time() + self.state.settings.slow_client_timeout
-        while self._queue.qsize() >= limit and loop.time() < deadline and not self._overflowed:
-            await asyncio.sleep(0.05)  # polled only while full: a reading client empties it at once
-        if self._queue.qsize() < limit:
+    def _buffer(self, i: int, out: RequestOutput) -> bool:
+        """Queue one output; False (and an error queued instead) once a stream's client has left
+        max_stream_buffer outputs unread (the socket and uvicorn's write buffer are full, so the response
+        loop is blocked): its request is then aborted, so a stalled stream holds bounded memory. A client
+        that reads keeps this queue near empty (one step adds at most n x (1 + speculative tokens))."""
+        if self.buffer_limit is None or self._queue.qsize() < self.buffer_limit:
             self._queue.put_nowait((i, out))
             return True
         if not self._overflowed:
@@ -205,9 +204,9 @@ class RequestRun:
 
     async def _pump(self, i: int, it: AsyncIterator[RequestOutput], first: asyncio.Future) -> None:
         try:
-            if await self._buffer(i, await first):
+            if self._buffer(i, await first):
                 async for out in it:
-                    if not await self._buffer(i, out):
+                    if not self._buffer(i, out):
                         break
             await it.aclose()  # after an overflow: closing the engine stream aborts the request
         except Exception as e:  # an engine fault fails this request only

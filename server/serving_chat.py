@@ -62,7 +62,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
     choice = state.admit(route_hints(req, raw.headers), len(ids), max_tokens)
     request_id = new_id("chatcmpl")
-    run = RequestRun(state, request_id, [ids], params, choice, arrival, **engine_extras(req))
+    run = RequestRun(state, request_id, [ids], params, choice, arrival, stream=req.stream, **engine_extras(req))
     await run.start()
     headers = colm_headers(request_id, choice)
     if req.stream:

@@ -79,7 +79,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     params = sampling_params(req, max_tokens, req.logprobs)
     choice = state.admit(route_hints(req, raw.headers), longest, max_tokens)
     request_id = new_id("cmpl")
-    run = RequestRun(state, request_id, ids, params, choice, arrival, **engine_extras(req))
+    run = RequestRun(state, request_id, ids, params, choice, arrival, stream=req.stream, **engine_extras(req))
     await run.start()
     echo = [(t if t is not None else state.tokenizer.decode(p)) if req.echo else "" for p, t in zip(ids, texts)]
     headers = colm_headers(request_id, choice)

@@ -58,10 +58,8 @@ class ServerSettings(BaseSettings):
     max_num_batched_tokens: int = Field(512, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_prompt_tokens: int | None = Field(None, ge=1)
-    max_stream_buffer: int = Field(256, ge=1, description="stream chunks held for a client that is not "
+    max_stream_buffer: int = Field(1024, ge=1, description="stream outputs held for a client that is not "
                                    "reading; past that its request is aborted (bounded memory)")
-    slow_client_timeout: float = Field(5.0, gt=0, description="seconds a full stream buffer may wait for "
-                                       "its client before the request is aborted")
     # Per-API-key rate limits (only with API keys): requests and tokens (prompt + max_tokens) a minute.
     rate_limit_rpm: int | None = Field(None, ge=1)
     rate_limit_tpm: int | None = Field(None, ge=1)

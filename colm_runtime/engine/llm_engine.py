@@ -189,6 +189,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step and model forward; returns the updates it produced."""
         outputs = self.take_pending()
+        n_pending = len(outputs)
         t0 = time.perf_counter()
         self._plan()
         so = self.scheduler.schedule()
@@ -231,10 +232,12 @@ class LLMEngine:
         for seq, e in failed.values():
             outputs.extend(self.fail_request(seq.request, e, seq))
         seconds = time.perf_counter() - t0
+        decode_only = so.num_tokens - so.num_lookahead == len(so.scheduled)
         if spec:
             self.spec.observe(t_draft, max(g for _, _, g in spec), seconds - t_draft)
+        self.spec.observe_step(seconds, len(outputs) - n_pending, bool(spec), decode_only)
         self.metrics.record(so, seconds)
-        self.switcher.observe(seconds, so.num_tokens - so.num_lookahead == len(so.scheduled))
+        self.switcher.observe(seconds, decode_only)
         return outputs
 
     def _plan(self) -> None:

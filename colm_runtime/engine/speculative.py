@@ -20,6 +20,11 @@ that maximises the expected tokens per verify, (1 - alpha^(gamma+1)) / (1 - alph
 averages; before the first measurement the FLOP ratio d / k). On a CPU or at tiny sizes per-step
 overhead makes c much larger than d / k. When alpha falls below c even gamma 1 loses, so the sequence
 decodes plainly and re-probes every PROBE_EVERY tokens.
+
+A throughput gate on top: the seconds per generated token of decode-only steps with and without
+speculation are tracked as moving averages, and while speculating is the slower of the two at the
+current load (large batches: verifying gamma + 1 tokens per sequence costs more than the drafts save)
+nobody speculates. Every PROBE_EVERY steps one step speculates and one does not, so both stay measured.
 """
 
 from __future__ import annotations
@@ -66,6 +71,9 @@ class SpeculativeDecoder:
         self.max_gamma, self.draft_chains, self.model_len = max_gamma, draft_chains, model_len
         self.proposed_total = 0
         self.accepted_total = 0
+        self.throughput_gate = True
+        self.tok_s: dict[bool, float | None] = {True: None, False: None}  # s/token, with / without drafts
+        self._steps = 0
         self.draft_s: float | None = None  # moving average: seconds per draft forward
         self.verify_s: float | None = None  # moving average: seconds of a step with verification, drafts excluded
 
@@ -73,7 +81,7 @@ class SpeculativeDecoder:
     def lookahead(self, seq: Sequence, next_switch: int | None) -> int:
         """Tokens seq drafts this step (0: a plain decode). Never past max_tokens, the context, or the
         next change of its chain schedule (next_switch: generated tokens at which it changes)."""
-        if not self.max_gamma or not eligible(seq, self.draft_chains):
+        if not self.max_gamma or not self.paying or not eligible(seq, self.draft_chains):
             return 0
         done = len(seq.token_ids) - seq.num_prompt_tokens
         room = min(seq.params.max_tokens - done, self.model_len - seq.num_tokens) - 1
@@ -84,6 +92,24 @@ class SpeculativeDecoder:
         if alpha < cost and done % PROBE_EVERY:
             return 0  # even gamma 1 loses ((1 + alpha) / (1 + cost) < 1): decode plainly, probe now and then
         return max(0, min(room, best_gamma(alpha, self.max_gamma, cost)))
+
+    @property
+    def paying(self) -> bool:
+        """Whether this step may speculate (the throughput gate; probes both ways now and then)."""
+        phase = self._steps % PROBE_EVERY
+        if not self.throughput_gate or phase == 0:
+            return True
+        if phase == PROBE_EVERY // 2:
+            return False
+        s, p = self.tok_s[True], self.tok_s[False]
+        return s is None or p is None or s <= p
+
+    def observe_step(self, seconds: float, tokens: int, speculated: bool, decode_only: bool) -> None:
+        """Feed one step: its seconds per generated token (decode-only steps) for the gate."""
+        self._steps += 1
+        if decode_only and tokens:
+            old, value = self.tok_s[speculated], seconds / tokens
+            self.tok_s[speculated] = value if old is None else old + ALPHA_EMA * (value - old)
 
     def cost_ratio(self, chains: int) -> float:
         """A draft forward's cost in verify steps: measured when possible, else the FLOP ratio."""

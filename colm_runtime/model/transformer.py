@@ -150,8 +150,9 @@ class CoLMModel(nn.Module):
 
     @torch.inference_mode()
     def forward_step(self, batch: ForwardBatch, cache: ChainKVCache, all_logits: bool = False) -> torch.Tensor:
-        """One engine step. Returns fp32 logits [B, vocab] for each sorted sequence's last token
-        (or [T, vocab] for every row when all_logits)."""
+        """One engine step. Returns fp32 logits [sum(num_logits), vocab]: each sorted sequence's last
+        num_logits rows (one per sequence unless it verifies speculative drafts), or [T, vocab] for
+        every row when all_logits."""
         k, rows = batch.chains, batch.rows
         cos, sin = (t.index_select(0, batch.positions) for t in self.rope(batch.input_ids.device))
         # Columns of chains a row does not use hold embedding values that no chain layer reads.

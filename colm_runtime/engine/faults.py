@@ -1,7 +1,8 @@
 """Fault injection for reliability tests: make one marked request raise inside the engine.
 
 Off unless the process was started with COLM_FAULT_INJECT="<stage>:<marker>" in its environment
-(stage: `add` raises while the request is added, `step` while its first generated token is processed).
+(stage: `add` raises while the request is added, `step` while its first generated token is processed,
+`forward` in the batched forward of a step that schedules it: that fails the batch's requests).
 A request is marked when its prompt's text contains the marker. Nothing in a request can switch the
 hook on: the setting is read once, from the environment, when the engine is built.
 """
@@ -12,7 +13,7 @@ import os
 from dataclasses import dataclass
 
 ENV = "COLM_FAULT_INJECT"
-STAGES = ("add", "step")
+STAGES = ("add", "step", "forward")
 
 
 class InjectedFault(RuntimeError):
@@ -33,7 +34,7 @@ class FaultInjector:
             return cls()
         stage, _, marker = spec.partition(":")
         if stage not in STAGES or not marker:
-            raise ValueError(f"{ENV} must be '<add|step>:<marker>', got {spec!r}")
+            raise ValueError(f"{ENV} must be '<add|step|forward>:<marker>', got {spec!r}")
         return cls(stage, marker)
 
     @property

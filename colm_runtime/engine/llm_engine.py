@@ -195,13 +195,18 @@ class LLMEngine:
         so = self.scheduler.schedule()
         if so.empty:
             return outputs
-        spec = [(i, seq, n - 1) for i, (seq, n) in enumerate(so.scheduled)
-                if seq.num_uncomputed == 1 and n > 1 and seq.chains > self.spec.draft_chains]
-        self.runner.copy_blocks(so)
-        t_draft = time.perf_counter()
-        drafts = self.spec.propose(self.runner, [(seq, g) for _, seq, g in spec]) if spec else []
-        t_draft = time.perf_counter() - t_draft
-        logits, verify = self.runner.forward(so, {i: d for (i, _, _), d in zip(spec, drafts)})
+        try:  # the batched part: a fault here concerns the requests of this batch, and only those
+            self.faults.check("forward", any(s.request.request_id in self._marked for s, _ in so.scheduled))
+            spec = [(i, seq, n - 1) for i, (seq, n) in enumerate(so.scheduled)
+                    if seq.num_uncomputed == 1 and n > 1 and seq.chains > self.spec.draft_chains]
+            self.runner.copy_blocks(so)
+            t_draft = time.perf_counter()
+            drafts = self.spec.propose(self.runner, [(seq, g) for _, seq, g in spec]) if spec else []
+            t_draft = time.perf_counter() - t_draft
+            logits, verify = self.runner.forward(so, {i: d for (i, _, _), d in zip(spec, drafts)})
+        except Exception as e:
+            batch = {seq.request.request_id: seq.request for seq, _ in so.scheduled}
+            return outputs + [o for r in batch.values() for o in self.fail_request(r, e)]
         rows, seqs = [], []
         now = time.monotonic()
         for i, (seq, n) in enumerate(so.scheduled):
@@ -215,8 +220,12 @@ class LLMEngine:
                     rows.append(i)
                     seqs.append(s)
         failed: dict[str, tuple[Sequence, Exception]] = {}  # one request's fault fails that request only
+        try:
+            samples = self.runner.sample(logits, rows, seqs) if seqs else None
+        except Exception as e:  # batched sampling: its rows' requests fail, the verified ones go on
+            failed.update({s.request.request_id: (s, e) for s in seqs})
+            seqs = []
         if seqs:
-            samples = self.runner.sample(logits, rows, seqs)
             for j, seq in enumerate(seqs):
                 if seq.request.request_id not in failed:
                     try:

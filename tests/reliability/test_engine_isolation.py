@@ -38,7 +38,7 @@ def test_hook_is_off_by_default(plain_model_dir, monkeypatch):
 
 
 def test_bad_setting_is_refused(monkeypatch):
-    monkeypatch.setenv(ENV, "forward:x")
+    monkeypatch.setenv(ENV, "backward:x")
     with pytest.raises(ValueError, match=ENV):
         FaultInjector.from_env()
 
@@ -64,3 +64,18 @@ def test_add_fault_fails_one_request(plain_model_dir, monkeypatch):
     done = engine.generate([r for r in reqs if r.request_id != "bad"])
     assert all(c.finish_reason == "length" for cs in done.values() for c in cs)
     assert engine.blocks.num_free == engine.blocks.num_total
+
+
+def test_forward_fault_fails_its_batch_only(plain_model_dir, monkeypatch):
+    """A fault in the batched forward cannot be pinned on one request: the requests of that batch fail,
+    the others go on. With one sequence a step (max_num_seqs=1) that is the faulty request alone."""
+    monkeypatch.setenv(ENV, f"forward:{MARKER}")
+    engine = LLMEngine.from_model_dir(plain_model_dir, EngineConfig(kv_cache_memory=4 << 20, cpu_threads=1,
+                                                                    max_num_seqs=1))
+    reqs = _requests(engine, n=1)
+    done = engine.generate(reqs)
+    assert [c.finish_reason for c in done["bad"]] == ["error"]
+    ref = _engine(plain_model_dir, monkeypatch, None).generate([r for r in reqs if r.request_id != "bad"])
+    for rid, completions in ref.items():
+        assert [c.token_ids for c in done[rid]] == [c.token_ids for c in completions]
+    assert not engine.has_unfinished and engine.blocks.num_free == engine.blocks.num_total

@@ -12,7 +12,13 @@ from server.serving_completions import create_completion
 
 router = APIRouter(prefix="/v1", dependencies=[APIKey], tags=["generation"], responses=ERROR_RESPONSES)
 
-_STREAM = {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+# One server-sent event (OpenAPI 3.2's itemSchema for text/event-stream): `data` is a JSON chunk, an
+# error object, or the final [DONE].
+_SSE_EVENT = {"type": "object", "required": ["data"], "properties": {
+    "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"},
+    "data": {"type": "string", "description": "a chunk object (JSON), {\"error\": ...}, or [DONE]"}}}
+_STREAM = {"content": {"text/event-stream": {"schema": {"type": "array", "items": _SSE_EVENT},
+                                             "itemSchema": _SSE_EVENT}},
            "description": "JSON, or server-sent events when stream is true"}
 
 

@@ -81,6 +81,18 @@ def test_openapi_fuzz(fuzz_server, fuzz_model):
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             _fuzz(op, mode, fuzz_model)
+        if op.method.upper() == "POST":  # the success paths, streamed and not, always checked
+            first = {"prompt": "fuzz"} if op.path.endswith("/completions") and "chat" not in op.path else {
+                "messages": [{"role": "user", "content": "fuzz"}]}
+            for stream in (False, True):
+                case = op.Case(body={"model": fuzz_model, **first, "max_tokens": 4, "stream": stream,
+                                     "n": 2, "logprobs": 2 if "chat" not in op.path else True},
+                               media_type="application/json")
+                response = case.call(timeout=60)
+                assert response.status_code == 200, response.text
+                case.validate_response(response, checks=CHECKS)
+                seen["requests"] += 1
+                seen["ok"] += 1
     seen["operations"] = len(operations)
 
 

@@ -32,6 +32,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command line of `python -m loadtests`."""
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (loopback unless --allow-remote)")
     p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS))
     p.add_argument("--out", type=Path, required=True, help="directory for summary.json, summary.md, plots")
@@ -55,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "e.g. 0.5,1,2 (default 2)")
     p.add_argument("--budget-ms", type=float, default=None, help="latency budget (default: 2x calibrated p50)")
     p.add_argument("--duration", type=float, default=None, help="seconds of sending per phase")
-    p.add_argument("--max-requests", type=int, default=5000, help="requests per phase at most")
+    p.add_argument("--max-requests", type=int, default=None, help="requests per phase at most (default "
+                   "5000; soak: enough for its duration)")
     p.add_argument("--cancel-share", type=float, default=0.3, help="cancel: share of clients that disconnect")
     p.add_argument("--calib-users", type=int, default=64, help="closed-loop clients of the calibration "
                    "(default 64: the server's default --max-num-seqs)")
@@ -70,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options(args: argparse.Namespace) -> RunOptions:
+    """RunOptions from the parsed command line."""
     return RunOptions(prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, seed=args.seed,
                       endpoint=args.endpoint, prompt_format=args.prompt_format, duration_s=args.duration,
                       rate=args.rate, capacity_rps=args.capacity, max_requests=args.max_requests,
@@ -95,6 +98,7 @@ def build_summary(scenario: str, target, opts: RunOptions, result, started_at: s
 
 
 def run(args: argparse.Namespace) -> int:
+    """Check the target, run the scenario, write summary.json, summary.md and the plots; exit status."""
     try:
         url = check_loopback(args.url, args.allow_remote)
         target = discover(url, args.model, os.environ.get(args.api_key_env) or None)
@@ -122,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m loadtests`."""
     parser = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__.splitlines()[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))

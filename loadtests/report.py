@@ -59,6 +59,7 @@ def _comparison(comp: dict) -> list[str]:
 
 
 def write_markdown(summary: dict, path: Path) -> None:
+    """summary.md: the run's outcome, calibration, phase table, comparison, per-chain latencies, checks."""
     s = summary
     lines = [f"# Load test: {s['scenario']}", "",
              f"Target {s['target']['url']} (model {s['target']['model']}, {s['target']['n_chains']} chains); "

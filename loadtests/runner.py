@@ -53,6 +53,7 @@ def _record(plan: RequestPlan) -> RequestRecord:
 
 
 def new_client(spec: LoadSpec, connections: int, headers: dict[str, str]) -> httpx.AsyncClient:
+    """One connection per concurrent request: a queued connection would add client-side latency."""
     timeout = httpx.Timeout(spec.request_timeout_s, connect=10.0)
     limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     return httpx.AsyncClient(timeout=timeout, limits=limits, headers=headers)

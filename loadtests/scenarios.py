@@ -33,7 +33,7 @@ class RunOptions:
     duration_s: float | None = None
     rate: float | None = None
     capacity_rps: float | None = None
-    max_requests: int = 5000
+    max_requests: int | None = None  # None: 5000, or what the soak's rate x duration needs
     load_factors: tuple[float, ...] = (2.0,)
     budget_ms: float | None = None
     mix: tuple[Selection, ...] | None = None
@@ -74,7 +74,7 @@ def base_spec(opts: RunOptions, **kw) -> LoadSpec:
     """A phase with the run's lengths (or the defaults), seed, endpoint and bounds; kw overrides."""
     common = dict(prompt_tokens=opts.prompt_tokens or PROMPT_TOKENS,
                   output_tokens=opts.output_tokens or OUTPUT_TOKENS, seed=opts.seed,
-                  endpoint=opts.endpoint, prompt_format=opts.prompt_format, max_requests=opts.max_requests,
+                  endpoint=opts.endpoint, prompt_format=opts.prompt_format, max_requests=opts.max_requests or 5000,
                   drain_timeout_s=opts.drain_timeout_s)
     return LoadSpec(**(common | kw))
 
@@ -93,6 +93,7 @@ async def phase(result: ScenarioResult, name: str, target: Target, spec: LoadSpe
 
 
 async def settle(result: ScenarioResult, target: Target, opts: RunOptions, when: str) -> ServerSnapshot | None:
+    """Wait for the server to be idle and keep its /metrics snapshot in the result."""
     snap = await wait_idle(target, opts.idle_timeout_s)
     result.server.setdefault("snapshots", []).append({"when": when, **(snap.to_dict() if snap else {})})
     return snap
@@ -145,6 +146,7 @@ def mixed_selection(target: Target, budget_ms: float) -> tuple[Selection, ...]:
 
 
 async def check_blocks(result: ScenarioResult, target: Target, opts: RunOptions) -> None:
+    """Once idle, every KV block of every pool is free again."""
     snap = await settle(result, target, opts, "final")
     if snap is None or snap.leaked_blocks is None:
         result.check("no_leaked_blocks", False, reason="the server exports no colm_kv_cache_*_blocks metrics")
@@ -160,6 +162,7 @@ def check_clean(result: ScenarioResult) -> None:
 
 
 async def steady(target: Target, opts: RunOptions) -> ScenarioResult:
+    """Half the full-chain capacity (or --rate), every kind of chain selection, for 60 s."""
     result = ScenarioResult()
     rate = opts.rate or 0.5 * await calibrate(result, target, opts)
     mix = opts.mix or mixed_selection(target, auto_budget(result, opts))
@@ -222,8 +225,9 @@ async def soak(target: Target, opts: RunOptions) -> ScenarioResult:
     pid, samples = opts.server_pid, []
     before = rss_bytes(pid) if pid else None
     sampler = asyncio.create_task(_sample_rss(pid, samples, time.monotonic())) if pid else None
-    spec = base_spec(opts, arrival="poisson", rate=rate, duration_s=opts.duration_s or 300.0, mix=mix,
-                     cancel_share=0.1)
+    duration = opts.duration_s or 300.0
+    spec = base_spec(opts, arrival="poisson", rate=rate, duration_s=duration, mix=mix, cancel_share=0.1,
+                     max_requests=opts.max_requests or int(1.5 * rate * duration) + 10)  # time is the bound
     await phase(result, "soak", target, spec, opts, mode="mixed")
     if sampler:
         sampler.cancel()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from colm_runtime.engine.config import EngineConfig
 from colm_runtime.engine.llm_engine import LLMEngine
-from colm_runtime.engine.types import (EngineClient, EngineError, EngineRequest, EngineStats, EngineStopped,
-                                       InvalidRequest, RequestOutput)
+from colm_runtime.engine.types import (EngineClient, EngineError, EngineOverloaded, EngineRequest, EngineStats,
+                                       EngineStopped, InvalidRequest, RequestOutput)
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,12 @@ class AsyncEngine(EngineClient):
         with self._lock:
             if rid in self._streams:
                 raise InvalidRequest(f"request id {rid!r} is already in flight")
+            # The queue bound, checked here in the caller as well as in the engine thread: the caller
+            # then learns of a full queue before the request streams (a 429, not a 200 whose stream
+            # fails). Adds not yet taken by the thread count as waiting.
+            queued = self._stats.waiting + sum(1 for c in self._commands if c[0] == "add")
+            if queued >= self.engine.config.max_waiting:
+                raise EngineOverloaded(f"{queued} requests are waiting; retry later")
             self._streams[rid] = stream
             self._commands.append(("add", request))
         self._wake.set()

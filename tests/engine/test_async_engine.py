@@ -8,7 +8,7 @@ import random
 import pytest
 
 from colm_runtime.engine.async_engine import AsyncEngine
-from colm_runtime.engine.types import EngineStopped, RequestTooLong
+from colm_runtime.engine.types import EngineOverloaded, EngineStopped, RequestTooLong
 from tests.engine._helpers import diverse_model, make_engine, prompt, req
 
 
@@ -85,6 +85,20 @@ async def test_admission_errors_are_raised_before_any_output(engine):
         await collect(engine, req(prompt(10), max_tokens=10_000))
     with pytest.raises(ValueError):
         await collect(engine, req(prompt(10), chains=9))
+
+
+async def test_a_full_queue_is_refused_before_any_output():
+    """Past max_waiting, generate() raises EngineOverloaded at once, in the caller, without waiting for
+    the engine thread: so the server answers 429 instead of starting a stream that then fails."""
+    eng = AsyncEngine(make_engine(diverse_model(), max_waiting=0))  # every request finds the queue full
+    await eng.start()
+    try:
+        step = anext(eng.generate(req(prompt(8), rid="late"))).__await__()
+        with pytest.raises(EngineOverloaded):
+            next(step)  # the coroutine's first step, before it could await the engine thread
+        await wait_idle(eng)
+    finally:
+        await eng.shutdown()
 
 
 async def test_shutdown_drains_then_aborts_and_refuses_new_requests():

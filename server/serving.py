@@ -17,7 +17,8 @@ from pydantic import BaseModel
 
 from colm_runtime.engine.types import EngineError, EngineRequest, RequestOutput, SamplingParams
 
-from server.errors import APIError, InternalError, InvalidRequest, SlowClient, Unavailable, from_engine_error
+from server.errors import (APIError, InternalError, InvalidRequest, SlowClient, Unavailable, error_body,
+                           from_engine_error)
 from server.routing import ChainChoice, RouteHints, parse_header_number
 from server.schemas import ColmReport, Usage, _Sampling
 from server.state import ServerState
@@ -98,6 +99,25 @@ def sse(obj: BaseModel | dict) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+
+async def guarded_sse(events: AsyncIterator[str], run: "RequestRun") -> AsyncIterator[str]:
+    """The SSE stream of one request: its events, then [DONE] whatever happens. An API error or an
+    unexpected failure midway becomes an error event first; the run is closed (aborting whatever is
+    unfinished) in every case."""
+    try:
+        async for event in events:
+            yield event
+    except asyncio.CancelledError:
+        raise
+    except APIError as e:
+        yield sse(e.body())
+    except Exception:  # never leave a stream hanging without its end marker
+        log.exception("stream failed")
+        yield sse(error_body("internal server error", "internal_error", None, "internal_error"))
+    finally:
+        await run.close()
+    yield SSE_DONE
 
 
 @dataclass

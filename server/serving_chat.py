@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -12,15 +10,13 @@ from fastapi.responses import Response, StreamingResponse
 
 from colm_runtime.engine.types import RequestOutput, TokenLogprob
 
-from server.errors import APIError, InvalidRequest, error_body
+from server.errors import InvalidRequest
 from server.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                             ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob, DeltaMessage,
                             ResponseMessage, TopLogprob)
-from server.serving import (SSE_DONE, RequestRun, colm_headers, colm_report, continuous_usage, engine_extras, new_id,
+from server.serving import (RequestRun, guarded_sse, colm_headers, colm_report, continuous_usage, engine_extras, new_id,
                             route_hints, sampling_params, sse, warn_unknown_fields)
 from server.state import ServerState
-
-log = logging.getLogger("colm.server")
 
 
 def _check_unsupported(req: ChatCompletionRequest) -> None:
@@ -67,7 +63,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     headers = colm_headers(request_id, choice)
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(_stream(run, req, request_id, usage), headers=headers,
+        return StreamingResponse(guarded_sse(_stream(run, req, request_id, usage), run), headers=headers,
                                  media_type="text/event-stream")
     try:
         body = await _collect(run, req, request_id)
@@ -104,28 +100,17 @@ async def _stream(run: RequestRun, req: ChatCompletionRequest, request_id: str,
     """OpenAI's chunk sequence: a role chunk per choice (the first carries `colm`), content deltas, the
     finish_reason on each choice's last delta, then the usage chunk if asked, then [DONE]."""
     model, done = req.model, 0
-    try:
-        for j in range(req.n):
-            role = ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
-            yield _chunk(request_id, model, role, colm=colm_report(run.choice) if j == 0 else None)
-        async for _, out in run:
-            done += out.finished
-            last = done == req.n and not include_usage
-            delta = ChatChunkChoice(index=out.index, delta=DeltaMessage(content=out.text),
-                                    logprobs=_logprobs(out.logprobs) if req.logprobs else None,
-                                    finish_reason=out.finish_reason, stop_reason=out.stop_reason)
-            report = colm_report(run.choice, run.measured_s, run.final_chains) if last else None
-            yield _chunk(request_id, model, delta, colm=report, usage=run.usage() if continuous_usage(req) else None)
-        if include_usage:
-            yield sse(ChatCompletionChunk(id=request_id, model=model, choices=[], usage=run.usage(),
-                                          colm=colm_report(run.choice, run.measured_s, run.final_chains)))
-    except asyncio.CancelledError:
-        raise
-    except APIError as e:
-        yield sse(e.body())
-    except Exception:  # never leave a stream hanging without its end marker
-        log.exception("stream failed")
-        yield sse(error_body("internal server error", "internal_error", None, "internal_error"))
-    finally:
-        await run.close()
-    yield SSE_DONE
+    for j in range(req.n):
+        role = ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
+        yield _chunk(request_id, model, role, colm=colm_report(run.choice) if j == 0 else None)
+    async for _, out in run:
+        done += out.finished
+        last = done == req.n and not include_usage
+        delta = ChatChunkChoice(index=out.index, delta=DeltaMessage(content=out.text),
+                                logprobs=_logprobs(out.logprobs) if req.logprobs else None,
+                                finish_reason=out.finish_reason, stop_reason=out.stop_reason)
+        report = colm_report(run.choice, run.measured_s, run.final_chains) if last else None
+        yield _chunk(request_id, model, delta, colm=report, usage=run.usage() if continuous_usage(req) else None)
+    if include_usage:
+        yield sse(ChatCompletionChunk(id=request_id, model=model, choices=[], usage=run.usage(),
+                                      colm=colm_report(run.choice, run.measured_s, run.final_chains)))

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -12,13 +10,11 @@ from fastapi.responses import Response, StreamingResponse
 
 from colm_runtime.engine.types import RequestOutput, TokenLogprob
 
-from server.errors import APIError, InvalidRequest, error_body
+from server.errors import InvalidRequest
 from server.schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.serving import (SSE_DONE, RequestRun, colm_headers, colm_report, continuous_usage as _continuous,
+from server.serving import (RequestRun, guarded_sse, colm_headers, colm_report, continuous_usage as _continuous,
                             engine_extras, new_id, route_hints, sampling_params, sse, warn_unknown_fields)
 from server.state import ServerState
-
-log = logging.getLogger("colm.server")
 
 
 def _prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str | None]]:
@@ -85,7 +81,7 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     headers = colm_headers(request_id, choice)
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(_stream(state, run, req, request_id, echo, usage), headers=headers,
+        return StreamingResponse(guarded_sse(_stream(state, run, req, request_id, echo, usage), run), headers=headers,
                                  media_type="text/event-stream")
     try:
         body = await _collect(state, run, req, request_id, echo)
@@ -123,36 +119,25 @@ async def _stream(state: ServerState, run: RequestRun, req: CompletionRequest, r
     started: set[int] = set()
     offsets: dict[int, int] = {}
     first = True
-    try:
-        async for i, out in run:
-            idx = i * n + out.index
-            text = out.text if idx in started else echo[i] + out.text
-            started.add(idx)
-            done += out.finished
-            if done == total and not include_usage:  # the last chunk carries the measured report
-                report = colm_report(run.choice, run.measured_s, run.final_chains)
-            else:
-                report = colm_report(run.choice) if first else None
-            first = False
-            start = offsets.get(idx, 0) + len(text) - len(out.text)
-            offsets[idx] = offsets.get(idx, 0) + len(text)
-            chunk = CompletionResponse(
-                id=request_id, model=req.model, colm=report, usage=run.usage() if _continuous(req) else None,
-                choices=[CompletionChoice(index=idx, text=text, finish_reason=out.finish_reason,
-                                          stop_reason=out.stop_reason,
-                                          logprobs=_logprobs(out.logprobs, start)
-                                          if req.logprobs is not None else None)])
-            yield sse(chunk)
-        if include_usage:
-            yield sse(CompletionResponse(id=request_id, model=req.model, choices=[], usage=run.usage(),
-                                         colm=colm_report(run.choice, run.measured_s, run.final_chains)))
-    except asyncio.CancelledError:
-        raise
-    except APIError as e:
-        yield sse(e.body())
-    except Exception:  # never leave a stream hanging without its end marker
-        log.exception("stream failed")
-        yield sse(error_body("internal server error", "internal_error", None, "internal_error"))
-    finally:
-        await run.close()
-    yield SSE_DONE
+    async for i, out in run:
+        idx = i * n + out.index
+        text = out.text if idx in started else echo[i] + out.text
+        started.add(idx)
+        done += out.finished
+        if done == total and not include_usage:  # the last chunk carries the measured report
+            report = colm_report(run.choice, run.measured_s, run.final_chains)
+        else:
+            report = colm_report(run.choice) if first else None
+        first = False
+        start = offsets.get(idx, 0) + len(text) - len(out.text)
+        offsets[idx] = offsets.get(idx, 0) + len(text)
+        chunk = CompletionResponse(
+            id=request_id, model=req.model, colm=report, usage=run.usage() if _continuous(req) else None,
+            choices=[CompletionChoice(index=idx, text=text, finish_reason=out.finish_reason,
+                                      stop_reason=out.stop_reason,
+                                      logprobs=_logprobs(out.logprobs, start)
+                                      if req.logprobs is not None else None)])
+        yield sse(chunk)
+    if include_usage:
+        yield sse(CompletionResponse(id=request_id, model=req.model, choices=[], usage=run.usage(),
+                                     colm=colm_report(run.choice, run.measured_s, run.final_chains)))

@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import torch
 
+from colm_runtime.bench.model import time_side_by_side
 from colm_runtime.engine.config import EngineConfig
 from colm_runtime.engine.llm_engine import LLMEngine
 from colm_runtime.engine.types import EngineRequest, SamplingParams
@@ -104,18 +105,9 @@ def hf_generate(model, prompts: list[list[int]], out_len: int, device: str) -> N
 
 def time_rounds(fns: dict[str, Callable[[], None]], rounds: int, sync: Callable[[], None],
                 warmup: Callable[[], None]) -> dict[str, float]:
-    """Fastest seconds of each scenario, scenarios interleaved round by round (after a warm-up). The
-    minimum, not the median: on a shared machine other processes only ever add time."""
-    warmup()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            sync()
-            t = time.perf_counter()
-            fn()
-            sync()
-            times[name].append(time.perf_counter() - t)
-    return {k: min(v) for k, v in times.items()}
+    """Fastest seconds of each scenario, interleaved round by round after a warm-up. The minimum, not
+    the median: on a shared machine other processes only ever add time."""
+    return time_side_by_side(fns, rounds, sync, stat=min, warmup=warmup)
 
 
 def scenarios(engine: LLMEngine, w: Workload, n: int, single: int, hf, device: str,

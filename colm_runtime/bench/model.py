@@ -73,11 +73,17 @@ class DecodeStep:
         self.model.forward_step(self.batch, self.cache)
 
 
-def time_side_by_side(fns: dict[str, Callable[[], None]], rounds: int, sync: Callable[[], None]) -> dict[str, float]:
-    """Median seconds per call of each fn, interleaving the fns round by round."""
-    for fn in fns.values():
-        for _ in range(3):
-            fn()
+def time_side_by_side(fns: dict[str, Callable[[], None]], rounds: int, sync: Callable[[], None],
+                      stat: Callable[[list[float]], float] = statistics.median,
+                      warmup: Callable[[], None] | None = None) -> dict[str, float]:
+    """Seconds per call of each fn (median by default), interleaving the fns round by round so machine
+    noise hits every side alike. Without a warmup, each fn runs three times first."""
+    if warmup is not None:
+        warmup()
+    else:
+        for fn in fns.values():
+            for _ in range(3):
+                fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
@@ -86,7 +92,7 @@ def time_side_by_side(fns: dict[str, Callable[[], None]], rounds: int, sync: Cal
             fn()
             sync()
             times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: stat(v) for k, v in times.items()}
 
 
 def load_or_random(model_dir: str | None, device: str, dtype: torch.dtype) -> tuple[CoLMModel, str]:

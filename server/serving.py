@@ -308,7 +308,7 @@ def record_metrics(state: ServerState, choice: ChainChoice, t: _Track, n: int, a
     m.generation_tokens.labels(k).inc(sum(t.tokens.values()))
     if t.queue_s is not None:
         m.queue.labels(k).observe(t.queue_s)
-        state.queue_time.observe(t.queue_s)
+        state.queue_time.observe(t.queue_s, left_at=arrival + t.queue_s)
     if t.first_token_s is not None:
         m.ttft.labels(k).observe(t.first_token_s)
     complete = len(t.finish) == n and "abort" not in t.finish.values() and t.end is not None

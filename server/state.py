@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import dataclass, field
 
 from colm_runtime.engine.types import EngineClient, EngineStats
 
@@ -24,13 +26,33 @@ log = logging.getLogger("colm.server")
 
 @dataclass
 class QueueTimeAverage:
-    """Exponential moving average of the queue times of recent requests (seconds)."""
+    """The queue wait a new request can expect, from recent requests' queue times.
+
+    observe() takes each finished request's queue time and when it left the queue. estimate() is
+    Little's law on the live queue, the requests waiting now divided by the rate the queue drained at
+    over the last `window` seconds, so it follows a queue that grows; before two departures are known
+    it is the moving average of observed queue times (which lags a growing queue by a request's
+    lifetime)."""
 
     value: float = 0.0
     alpha: float = 0.2
+    window: float = 10.0
+    departures: deque = field(default_factory=deque)  # monotonic times requests left the queue
 
-    def observe(self, seconds: float) -> None:
+    def observe(self, seconds: float, left_at: float | None = None) -> None:
         self.value = seconds if self.value == 0.0 else self.alpha * seconds + (1 - self.alpha) * self.value
+        if left_at is not None:
+            self.departures.append(left_at)
+
+    def estimate(self, waiting: int, now: float) -> float:
+        while self.departures and self.departures[0] < now - self.window:
+            self.departures.popleft()
+        if waiting <= 0:
+            return 0.0
+        if len(self.departures) < 2:
+            return self.value
+        rate = len(self.departures) / max(now - self.departures[0], 1e-3)
+        return waiting / rate
 
 
 class ServerState:
@@ -90,7 +112,7 @@ class ServerState:
         return self.engine.stats()
 
     def predictor(self, stats: EngineStats) -> LatencyPredictor:
-        return LatencyPredictor(self.cfg, stats, self.queue_time.value)
+        return LatencyPredictor(self.cfg, stats, self.queue_time.estimate(stats.waiting, time.monotonic()))
 
     def encode(self, text: str, param: str) -> list[int]:
         """Token ids of client text; 400 for text that is not valid Unicode (lone surrogates)."""

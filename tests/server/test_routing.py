@@ -187,3 +187,17 @@ def test_tier_file_validation(tmp_path):
         f.write_text(bad)
         with pytest.raises(TierError):
             load_tiers(f, 4)
+
+
+def test_queue_wait_follows_the_live_queue():
+    """Little's law on the live queue: waiting / drain rate; the moving average before any rate."""
+    from server.state import QueueTimeAverage
+
+    q = QueueTimeAverage(window=10.0)
+    q.observe(0.5)  # no departure time yet: the moving average answers
+    assert q.estimate(3, now=100.0) == 0.5
+    for t in range(10):  # the queue drained at 2 requests/s over the last 5 s
+        q.observe(0.5, left_at=95.0 + 0.5 * t)
+    assert q.estimate(0, now=100.0) == 0.0
+    assert q.estimate(8, now=100.0) == pytest.approx(8 / 2.0, rel=0.01)
+    assert q.estimate(8, now=130.0) == q.value  # departures older than the window are forgotten

@@ -17,8 +17,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from colm_runtime.paths import default_model_dir
-from colm_runtime.testing import make_model_dir, small_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -44,11 +42,9 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 180
 
 
 @pytest.fixture(scope="session")
-def load_model_dir(tmp_path_factory) -> Path:
-    default = default_model_dir()
-    if (default / "config.json").is_file() and (default / "model.safetensors").is_file():
-        return default
-    return make_model_dir(tmp_path_factory.mktemp("model"), small_config(max_position_embeddings=1024))
+def load_model_dir(model_dir) -> Path:
+    """The served model: tests/conftest.py's model_dir (the default model, else a random one)."""
+    return model_dir
 
 
 @pytest.fixture(scope="session")

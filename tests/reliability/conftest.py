@@ -14,7 +14,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import ServerProcess, model_dir, scrape  # noqa: F401  (model_dir: a fixture)
+from tests.server.conftest import ServerProcess, scrape  # noqa: F401
 
 KEYS = ("rel-key-env-7f3a", "rel-key-file-91c2")
 FAULT_MARKER = "qx-inject-fault-qx"

@@ -20,8 +20,6 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from colm_runtime.paths import default_model_dir
-from colm_runtime.testing import make_model_dir, small_config
 
 REPO = Path(__file__).resolve().parents[2]
 # `colm` as installed (the console script's entry point); `python -m colm_runtime.cli` would load the CLI
@@ -81,15 +79,6 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
-
-
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory) -> Path:
-    """The default model if it is there, else a random plain CoLM (4 chains of 2 heads)."""
-    default = default_model_dir()
-    if (default / "config.json").is_file() and (default / "model.safetensors").is_file():
-        return default
-    return make_model_dir(tmp_path_factory.mktemp("model"), small_config(max_position_embeddings=1024))
 
 
 def start_server(tmp_path_factory, model_dir: Path, name: str, args=(), env=None) -> ServerProcess:

@@ -68,21 +68,22 @@ class ChainAttention(nn.Module):
 
     # ---- one engine step over the paged cache ---------------------------------------------------------
     def forward_step(self, x: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache, cos: torch.Tensor,
-                     sin: torch.Tensor, groups: list[AttnGroup] | None) -> torch.Tensor:
+                     sin: torch.Tensor, plan: StepPlan | None) -> torch.Tensor:
         # x: [T, width(kmax)] rows sorted by chains; cos/sin: [T, hd] at each row's position
         kmax, rows = batch.chains, batch.rows
         y = self.qkv(x, kmax, rows)
-        if not self._write_kv_at_once(y, batch, cache, cos, sin):
+        if plan is not None and plan.kv_slots is not None:
+            q = self._rope_and_store(y, plan, cache, cos, sin)
+        else:
             for p in range(self.cfg.pools_for(kmax)):
                 n = batch.slots[p].shape[0]
                 k, v = self._kv(y[:n], p)
                 cache.write(self.layer, p, batch.slots[p], apply_rope(k, cos[:n], sin[:n]), v)
-        # all chains' query heads roped at once: [T, heads(kmax), hd]
-        q = apply_rope(self._all_q(y, kmax), cos, sin)
-        if groups is None:
+            q = apply_rope(self._all_q(y, kmax), cos, sin)  # all chains' query heads: [T, heads(kmax), hd]
+        if plan is None:
             attn = self._attend_per_chain(q, batch, cache)
         else:
-            attn = self._attend_groups(q, groups, cache, kmax)
+            attn = self._attend_plan(q, plan, cache, kmax)
         return self.o(attn, kmax, rows)
 
     def _all_q(self, y: torch.Tensor, kmax: int) -> torch.Tensor:
@@ -93,34 +94,42 @@ class ChainAttention(nn.Module):
             return y.view(y.shape[0], -1, w)[:, :kmax, : self.q_widths[0]].reshape(y.shape[0], -1, self.cfg.head_dim)
         return torch.cat([self._q(y, j) for j in range(kmax)], dim=1)
 
-    def _write_kv_at_once(self, y: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache,
-                          cos: torch.Tensor, sin: torch.Tensor) -> bool:
-        """Every row uses every pool of the step and the pools share one tensor with equal chains: rope
-        and store the K/V of all pools in one go (per-pool writes cost ~10 small ops per pool)."""
-        P, T = self.cfg.pools_for(batch.chains), y.shape[0]
-        if P == 1 or cache.k_all is None or batch.rows[-1] != T or len(set(self.cfg.chains)) != 1:
-            return False
+    def _rope_and_store(self, y: torch.Tensor, plan: StepPlan, cache: ChainKVCache, cos: torch.Tensor,
+                        sin: torch.Tensor) -> torch.Tensor:
+        """Equal chains, one pool per chain: rope the queries and keys of every chain in one go, store
+        the new K/V of every pool at once (per-pool writes cost ~10 small ops per pool) and return the
+        roped queries [T, heads(kmax), hd]. Rows are roped for every chain of the step; plan.kv_rows
+        keeps only the (pool, row) pairs a row owns, so a row at fewer chains writes nothing into the
+        pools it has no blocks in."""
+        P, T = plan.kv_pools, y.shape[0]
         q, kv, hd = self.q_widths[0], self.kv_widths[0], self.cfg.head_dim
-        yc = y.view(T, -1, q + 2 * kv)[:, :P]  # [T, P, q + 2kv]: chain-major columns
-        k = apply_rope(yc[..., q : q + kv].reshape(T, -1, hd), cos, sin)  # [T, P*h, hd]
-        h = kv // hd
-        k = k.view(T, P, h, hd).transpose(0, 1).reshape(P * T, h, hd)
+        c, h = q // hd, kv // hd
+        yc = y.view(T, P, q + 2 * kv)  # chain-major columns: [q | k | v] per chain
+        qk = apply_rope(yc[..., : q + kv].reshape(T, P * (c + h), hd), cos, sin).view(T, P, c + h, hd)
+        k = qk[:, :, c:].transpose(0, 1).reshape(P * T, h, hd)  # pool-major rows
         v = yc[..., q + kv :].transpose(0, 1).reshape(P * T, h, hd)
-        bs = cache.block_size
-        slots = torch.cat([batch.slots[p] + cache.offsets[p] * bs for p in range(P)])
-        cache.k_all[self.layer].view(-1, h, hd).index_copy_(0, slots, k)
-        cache.v_all[self.layer].view(-1, h, hd).index_copy_(0, slots, v)
-        return True
+        if plan.kv_rows is not None:
+            k, v = k.index_select(0, plan.kv_rows), v.index_select(0, plan.kv_rows)
+        cache.k_all[self.layer].view(-1, h, hd).index_copy_(0, plan.kv_slots, k)
+        cache.v_all[self.layer].view(-1, h, hd).index_copy_(0, plan.kv_slots, v)
+        return qk[:, :, :c].reshape(T, P * c, hd)
 
-    def _attend_groups(self, q: torch.Tensor, groups: list[AttnGroup], cache: ChainKVCache,
-                       kmax: int) -> torch.Tensor:
-        """Equal chains: each group (sequences at one chain count) attends in ONE sdpa call over all
-        its chains, reading all its pools through one gather."""
-        T, width = q.shape[0], self.cfg.width(kmax)
-        if len(groups) == 1 and groups[0].chains == kmax and groups[0].n_rows == T:
-            return self._attend_group(q, groups[0], cache)
-        out = q.new_zeros(T, width)
-        for g in groups:
+    def _attend_plan(self, q: torch.Tensor, plan: StepPlan, cache: ChainKVCache, kmax: int) -> torch.Tensor:
+        """Equal chains. Decode sequences of every chain count attend in ONE sdpa call over their
+        (sequence, chain) pairs; each prefill (and CoLM-Air's decode run per chain count) is a group
+        attended in one call over all its chains."""
+        T, c, hd = q.shape[0], self.cfg.chains[0], self.cfg.head_dim
+        d = plan.decode
+        if d is None and len(plan.groups) == 1 and plan.groups[0].chains == kmax and plan.groups[0].n_rows == T:
+            return self._attend_group(q, plan.groups[0], cache)
+        out = q.new_zeros(T * kmax, c * hd)
+        if d is not None:
+            qd = q.reshape(T * kmax, c, hd).index_select(0, d.q_idx).unsqueeze(2)  # [Np, c, 1, hd]
+            K, V = cache.gather_blocks(self.layer, d.block_idx, d.kv_len)  # [Np, L, kv, hd]
+            o = sdpa(qd, K.transpose(1, 2), V.transpose(1, 2), mask=d.mask)  # [Np, c, 1, hd]
+            out.index_copy_(0, d.q_idx, o.view(-1, c * hd))
+        out = out.view(T, kmax * c * hd)
+        for g in plan.groups:
             out[g.rows, : self.cfg.width(g.chains)] = self._attend_group(q, g, cache)
         return out
 
@@ -182,7 +191,8 @@ def causal_mask(q_len: int, kv_len: int, device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class AttnGroup:
-    """Sequences attended together at one chain count: a run of decode sequences, or one prefill.
+    """Sequences attended together at one chain count: one prefill, or (CoLM-Air) a run of decode
+    sequences.
 
     rows: their query rows (B*S, sequence-major); block_idx: [B, pools*nb] global block ids of every
     pool they read, so one index_select gathers all their K/V; mask: [B, 1, S, kv_len] or None for a
@@ -203,10 +213,76 @@ class AttnGroup:
         return self.n_seqs * self.q_len
 
 
-def plan_groups(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> list[AttnGroup] | None:
-    """Group a step's sequences for merged attention; None when chains or KV heads are unequal."""
+@dataclass(frozen=True)
+class DecodePairs:
+    """Every decode sequence of a plain CoLM step as (sequence, chain) pairs, pool-major: pair i is the
+    query heads of one chain of one row, attending that chain's own pool. One gather and one sdpa
+    serve every chain count in the batch, and a sequence at k chains contributes exactly k pairs.
+
+    q_idx: [Np] row * kmax + chain (an index into the queries viewed [T * kmax, c, hd]);
+    block_idx: [Np, nb] global block ids; mask: [Np, 1, 1, kv_len], None for a lone sequence.
+    """
+
+    q_idx: torch.Tensor
+    block_idx: torch.Tensor
+    kv_len: int
+    mask: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How a step's attention runs when the chains are equal and the pools share one K/V tensor;
+    built once per step (not per layer).
+
+    kv_slots: [R] global flat slots of the new K/V rows of every pool, pool-major (None: one pool,
+    written per pool); kv_rows: [R] which rows of the [kv_pools * T] pool-major K/V are stored there
+    (None: every row owns every pool).
+    """
+
+    decode: DecodePairs | None
+    groups: list[AttnGroup]
+    kv_pools: int
+    kv_slots: torch.Tensor | None
+    kv_rows: torch.Tensor | None
+
+
+def plan_step(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> StepPlan | None:
+    """The step's attention plan; None when chains or KV heads are unequal (per-chain fallback)."""
     if len(set(cfg.chains)) != 1 or cache.k_all is None:
         return None
+    groups = [] if not cfg.kv_sharing else _decode_runs(cfg, batch, cache)
+    for g in batch.prefills:
+        P = cfg.pools_for(g.chains)
+        idx = torch.cat([g.block_tables[p] + cache.offsets[p] for p in range(P)], dim=1)
+        groups.append(AttnGroup(g.chains, P, 1, g.q_len, g.total_len,
+                                slice(g.row_start, g.row_start + g.q_len), idx, g.mask))
+    decode = None if cfg.kv_sharing or batch.dec_rows.shape[0] == 0 else _decode_pairs(batch, cache)
+    P, T = cfg.pools_for(batch.chains), batch.num_tokens
+    slots = rows = None
+    if P > 1:
+        bs, dev = cache.block_size, batch.input_ids.device
+        slots = torch.cat([batch.slots[p] + cache.offsets[p] * bs for p in range(P)])
+        if slots.shape[0] != P * T:  # some rows use fewer pools: keep each pool's leading rows
+            rows = torch.cat([torch.arange(p * T, p * T + batch.slots[p].shape[0], device=dev) for p in range(P)])
+    return StepPlan(decode, groups, P, slots, rows)
+
+
+def _decode_pairs(batch: ForwardBatch, cache: ChainKVCache) -> DecodePairs:
+    """Plain CoLM: pool p is chain p's, and the first dec_count[p] decode sequences use it."""
+    kmax, dev = batch.chains, batch.input_ids.device
+    n_dec = batch.dec_rows.shape[0]
+    counts = [n for n in batch.dec_count if n]
+    q_idx = torch.cat([batch.dec_rows[:n] * kmax + p for p, n in enumerate(counts)])
+    idx = torch.cat([batch.dec_tables[p][:n] + cache.offsets[p] for p, n in enumerate(counts)])
+    mask = None
+    if n_dec > 1:
+        seq = torch.cat([torch.arange(n, device=dev) for n in counts])
+        mask = batch.dec_mask.index_select(0, seq)
+    return DecodePairs(q_idx, idx, batch.dec_len, mask)
+
+
+def _decode_runs(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> list[AttnGroup]:
+    """CoLM-Air: decode sequences grouped by chain count (every chain of a group reads the one pool)."""
     groups: list[AttnGroup] = []
     start = 0
     while start < batch.dec_rows.shape[0]:
@@ -223,11 +299,6 @@ def plan_groups(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> l
         mask = None if batch.dec_rows.shape[0] == 1 else batch.dec_mask[start:end]
         groups.append(AttnGroup(k, P, end - start, 1, batch.dec_len, rows, idx, mask))
         start = end
-    for g in batch.prefills:
-        P = cfg.pools_for(g.chains)
-        idx = torch.cat([g.block_tables[p] + cache.offsets[p] for p in range(P)], dim=1)
-        groups.append(AttnGroup(g.chains, P, 1, g.q_len, g.total_len,
-                                slice(g.row_start, g.row_start + g.q_len), idx, g.mask))
     return groups
 
 

@@ -83,7 +83,7 @@ class ForwardBatch:
 
     @staticmethod
     def build(cfg: ModelConfig, seqs: Sequence[SeqSpec], block_size: int,
-              device: torch.device | str = "cpu") -> "ForwardBatch":
+              device: torch.device | str = "cpu") -> ForwardBatch:
         assert seqs, "empty batch"
         order = sorted(range(len(seqs)), key=lambda i: -seqs[i].chains)  # stable: ties keep arrival order
         ss = [seqs[i] for i in order]

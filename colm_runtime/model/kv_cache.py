@@ -26,7 +26,7 @@ class ChainKVCache:
         self.cfg, self.block_size = cfg, block_size
         self.num_blocks = tuple(int(n) for n in num_blocks)
         self.offsets = tuple(sum(self.num_blocks[:p]) for p in range(cfg.n_kv_pools))
-        shape = lambda n, h: (cfg.n_layers, n, block_size, h, cfg.head_dim)  # noqa: E731
+        shape = lambda n, h: (cfg.n_layers, n, block_size, h, cfg.head_dim)
         # Pools with equal KV heads share one tensor (pool p = blocks offsets[p]..): a request's blocks
         # in all its pools can then be gathered in one index_select. Block ids stay per pool.
         self.k_all = self.v_all = None
@@ -64,6 +64,16 @@ class ChainKVCache:
                 g = g[:, :length]
             return g.transpose(1, 2)
         return one(self.k[pool]), one(self.v[pool])
+
+    def gather_blocks(self, layer: int, idx: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K/V of block lists in the shared layout: idx [N, nb] global block ids (offsets[p] + block)
+        -> k, v: [N, length, kv_heads, hd]."""
+        N = idx.shape[0]
+
+        def one(t: torch.Tensor) -> torch.Tensor:
+            g = t[layer].index_select(0, idx.flatten())  # [N*nb, bs, H, hd]
+            return g.view(N, -1, *g.shape[2:])[:, :length]
+        return one(self.k_all), one(self.v_all)
 
     def gather_pools(self, layer: int, idx: torch.Tensor, pools: int, length: int
                      ) -> tuple[torch.Tensor, torch.Tensor]:

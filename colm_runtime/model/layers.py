@@ -2,8 +2,10 @@
 
 Every layer takes `chains` (how many leading chains to compute) and optionally `rows`: for a mixed
 batch whose rows are ordered by chain count (descending), rows[j] is how many leading rows use chain
-j. Chain j is then computed on those rows only, so no row pays for chains it does not use. Columns
-of chains a row does not use are zero in the output and are never read by a later chain layer.
+j. Chain j's matmuls then run on those rows only, so no row pays for chains it does not use. Columns
+of chains a row does not use are never read by a later chain layer: the matmul layers leave them at
+zero, and with equal chains the elementwise layers (norms, the SwiGLU product) run over every row and
+chain of the step in one pass rather than a loop of small per-chain ops.
 """
 
 from __future__ import annotations
@@ -57,12 +59,30 @@ class ChainLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:
         # x: [..., >= in_offsets[chains]] -> [..., out_offsets[chains]]
+        if x.dim() == 2 and not torch.is_grad_enabled():
+            return self._forward_into(x, chains, rows)
         outs = []
         for j in range(chains):
             xin = x[..., : self.in_offsets[j + 1]] if rows is None else x[: rows[j], : self.in_offsets[j + 1]]
             lin = self.chains[j]
             outs.append(F.linear(xin, lin.weight, lin.bias))  # not lin(xin): module-call overhead per chain
         return scatter_chain_outputs(outs, rows, x)
+
+    def _forward_into(self, x: torch.Tensor, chains: int, rows: Rows) -> torch.Tensor:
+        """Inference on [T, D] rows: each chain's product is written straight into its column block of
+        one output (BLAS takes the row stride), so neither a cat nor a zero-fill-and-copy per chain is
+        needed. Rows a chain skips stay zero."""
+        T = x.shape[0]
+        y = x.new_empty(T, self.out_offsets[chains]) if uniform(rows, T) else x.new_zeros(T, self.out_offsets[chains])
+        for j in range(chains):
+            r = T if rows is None else rows[j]
+            lin, out = self.chains[j], y[:r, self.out_offsets[j] : self.out_offsets[j + 1]]
+            xin = x[:r, : self.in_offsets[j + 1]]
+            if lin.bias is None:
+                torch.mm(xin, lin.weight.t(), out=out)
+            else:
+                torch.addmm(lin.bias, xin, lin.weight.t(), out=out)
+        return y
 
 
 class ChainRMSNorm(nn.Module):
@@ -84,7 +104,9 @@ class ChainRMSNorm(nn.Module):
         # x: [..., >= offsets[chains]] -> [..., offsets[chains]]
         width = self.offsets[chains]
         w = self.weight[:width]
-        if self._equal and uniform(rows, x.shape[0]):
+        if self._equal:
+            # Equal chains: one pass over every row and chain of the step. A row's unused chains are
+            # normalised too (elementwise, negligible next to the matmuls) and never read afterwards.
             xs = x[..., :width].unflatten(-1, (chains, self.widths[0]))
             return (self._norm(xs).flatten(-2) * w.float()).to(x.dtype)
         outs = []

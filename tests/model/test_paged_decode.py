@@ -57,24 +57,30 @@ def test_mixed_chain_batch_equals_each_row_alone(setting):
 
 
 def test_rows_pay_only_for_their_chains():
-    """A chain's blocks run on exactly the rows that use it (every F.linear call is recorded)."""
+    """A chain's blocks run on exactly the rows that use it: every matmul on a chain block's weight is
+    recorded (F.linear in training, torch.mm / addmm into the output in inference)."""
     from torch.overrides import TorchFunctionMode
 
     cfg = small_config()
     model = random_model(cfg)
-    weights = {id(lin.weight): j for j, lin in enumerate(model.layers[0].ffn.down.chains)}
-    seen: dict[int, list[int]] = {j: [] for j in range(cfg.n_chains)}
+    blocks = {"down": model.layers[0].ffn.down, "qkv": model.layers[1].attn.qkv}
+    weights = {lin.weight.data_ptr(): (name, j) for name, m in blocks.items() for j, lin in enumerate(m.chains)}
+    seen: dict[tuple[str, int], list[int]] = {w: [] for w in weights.values()}
+    matmuls = {torch.nn.functional.linear, torch.mm, torch.addmm, torch.Tensor.addmm_}
 
     class Record(TorchFunctionMode):
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            if func is torch.nn.functional.linear and id(args[1]) in weights:
-                seen[weights[id(args[1])]].append(args[0].shape[0])
+            if func in matmuls:
+                x, w = (args[1], args[2]) if func in (torch.addmm, torch.Tensor.addmm_) else args[:2]
+                if w.data_ptr() in weights:
+                    seen[weights[w.data_ptr()]].append(x.shape[0])
             return func(*args, **(kwargs or {}))
 
     run = PagedRunner(model)
     with Record():
         run.step([(0, [1, 2, 3], 0, 1), (1, [4, 5], 0, 4), (2, [6], 0, 2)])
-    assert seen == {0: [6], 1: [3], 2: [2], 3: [2]}
+    for name in blocks:
+        assert {j: seen[name, j] for j in range(cfg.n_chains)} == {0: [6], 1: [3], 2: [2], 3: [2]}, name
 
 
 @pytest.mark.parametrize("air", [False, True])

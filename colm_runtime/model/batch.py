@@ -92,6 +92,7 @@ class ForwardBatch:
             assert len(s.block_tables) >= cfg.pools_for(s.chains), "a block table per used pool"
             assert 1 <= s.num_logits <= len(s.token_ids)
         kmax = ss[0].chains
+        pack = _Packer()  # every integer array of the step becomes ONE tensor: one copy to the device
         ids, pos, starts = [], [], []
         for s in ss:
             starts.append(len(ids))
@@ -101,19 +102,20 @@ class ForwardBatch:
         rows = tuple(sum(n for n, s in zip(n_tok, ss) if s.chains > j) for j in range(kmax))
         last_rows = [st + n - 1 for st, n in zip(starts, n_tok)]
         logit_rows = [r for s, last in zip(ss, last_rows) for r in range(last - s.num_logits + 1, last + 1)]
+        p_ids, p_pos, p_last = pack.add(ids), pack.add(pos), pack.add(logit_rows)
 
-        def slots_for(p: int) -> torch.Tensor:
+        def slots_for(p: int) -> list[int]:
             out = []
             for s in ss:
                 if cfg.pools_for(s.chains) <= p:
-                    continue  # sorted descending: later sequences use fewer pools too
+                    break  # sorted descending: later sequences use fewer pools too
                 table = s.block_tables[p]
-                for q in range(s.ctx_len, s.ctx_len + len(s.token_ids)):
-                    out.append(table[q // block_size] * block_size + q % block_size)
-            return torch.tensor(out, dtype=torch.long, device=device)
+                out.extend(table[q // block_size] * block_size + q % block_size
+                           for q in range(s.ctx_len, s.ctx_len + len(s.token_ids)))
+            return out
 
         n_pools = cfg.pools_for(kmax)
-        slots = [slots_for(p) for p in range(n_pools)]
+        p_slots = [pack.add(slots_for(p)) for p in range(n_pools)]
         dec = [i for i, s in enumerate(ss) if len(s.token_ids) == 1]
         dec_len = max((ss[i].ctx_len + 1 for i in dec), default=0)
         nb_max = -(-dec_len // block_size)
@@ -122,38 +124,53 @@ class ForwardBatch:
             t = list(s.block_tables[p][:nb])
             return t + [t[0]] * (nb - len(t))  # pad with a real block; masked out below
 
-        dec_tables = [
-            torch.tensor([table(ss[i], p, nb_max) for i in dec if cfg.pools_for(ss[i].chains) > p],
-                         dtype=torch.long, device=device).reshape(-1, max(nb_max, 1))
-            for p in range(n_pools)
-        ]
+        p_tables = []
+        for p in range(n_pools):
+            users = [i for i in dec if cfg.pools_for(ss[i].chains) > p]
+            p_tables.append(pack.add([b for i in users for b in table(ss[i], p, nb_max)], (len(users), max(nb_max, 1))))
+        drows = [last_rows[i] for i in dec]
+        p_drows, p_lens = pack.add(drows), pack.add([ss[i].ctx_len + 1 for i in dec])
+        pre = [(i, s) for i, s in enumerate(ss) if len(s.token_ids) > 1]
+        p_pre = [[pack.add(table(s, p, -(-(s.ctx_len + len(s.token_ids)) // block_size)), (1, -1))
+                  for p in range(cfg.pools_for(s.chains))] for _, s in pre]
+        t = pack.tensors(device)
         dec_mask = None
         if dec:
-            lens = torch.tensor([ss[i].ctx_len + 1 for i in dec], device=device)
-            dec_mask = (torch.arange(dec_len, device=device)[None, :] < lens[:, None])[:, None, None, :]
-        drows = [last_rows[i] for i in dec]
+            dec_mask = (torch.arange(dec_len, device=device)[None, :] < t[p_lens][:, None])[:, None, None, :]
         prefills = []
-        for i, s in enumerate(ss):
+        for (i, s), tables in zip(pre, p_pre):
             q_len = len(s.token_ids)
-            if q_len == 1:
-                continue
             total = s.ctx_len + q_len
-            nb = -(-total // block_size)
             mask = None
             if s.ctx_len:
                 qpos = torch.arange(s.ctx_len, total, device=device)[:, None]
                 mask = (torch.arange(total, device=device)[None, :] <= qpos)[None, None]
-            tables = [torch.tensor([table(s, p, nb)], dtype=torch.long, device=device)
-                      for p in range(cfg.pools_for(s.chains))]
-            prefills.append(PrefillGroup(starts[i], q_len, total, s.chains, tables, mask))
+            prefills.append(PrefillGroup(starts[i], q_len, total, s.chains, [t[j] for j in tables], mask))
         return ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=device),
-            positions=torch.tensor(pos, dtype=torch.long, device=device),
+            input_ids=t[p_ids], positions=t[p_pos],
             chains=kmax, rows=rows, order=tuple(order), seq_chains=tuple(s.chains for s in ss),
-            last_rows=torch.tensor(logit_rows, dtype=torch.long, device=device),
-            num_logits=tuple(s.num_logits for s in ss), slots=slots,
-            dec_rows=torch.tensor(drows, dtype=torch.long, device=device),
+            last_rows=t[p_last], num_logits=tuple(s.num_logits for s in ss), slots=[t[j] for j in p_slots],
+            dec_rows=t[p_drows],
             dec_start=drows[0] if drows and drows == list(range(drows[0], drows[0] + len(drows))) else None,
             dec_count=tuple(sum(1 for i in dec if ss[i].chains > j) for j in range(kmax)),
-            dec_tables=dec_tables, dec_len=dec_len, dec_mask=dec_mask, prefills=tuple(prefills),
+            dec_tables=[t[j] for j in p_tables], dec_len=dec_len, dec_mask=dec_mask, prefills=tuple(prefills),
         )
+
+
+class _Packer:
+    """Collects a step's integer arrays and makes them one int64 tensor on the device, handing out views
+    (one allocation and one host-to-device copy per step instead of one per array)."""
+
+    def __init__(self) -> None:
+        self.data: list[int] = []
+        self.parts: list[tuple[int, int, tuple[int, ...] | None]] = []
+
+    def add(self, values, shape: tuple[int, ...] | None = None) -> int:
+        start = len(self.data)
+        self.data.extend(values)
+        self.parts.append((start, len(self.data), shape))
+        return len(self.parts) - 1
+
+    def tensors(self, device: torch.device | str) -> list[torch.Tensor]:
+        flat = torch.tensor(self.data, dtype=torch.long, device=device)
+        return [flat[a:b] if shape is None else flat[a:b].view(shape) for a, b, shape in self.parts]

@@ -97,8 +97,8 @@ class ChainRMSNorm(nn.Module):
         self._equal = len(set(self.widths)) == 1
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps) over the last dim, in fp32: one fused op instead of five
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
 
     def forward(self, x: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:
         # x: [..., >= offsets[chains]] -> [..., offsets[chains]]

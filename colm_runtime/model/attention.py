@@ -122,11 +122,15 @@ class ChainAttention(nn.Module):
         d = plan.decode
         if d is None and len(plan.groups) == 1 and plan.groups[0].chains == kmax and plan.groups[0].n_rows == T:
             return self._attend_group(q, plan.groups[0], cache)
-        out = q.new_zeros(T * kmax, c * hd)
+        out = q.new_zeros(T * kmax, c * hd) if d is None or d.q_idx is not None else None
         if d is not None:
-            qd = q.reshape(T * kmax, c, hd).index_select(0, d.q_idx).unsqueeze(2)  # [Np, c, 1, hd]
+            qd = q.reshape(T * kmax, c, hd)
+            if d.q_idx is not None:
+                qd = qd.index_select(0, d.q_idx)
             K, V = cache.gather_blocks(self.layer, d.block_idx, d.kv_len)  # [Np, L, kv, hd]
-            o = sdpa(qd, K.transpose(1, 2), V.transpose(1, 2), mask=d.mask)  # [Np, c, 1, hd]
+            o = sdpa(qd.unsqueeze(2), K.transpose(1, 2), V.transpose(1, 2), mask=d.mask)  # [Np, c, 1, hd]
+            if d.q_idx is None:  # every row a decode row at kmax: the pairs are the queries' own order
+                return o.view(T, kmax * c * hd)
             out.index_copy_(0, d.q_idx, o.view(-1, c * hd))
         out = out.view(T, kmax * c * hd)
         for g in plan.groups:
@@ -219,11 +223,13 @@ class DecodePairs:
     query heads of one chain of one row, attending that chain's own pool. One gather and one sdpa
     serve every chain count in the batch, and a sequence at k chains contributes exactly k pairs.
 
-    q_idx: [Np] row * kmax + chain (an index into the queries viewed [T * kmax, c, hd]);
+    q_idx: [Np] row * kmax + chain (an index into the queries viewed [T * kmax, c, hd]), None when it
+    is 0..T*kmax-1 (every row of the step is a decode row at kmax chains: no gather, no scatter);
     block_idx: [Np, nb] global block ids; mask: [Np, 1, 1, kv_len], None for a lone sequence.
+    Pairs are ordered row-major (a row's chains together), like the queries.
     """
 
-    q_idx: torch.Tensor
+    q_idx: torch.Tensor | None
     block_idx: torch.Tensor
     kv_len: int
     mask: torch.Tensor | None
@@ -272,13 +278,15 @@ def _decode_pairs(batch: ForwardBatch, cache: ChainKVCache) -> DecodePairs:
     kmax, dev = batch.chains, batch.input_ids.device
     n_dec = batch.dec_rows.shape[0]
     counts = [n for n in batch.dec_count if n]
-    q_idx = torch.cat([batch.dec_rows[:n] * kmax + p for p, n in enumerate(counts)])
+    q_idx = torch.cat([batch.dec_rows[:n] * kmax + p for p, n in enumerate(counts)])  # pool-major
     idx = torch.cat([batch.dec_tables[p][:n] + cache.offsets[p] for p, n in enumerate(counts)])
-    mask = None
-    if n_dec > 1:
-        seq = torch.cat([torch.arange(n, device=dev) for n in counts])
-        mask = batch.dec_mask.index_select(0, seq)
-    return DecodePairs(q_idx, idx, batch.dec_len, mask)
+    seq = torch.cat([torch.arange(n, device=dev) for n in counts]) if n_dec > 1 else None
+    if len(counts) > 1 and n_dec > 1:  # to row-major, the queries' order (one sort per step)
+        q_idx, perm = q_idx.sort()
+        idx, seq = idx.index_select(0, perm), seq.index_select(0, perm)
+    mask = None if seq is None else batch.dec_mask.index_select(0, seq)
+    every_row = n_dec == batch.num_tokens and batch.dec_count[-1] == n_dec
+    return DecodePairs(None if every_row else q_idx, idx, batch.dec_len, mask)
 
 
 def _decode_runs(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> list[AttnGroup]:

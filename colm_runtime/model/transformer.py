@@ -176,6 +176,6 @@ class CoLMModel(nn.Module):
             h = h + blk.ffn(blk.ffn_norm(h, k, rows), k, rows)
         if all_logits:
             return self.logits(self.norm(h, k, rows), k, rows)
-        last = h[batch.last_rows]
+        last = h if batch.num_tokens == batch.last_rows.shape[0] else h.index_select(0, batch.last_rows)
         lrows = batch.logit_rows()
         return self.logits(self.norm(last, k, lrows), k, lrows)

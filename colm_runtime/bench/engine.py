@@ -6,7 +6,8 @@ its fastest round, so machine noise hits all sides alike. Ratios (goal in bracke
   mixed_vs_separate         mixed chain counts in one continuous batch / one batch per chain count,
                             one after another [>= 1]
   mixed_vs_padded           mixed / the same requests all at full chains [close to the FLOP ratio]
-  continuous_vs_sequential  all requests concurrently / one at a time [>= 8 on 2 CPU cores]
+  continuous_vs_sequential  all requests concurrently / one at a time [>= 8 on 2 CPU cores]; the
+                            workload's chain mix on both sides (_full: every request at full chains)
   vs_transformers           ours at full chains / Hugging Face transformers `generate` on a random
                             dense Llama of the full model's shape, at concurrency 1 and N [>= 1]
   air_prefill_speedup       CoLM-Air variant of the model: prompt-only requests at full chains, time
@@ -147,6 +148,7 @@ def report(t: dict[str, float], w: Workload, engine: LLMEngine, args, source: st
         "mixed_vs_padded": round(tps["mixed"] / tps["padded"], 3),
         "padded_flop_ratio": round(step_flops(cfg, cfg.n_chains, ctx) / flops_mixed, 3),
         "continuous_vs_sequential": round(tps["mixed"] / tps["sequential"], 3),
+        "continuous_vs_sequential_full": round(tps["padded"] / tps["full_single"], 3),
         "tokens_per_s": {k: round(v, 1) for k, v in tps.items()},
         "seconds": {k: round(v, 3) for k, v in t.items()},
         "decode_step_ms_per_chains": {str(k): round(v * 1e3, 3) for k, v in

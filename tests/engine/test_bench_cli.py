@@ -17,7 +17,8 @@ def run_json(capsys, *argv: str) -> dict:
 def test_bench_engine_reports_every_ratio(capsys):
     r = run_json(capsys, "engine", "--random", "tiny", "--requests", "4", "--single", "2", "--prompt-len", "4", "8",
                  "--output-len", "3", "--rounds", "1", "--no-transformers")
-    for key in ("mixed_vs_separate", "mixed_vs_padded", "continuous_vs_sequential", "padded_flop_ratio"):
+    for key in ("mixed_vs_separate", "mixed_vs_padded", "continuous_vs_sequential", "continuous_vs_sequential_full",
+                "padded_flop_ratio"):
         assert r[key] > 0
     assert set(r["tokens_per_s"]) == {"mixed", "separate", "padded", "sequential", "full_single"}
     assert r["threads"] == 1 and r["model"] == "random(tiny)"

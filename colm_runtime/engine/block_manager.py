@@ -103,6 +103,8 @@ class BlockManager:
         """Give seq blocks for num_tokens more tokens; None (and no change) on shortage.
         Returns the block copies (copy-on-write) the runner must do before the step."""
         need = self.blocks_needed(seq, num_tokens)
+        if not any(need):  # the common decode step: room in the last block, nothing shared
+            return []
         if any(n > pool.num_free for n, pool in zip(need, self.pools)):
             return None
         copies: list[BlockCopy] = []

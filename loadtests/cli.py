@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from loadtests.probe import TargetError, check_loopback, discover, server_pid
-from loadtests.report import write_markdown, write_plots
+from loadtests.report import write_markdown, write_plots, write_records
 from loadtests.scenarios import SCENARIOS, RunOptions
 from loadtests.spec import Distribution, SpecError, parse_mix
 from loadtests.stats import SLO, combine
@@ -118,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
     summary["plots"] = write_plots(summary, args.out)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     write_markdown(summary, args.out / "summary.md")
+    write_records(result.phases, args.out / "records.jsonl")
     print(json.dumps({k: summary[k] for k in ("scenario", "requests", "errors", "throughput_tokens_per_s",
                                               "goodput_requests_per_s", "passed", "wall_s")}))
     for name, c in summary["checks"].items():

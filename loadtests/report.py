@@ -1,7 +1,10 @@
-"""summary.json -> summary.md and the PNG plots (matplotlib, Agg backend; skipped if not installed)."""
+"""summary.json -> summary.md and the PNG plots (matplotlib, Agg backend; skipped if not installed);
+the phases' records -> records.jsonl."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 _LAT_COLS = ("ttft_ms", "tpot_ms", "e2e_ms")
@@ -142,3 +145,14 @@ def _rss_plot(summary: dict, out: Path, plt) -> list[str]:
     fig.savefig(out / "rss.png", dpi=100)
     plt.close(fig)
     return ["rss.png"]
+
+
+def write_records(phases, path: Path) -> None:
+    """One JSON line per request of every phase (its RequestRecord, inter-token gaps left out), times in
+    seconds from the phase start: for looking at a run over time, e.g. when a queue formed."""
+    with path.open("w") as f:
+        for phase in phases:
+            for rec in phase.records:
+                row = {k: v for k, v in dataclasses.asdict(rec).items() if k != "itl_s"}
+                row["sent_at"] = round(rec.sent_at - phase.started, 4) if rec.sent_at else None
+                f.write(json.dumps({"phase": phase.name, **row}) + "\n")

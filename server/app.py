@@ -83,7 +83,9 @@ async def build_state(settings: ServerSettings, metrics: ServerMetrics) -> Serve
     router = ChainRouter(cfg, settings.model_name, tiers, settings.default_tier)
     policy = DegradationPolicy(cfg, DegradationConfig(settings.max_waiting, settings.hard_queue_limit,
                                                       settings.degrade_queue_fraction,
-                                                      settings.degrade_kv_watermark))
+                                                      settings.degrade_kv_watermark, settings.max_num_seqs,
+                                                      settings.degrade_utilization,
+                                                      settings.refuse_unreachable_budgets))
     source, origin = find_template(settings.model, settings.chat_template)
     template = ChatTemplate(source, origin, eos_token="<|endoftext|>")
     max_len = engine_config(settings).model_len(cfg)

@@ -25,6 +25,8 @@ _FLAGS = {
     "--served-model-name": ("served_model_name", str, "base model id (default: the directory name)"),
     "--api-key-file": ("api_key_file", str, "file with one API key a line (keys also from $COLM_API_KEYS)"),
     "--max-waiting": ("max_waiting", int, "queued requests before 429 (default 256)"),
+    "--degrade-utilization": ("degrade_utilization", float, ("engine time share of the recent load above "
+                              "which unpinned requests get fewer chains (default 0.85)")),
     "--max-num-seqs": ("max_num_seqs", int, "running sequences at most (default 64)"),
     "--max-num-batched-tokens": ("max_num_batched_tokens", int, "tokens per engine step (default 512)"),
     "--max-body-bytes": ("max_body_bytes", str, "request body limit (default 1MiB)"),
@@ -54,6 +56,8 @@ _SWITCHES = {
     "--metrics-auth": ("metrics_auth", "require an API key on /metrics"),
     "--no-warmup": ("warmup", "skip the warm-up requests at start-up"),
     "--no-access-log": ("access_log", "no per-request access log lines"),
+    "--refuse-unreachable-budgets": ("refuse_unreachable_budgets", "429 for unpinned requests whose latency "
+                                     "budget even 1 chain is predicted to miss"),
 }
 
 

@@ -2,8 +2,13 @@
 their budget or being refused.
 
 A request is unpinned when the client did not fix its chain count (by model id or `chains`): tier,
-budget and default requests. At admission, three signals can lower its chain count, each counted
+budget and default requests. At admission, four signals can lower its chain count, each counted
 with its reason:
+
+- "capacity": the load admitted over the last few seconds would take more than `utilization` of the
+  engine's time at its chain count (LatencyPredictor.utilization): it gets the largest chain count at
+  which that load fits, else 1 chain. A batch costs what its widest rows cost, so this keeps the whole
+  batch narrow enough to keep up with the arrivals instead of letting a queue grow.
 
 - "budget": it has a latency target (its own or its tier's) that the predicted latency at its chain
   count misses: it gets the largest chain count that fits, else 1 chain.
@@ -12,6 +17,9 @@ with its reason:
   refused (429) while unpinned ones are still admitted at 1 chain, up to the headroom.
 - "kv_cache": (plain CoLM) the pool of its top chain is above `degrade_kv_watermark`: it drops the
   chains whose pools are that full, so it does not wait for blocks there.
+
+With `refuse_unreachable` (off by default), an unpinned request with a budget that even 1 chain is
+predicted to miss (before the prediction's correction) is refused with 429 `budget_unreachable`.
 
 Admitted requests that are unpinned may also be shrunk later by the engine under memory pressure
 (EngineRequest.min_chains = 1); pinned ones never are.
@@ -37,10 +45,13 @@ class DegradationConfig:
     hard_queue_limit: int
     queue_fraction: float = 0.5
     kv_watermark: float = 0.9
+    max_num_seqs: int = 64
+    utilization: float = 0.85
+    refuse_unreachable: bool = False
 
 
 class DegradationPolicy:
-    """Applies the three signals to a routed choice; raises Overloaded when it must refuse."""
+    """Applies the four signals to a routed choice; raises Overloaded when it must refuse."""
 
     def __init__(self, cfg: ModelConfig, config: DegradationConfig):
         self.cfg, self.config = cfg, config
@@ -51,12 +62,26 @@ class DegradationPolicy:
         self._admit_or_refuse(choice, stats)
         if choice.pinned:
             return choice
-        for signal in (self._budget, self._queue, self._kv_cache):
+        for signal in (self._capacity, self._budget, self._queue, self._kv_cache):
             k = signal(choice, stats, predictor, prompt_tokens, max_tokens)
             if k is not None and k < choice.chains:
                 why = signal.__name__.lstrip("_")
                 choice = choice.degraded(k, why, predictor.predict(k, prompt_tokens, max_tokens))
+        if self.config.refuse_unreachable:
+            self._refuse_unreachable(choice, predictor, prompt_tokens, max_tokens)
         return choice
+
+    @staticmethod
+    def _refuse_unreachable(choice: ChainChoice, predictor: LatencyPredictor, prompt_tokens: int,
+                            max_tokens: int) -> None:
+        """429 for a budgeted request that misses its budget even at 1 chain by the uncorrected
+        prediction: admitted, it would only lengthen the queue that makes the next requests late too."""
+        if choice.latency_budget_ms is None or choice.chains > 1:
+            return  # a count above 1 survived the budget checks: it fits
+        predicted = predictor.predict_raw(1, prompt_tokens, max_tokens)
+        if predicted * 1000 > choice.latency_budget_ms:
+            raise Overloaded(f"the latency budget of {choice.latency_budget_ms:g} ms cannot be met now (predicted "
+                             f"{predicted * 1000:.0f} ms at 1 chain); retry later", code="budget_unreachable")
 
     def _admit_or_refuse(self, choice: ChainChoice, stats: EngineStats) -> None:
         limit = self.config.max_waiting if choice.pinned else self.config.hard_queue_limit
@@ -64,6 +89,12 @@ class DegradationPolicy:
             who = "requests that pin a chain count" if choice.pinned else "requests"
             raise Overloaded(f"the waiting queue is full ({stats.waiting} waiting, limit {limit} for "
                              f"{who}); retry later or let the server choose the chain count")
+
+    def _capacity(self, choice: ChainChoice, stats, predictor: LatencyPredictor, *_) -> int | None:
+        for k in range(choice.chains, 0, -1):
+            if predictor.utilization(k, self.config.max_num_seqs) <= self.config.utilization:
+                return k
+        return 1
 
     def _budget(self, choice: ChainChoice, stats, predictor: LatencyPredictor, prompt_tokens: int,
                 max_tokens: int) -> int | None:

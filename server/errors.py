@@ -135,6 +135,7 @@ _HTTP_ERRORS = {404: ("not_found_error", "not_found"), 405: ("invalid_request_er
 
 
 _REJECT_REASONS = {(400, "context_length_exceeded"): "too_long", (429, "rate_limit_exceeded"): "rate_limited",
+                   (429, "budget_unreachable"): "budget_unreachable",
                    (499, "slow_client"): "slow_client", 401: "unauthorized", 404: "not_found",
                    413: "body_too_large", 429: "queue_full", (503, "draining"): "draining", 503: "not_ready"}
 

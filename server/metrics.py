@@ -102,7 +102,7 @@ class ServerMetrics:
                                        "(streams: until the last byte)", ["route", "method", "status"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
         for reason in ("invalid", "too_long", "unauthorized", "not_found", "body_too_large", "queue_full",
-                       "draining", "not_ready"):
+                       "budget_unreachable", "draining", "not_ready"):
             self.rejected.labels(reason)  # export zeros, so alerts and dashboards see the series
-        for reason in ("budget", "queue", "kv_cache"):
+        for reason in ("capacity", "budget", "queue", "kv_cache"):
             self.downgrades.labels(reason)

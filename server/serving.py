@@ -183,7 +183,7 @@ class RequestRun:
             raise self._api_error(failure)
         self._tasks = [asyncio.create_task(self._pump(i, it, first))
                        for i, (it, first) in enumerate(zip(iters, firsts))]
-        self.state.runs.add(self)
+        self.state.track(self)
 
     async def _discard(self, firsts: list[asyncio.Future]) -> None:
         self._closed = True
@@ -285,7 +285,7 @@ class RequestRun:
         if self._closed:
             return
         self._closed = True
-        self.state.runs.discard(self)
+        self.state.untrack(self)
         for task in self._tasks:
             task.cancel()  # closes the engine stream, which aborts the request in the engine
         for t, r in zip(self.tracks, self.requests):
@@ -316,6 +316,8 @@ def record_metrics(state: ServerState, choice: ChainChoice, t: _Track, n: int, a
         return
     e2e = t.end - arrival
     m.e2e.labels(k).observe(e2e)
+    if choice.predicted_s:
+        state.correction.observe(e2e, choice.predicted_s / choice.correction)
     longest = max(t.tokens.values(), default=0)
     if t.first_token_s is not None and longest > 1:
         m.tpot.labels(k).observe(max(0.0, e2e - t.first_token_s) / (longest - 1))

@@ -54,6 +54,11 @@ class ServerSettings(BaseSettings):
                                           "requests start losing chains")
     degrade_kv_watermark: float = Field(0.9, gt=0, le=1, description="pool usage above which unpinned "
                                         "requests avoid that chain's pool")
+    degrade_utilization: float = Field(0.85, gt=0, description="share of the engine's time the recent load "
+                                       "may take at a chain count before unpinned requests get fewer chains "
+                                       "(above 1: only a growing queue degrades)")
+    refuse_unreachable_budgets: bool = Field(False, description="429 for unpinned requests whose latency budget "
+                                             "even 1 chain is predicted to miss")
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(512, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)

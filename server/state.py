@@ -16,6 +16,7 @@ from server.auth import APIKeyChecker
 from server.chat_template import ChatTemplate
 from server.degradation import DegradationPolicy
 from server.errors import ContextTooLong, InvalidRequest, Unavailable
+from server.load import InFlightChains, OfferedLoad, PredictionCorrection
 from server.metrics import ServerMetrics
 from server.ratelimit import RateLimiter, RateLimits, current_api_key
 from server.routing import ChainChoice, ChainRouter, LatencyPredictor, RouteHints
@@ -67,11 +68,14 @@ class ServerState:
         self.auth = APIKeyChecker(settings.all_api_keys)
         self.limiter = RateLimiter(RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm))
         self.queue_time = QueueTimeAverage()
+        self.offered = OfferedLoad()
+        self.inflight = InFlightChains()
+        self.correction = PredictionCorrection()
         self.ready = False
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._drain_task: asyncio.Task | None = None
-        self.runs: set = set()  # the RequestRuns in flight, for the engine watchdog
+        self.runs: set = set()  # the RequestRuns in flight (engine watchdog, chain counts in flight)
         self._watchdog: asyncio.Task | None = None
 
     def start_watchdog(self, period: float = 0.5) -> None:
@@ -112,7 +116,20 @@ class ServerState:
         return self.engine.stats()
 
     def predictor(self, stats: EngineStats) -> LatencyPredictor:
-        return LatencyPredictor(self.cfg, stats, self.queue_time.estimate(stats.waiting, time.monotonic()))
+        now = time.monotonic()
+        return LatencyPredictor(self.cfg, stats, self.queue_time.estimate(stats.waiting, now),
+                                widest=self.inflight.widest, correction=self.correction.factor,
+                                offered=self.offered.snapshot(now))
+
+    def track(self, run) -> None:
+        """A RequestRun the engine accepted: in flight until untrack()."""
+        self.runs.add(run)
+        self.inflight.add(run.choice.chains)
+
+    def untrack(self, run) -> None:
+        if run in self.runs:
+            self.runs.discard(run)
+            self.inflight.remove(run.choice.chains)
 
     def encode(self, text: str, param: str) -> list[int]:
         """Token ids of client text; 400 for text that is not valid Unicode (lone surrogates)."""
@@ -154,6 +171,7 @@ class ServerState:
         choice = self.router.route(hints, predictor, prompt_tokens, max_tokens)
         choice = self.policy.apply(choice, stats, predictor, prompt_tokens, max_tokens)
         self.limiter.charge(current_api_key.get(), prompt_tokens + max_tokens)
+        self.offered.observe(time.monotonic(), prompt_tokens, max_tokens)
         for why in choice.degrade_reasons:
             self.metrics.downgrades.labels(why).inc()
         self.metrics.routed.labels(choice.reason, str(choice.chains)).inc()

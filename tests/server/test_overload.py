@@ -2,7 +2,8 @@
 are admitted with fewer chains (SLO-aware degradation), each downgrade counted with its reason.
 
 The server runs one sequence at a time (--max-num-seqs 1) with a queue of 2, so three long requests
-fill it: one running, two waiting.
+fill it: one running, two waiting. The capacity signal is off here (a huge utilization target), so
+that the queue signal is the one that degrades.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from tests.server.conftest import assert_error, metric, scrape, start_server
 @pytest.fixture(scope="module")
 def busy_server(tmp_path_factory, model_dir):
     s = start_server(tmp_path_factory, model_dir, "busy", args=["--max-num-seqs", "1", "--max-waiting", "2"],
-                     env={"COLM_DEGRADED_QUEUE_HEADROOM": "1.0", "COLM_DEGRADE_QUEUE_FRACTION": "0.5"})
+                     env={"COLM_DEGRADED_QUEUE_HEADROOM": "1.0", "COLM_DEGRADE_QUEUE_FRACTION": "0.5",
+                          "COLM_DEGRADE_UTILIZATION": "1000"})
     yield s
     s.stop()
 

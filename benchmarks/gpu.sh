@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The engine and model benchmarks on CUDA, and decode step time against the memory-bandwidth bound
-# of a ~1B-parameter random CoLM, CoLM-Air first-chain prefill and self-speculative decoding. Under 11
-# minutes on one H200 (the step limits add up to 620 s; the steps usually take far less).
+# of a ~1B-parameter random CoLM, CoLM-Air first-chain prefill and self-speculative decoding. Under 8
+# minutes on one H200: each step has a time limit and the limits add up to 465 s (a step that runs
+# over is reported as FAILED and the script goes on).
 # Needs torch (CUDA build), safetensors, tokenizers and numpy importable; transformers is optional
 # (without it the HF comparison is skipped).
 #
@@ -73,12 +74,12 @@ step() {  # step NAME SECONDS ARGS...: one benchmark, its JSON in $OUT/NAME.json
   fi
 }
 
-step bandwidth 120 bandwidth --device "$DEVICE" --dtype "$DTYPE" "${BW[@]}"
-step model 60 model --device "$DEVICE" --dtype "$DTYPE" "${MODEL[@]}"
-step engine 90 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE[@]}"
-step engine_big 200 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE_BIG[@]}"
-step prefill 90 prefill --device "$DEVICE" --dtype "$DTYPE" "${PREFILL[@]}"
-step speculative 60 speculative --device "$DEVICE" --dtype "$DTYPE" "${SPEC[@]}"
+step bandwidth 90 bandwidth --device "$DEVICE" --dtype "$DTYPE" "${BW[@]}"
+step model 45 model --device "$DEVICE" --dtype "$DTYPE" "${MODEL[@]}"
+step engine 70 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE[@]}"
+step engine_big 150 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE_BIG[@]}"
+step prefill 65 prefill --device "$DEVICE" --dtype "$DTYPE" "${PREFILL[@]}"
+step speculative 45 speculative --device "$DEVICE" --dtype "$DTYPE" "${SPEC[@]}"
 
 for f in bandwidth model engine engine_big prefill speculative; do
   echo "--- $f"; cat "$OUT/$f.json" 2>/dev/null; echo

@@ -56,6 +56,32 @@ def test_mixed_chain_batch_equals_each_row_alone(setting):
                                    full_logits(model, ids, k)[-1], **TOL)
 
 
+@pytest.mark.parametrize("setting", SETTINGS, ids=IDS)
+@pytest.mark.parametrize("pattern", ["all-full", "mixed-gaps", "all-one", "prefill-above-decodes"])
+def test_decode_steps_of_every_chain_pattern_equal_each_row_alone(setting, pattern):
+    """Decode rows attend as (sequence, chain) pairs: every row at the batch's chain count (the pairs are
+    the queries' own order), counts with gaps, one chain only, and a prefill wider than every decode."""
+    cfg = small_config(**setting)
+    model = random_model(cfg)
+    n = cfg.n_chains
+    chains = {"all-full": [n, n, n], "mixed-gaps": [n, 1, n, 1 + n // 2, 1], "all-one": [1, 1, 1],
+              "prefill-above-decodes": [1, 1 + (n - 1) // 2, 1]}[pattern]
+    seqs = [(i, rand_ids(cfg, 6 + 5 * i, seed=20 + i), k) for i, k in enumerate(chains)]
+    batched = PagedRunner(model, seed=7)
+    alone = {sid: PagedRunner(model, seed=sid + 3) for sid, _, _ in seqs}
+    for sid, ids, k in seqs:  # prompts: each alone, in both runners
+        batched.step([(sid, ids[:-2], 0, k)])
+        alone[sid].step([(sid, ids[:-2], 0, k)])
+    for t in (2, 1):
+        items = [(sid, ids[-t : len(ids) - t + 1], len(ids) - t, k) for sid, ids, k in seqs]
+        if pattern == "prefill-above-decodes" and t == 1:
+            items.append((50, rand_ids(cfg, 7, seed=50), 0, n))
+            alone[50] = PagedRunner(model, seed=50)
+        got = batched.step(items)
+        for (sid, toks, ctx, k), g in zip(items, got):
+            torch.testing.assert_close(g, alone[sid].step([(sid, toks, ctx, k)])[0], **TOL)
+
+
 def test_rows_pay_only_for_their_chains():
     """A chain's blocks run on exactly the rows that use it: every matmul on a chain block's weight is
     recorded (F.linear in training, torch.mm / addmm into the output in inference)."""

@@ -92,69 +92,79 @@ class ForwardBatch:
             assert len(s.block_tables) >= cfg.pools_for(s.chains), "a block table per used pool"
             assert 1 <= s.num_logits <= len(s.token_ids)
         kmax = ss[0].chains
-        pack = _Packer()  # every integer array of the step becomes ONE tensor: one copy to the device
-        ids, pos, starts = [], [], []
-        for s in ss:
-            starts.append(len(ids))
-            ids.extend(int(t) for t in s.token_ids)
-            pos.extend(range(s.ctx_len, s.ctx_len + len(s.token_ids)))
-        n_tok = [len(s.token_ids) for s in ss]
-        rows = tuple(sum(n for n, s in zip(n_tok, ss) if s.chains > j) for j in range(kmax))
-        last_rows = [st + n - 1 for st, n in zip(starts, n_tok)]
-        logit_rows = [r for s, last in zip(ss, last_rows) for r in range(last - s.num_logits + 1, last + 1)]
-        p_ids, p_pos, p_last = pack.add(ids), pack.add(pos), pack.add(logit_rows)
-
-        def slots_for(p: int) -> list[int]:
-            out = []
-            for s in ss:
-                if cfg.pools_for(s.chains) <= p:
-                    break  # sorted descending: later sequences use fewer pools too
-                table = s.block_tables[p]
-                out.extend(table[q // block_size] * block_size + q % block_size
-                           for q in range(s.ctx_len, s.ctx_len + len(s.token_ids)))
-            return out
-
         n_pools = cfg.pools_for(kmax)
-        p_slots = [pack.add(slots_for(p)) for p in range(n_pools)]
-        dec = [i for i, s in enumerate(ss) if len(s.token_ids) == 1]
-        dec_len = max((ss[i].ctx_len + 1 for i in dec), default=0)
-        nb_max = -(-dec_len // block_size)
-
-        def table(s: SeqSpec, p: int, nb: int) -> list[int]:
-            t = list(s.block_tables[p][:nb])
-            return t + [t[0]] * (nb - len(t))  # pad with a real block; masked out below
-
-        p_tables = []
-        for p in range(n_pools):
-            users = [i for i in dec if cfg.pools_for(ss[i].chains) > p]
-            p_tables.append(pack.add([b for i in users for b in table(ss[i], p, nb_max)], (len(users), max(nb_max, 1))))
-        drows = [last_rows[i] for i in dec]
-        p_drows, p_lens = pack.add(drows), pack.add([ss[i].ctx_len + 1 for i in dec])
-        pre = [(i, s) for i, s in enumerate(ss) if len(s.token_ids) > 1]
-        p_pre = [[pack.add(table(s, p, -(-(s.ctx_len + len(s.token_ids)) // block_size)), (1, -1))
-                  for p in range(cfg.pools_for(s.chains))] for _, s in pre]
+        bs = block_size
+        dec_len = max((s.ctx_len + 1 for s in ss if len(s.token_ids) == 1), default=0)
+        nb_max = -(-dec_len // bs)
+        # One pass over the sequences fills every per-row and per-pool list.
+        ids, pos, starts, logit_rows, drows, lens = [], [], [], [], [], []
+        slots: list[list[int]] = [[] for _ in range(n_pools)]
+        tables: list[list[int]] = [[] for _ in range(n_pools)]  # decode block tables, flat, nb_max per row
+        users = [0] * n_pools  # decode sequences per pool
+        rows, dec_count = [0] * kmax, [0] * kmax  # rows / decode sequences that use chain j
+        pre = []  # (sorted index, its per-pool tables) of multi-token sequences
+        for i, s in enumerate(ss):
+            n, c, P = len(s.token_ids), s.ctx_len, cfg.pools_for(s.chains)
+            for j in range(s.chains):
+                rows[j] += n
+                dec_count[j] += n == 1
+            starts.append(len(ids))
+            if n == 1:  # a decode row (most rows of most steps): no per-token loops
+                ids.append(int(s.token_ids[0]))
+                pos.append(c)
+                drows.append(len(ids) - 1)
+                logit_rows.append(len(ids) - 1)
+                lens.append(c + 1)
+                for p in range(P):
+                    bt = s.block_tables[p]
+                    slots[p].append(bt[c // bs] * bs + c % bs)
+                    tables[p].extend(_padded(bt, nb_max))
+                    users[p] += 1
+                continue
+            ids.extend(int(t) for t in s.token_ids)
+            pos.extend(range(c, c + n))
+            last = len(ids) - 1
+            logit_rows.extend(range(last - s.num_logits + 1, last + 1))
+            for p in range(P):
+                bt = s.block_tables[p]
+                slots[p].extend(bt[q // bs] * bs + q % bs for q in range(c, c + n))
+            nb = -(-(c + n) // bs)
+            pre.append((i, [_padded(s.block_tables[p], nb) for p in range(P)]))
+        pack = _Packer()  # every integer array of the step becomes ONE tensor: one copy to the device
+        p_ids, p_pos, p_last = pack.add(ids), pack.add(pos), pack.add(logit_rows)
+        p_slots = [pack.add(x) for x in slots]
+        p_tables = [pack.add(x, (u, max(nb_max, 1))) for x, u in zip(tables, users)]
+        p_drows, p_lens = pack.add(drows), pack.add(lens)
+        p_pre = [[pack.add(x, (1, -1)) for x in tabs] for _, tabs in pre]
         t = pack.tensors(device)
         dec_mask = None
-        if dec:
+        if lens:
             dec_mask = (torch.arange(dec_len, device=device)[None, :] < t[p_lens][:, None])[:, None, None, :]
         prefills = []
-        for (i, s), tables in zip(pre, p_pre):
+        for (i, _), tabs in zip(pre, p_pre):
+            s = ss[i]
             q_len = len(s.token_ids)
             total = s.ctx_len + q_len
             mask = None
             if s.ctx_len:
                 qpos = torch.arange(s.ctx_len, total, device=device)[:, None]
                 mask = (torch.arange(total, device=device)[None, :] <= qpos)[None, None]
-            prefills.append(PrefillGroup(starts[i], q_len, total, s.chains, [t[j] for j in tables], mask))
+            prefills.append(PrefillGroup(starts[i], q_len, total, s.chains, [t[j] for j in tabs], mask))
         return ForwardBatch(
             input_ids=t[p_ids], positions=t[p_pos],
-            chains=kmax, rows=rows, order=tuple(order), seq_chains=tuple(s.chains for s in ss),
+            chains=kmax, rows=tuple(rows), order=tuple(order), seq_chains=tuple(s.chains for s in ss),
             last_rows=t[p_last], num_logits=tuple(s.num_logits for s in ss), slots=[t[j] for j in p_slots],
             dec_rows=t[p_drows],
             dec_start=drows[0] if drows and drows == list(range(drows[0], drows[0] + len(drows))) else None,
-            dec_count=tuple(sum(1 for i in dec if ss[i].chains > j) for j in range(kmax)),
+            dec_count=tuple(dec_count),
             dec_tables=[t[j] for j in p_tables], dec_len=dec_len, dec_mask=dec_mask, prefills=tuple(prefills),
         )
+
+
+def _padded(table: Sequence[int], nb: int) -> list[int]:
+    """The first nb block ids of a table, padded with a real block (its padding is masked out)."""
+    t = list(table[:nb])
+    return t + [t[0]] * (nb - len(t))
 
 
 class _Packer:

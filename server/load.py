@@ -2,7 +2,7 @@
 in flight, and how far its latency predictions have been off.
 
 All three are plain in-process counters (no engine calls), read by ServerState.predictor() at every
-admission and updated when a request is admitted, starts, or closes.
+admission and updated when a request reaches admission, starts, or closes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class Offered:
-    """The load admitted over the last window: requests/s and their mean prompt and max_tokens."""
+    """The demand over the last window: requests/s and their mean prompt and max_tokens."""
 
     rate: float = 0.0
     prompt_tokens: float = 0.0
@@ -24,7 +24,8 @@ class Offered:
 
 @dataclass
 class OfferedLoad:
-    """Admissions over the last `window` seconds, a sliding window that follows a load rising within it.
+    """Requests that reached admission (admitted or refused: the demand) over the last `window` seconds,
+    a sliding window that follows a load rising within it.
 
     The rate divides by the span the window has seen, at least `min_span` seconds: right after an idle
     spell a burst shows its rate within about a second instead of ramping up over the whole window."""

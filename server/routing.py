@@ -136,7 +136,7 @@ class LatencyPredictor:
     the queue wait from the server's live queue estimate, `correction` from how far recent predictions
     were off (server.load.PredictionCorrection). A chain count never measured yet borrows the nearest
     measured one, scaled by width (compute grows with width); with nothing measured the prediction is 0
-    (optimistic). `offered` (the load admitted lately) gives utilization(k), the share of the engine's
+    (optimistic). `offered` (the recent demand) gives utilization(k), the share of the engine's
     time that load would take if it all ran at k chains.
     """
 

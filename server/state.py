@@ -167,11 +167,13 @@ class ServerState:
         stats = self.stats()
         if not stats.alive:
             raise Unavailable("the engine has stopped; the server needs a restart", code="engine_dead")
+        # The demand, refused requests included: counting only admissions would read a load that is being
+        # refused as spare capacity, and widen the batch that made the queue overflow.
+        self.offered.observe(time.monotonic(), prompt_tokens, max_tokens)
         predictor = self.predictor(stats)
         choice = self.router.route(hints, predictor, prompt_tokens, max_tokens)
         choice = self.policy.apply(choice, stats, predictor, prompt_tokens, max_tokens)
         self.limiter.charge(current_api_key.get(), prompt_tokens + max_tokens)
-        self.offered.observe(time.monotonic(), prompt_tokens, max_tokens)
         for why in choice.degrade_reasons:
             self.metrics.downgrades.labels(why).inc()
         self.metrics.routed.labels(choice.reason, str(choice.chains)).inc()

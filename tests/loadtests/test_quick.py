@@ -59,6 +59,11 @@ def test_quick_scenario(load_server, tmp_path):
         for block in p["per_chains"].values():
             check_block(block)
     assert (out / "summary.md").read_text().startswith("# Load test: quick")
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == s["requests"]  # one line per request sent, in every phase
+    assert {r["phase"] for r in records} == {p["name"] for p in s["phases"]}
+    assert sum(r["outcome"] == "cancelled" for r in records) == s["cancelled"]
+    assert all(r["sent_at"] >= 0 and "itl_s" not in r for r in records)
     if importlib.util.find_spec("matplotlib") is not None:
         for name in ("latency_vs_load.png", "chains_vs_load.png"):
             assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,10 +5,11 @@ A request is unpinned when the client did not fix its chain count (by model id o
 budget and default requests. At admission, four signals can lower its chain count, each counted
 with its reason:
 
-- "capacity": the load admitted over the last few seconds would take more than `utilization` of the
-  engine's time at its chain count (LatencyPredictor.utilization): it gets the largest chain count at
-  which that load fits, else 1 chain. A batch costs what its widest rows cost, so this keeps the whole
-  batch narrow enough to keep up with the arrivals instead of letting a queue grow.
+- "capacity": the recent demand (server.load.Demand, refused requests included) plus the waiting queue
+  would take more than `utilization` of the engine's time at its chain count
+  (LatencyPredictor.utilization): it gets the largest chain count at which that load fits, else 1
+  chain. A batch costs what its widest rows cost, so this keeps the whole batch narrow enough to keep
+  up with the arrivals instead of letting a queue grow.
 
 - "budget": it has a latency target (its own or its tier's) that the predicted latency at its chain
   count misses: it gets the largest chain count that fits, else 1 chain.

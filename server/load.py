@@ -10,7 +10,7 @@ from __future__ import annotations
 import bisect
 import math
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,27 @@ class OfferedLoad:
             return Offered()
         span = min(self.window, max(self.min_span, now - self._since))
         return Offered(n / span, self._prompt_sum / n, self._max_tokens_sum / n)
+
+
+@dataclass
+class Demand:
+    """The demand the capacity signal plans for: the rate of the last `recent` seconds (a rise shows
+    within about a second), held up by the rate of the last `held` seconds, so that a pause (a client
+    that stalls and then sends a burst, a lull between bursts) is not read as spare capacity until the
+    longer window has seen it. The mean lengths come from the recent window while it has requests."""
+
+    recent: OfferedLoad = field(default_factory=lambda: OfferedLoad(window=3.0))
+    held: OfferedLoad = field(default_factory=lambda: OfferedLoad(window=15.0))
+
+    def observe(self, now: float, prompt_tokens: int, max_tokens: int) -> None:
+        self.recent.observe(now, prompt_tokens, max_tokens)
+        self.held.observe(now, prompt_tokens, max_tokens)
+
+    def snapshot(self, now: float) -> Offered:
+        short, long = self.recent.snapshot(now), self.held.snapshot(now)
+        if short.rate >= long.rate:
+            return short
+        return long if short.rate == 0 else replace(short, rate=long.rate)
 
 
 @dataclass

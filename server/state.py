@@ -16,7 +16,7 @@ from server.auth import APIKeyChecker
 from server.chat_template import ChatTemplate
 from server.degradation import DegradationPolicy
 from server.errors import ContextTooLong, InvalidRequest, Unavailable
-from server.load import InFlightChains, OfferedLoad, PredictionCorrection
+from server.load import Demand, InFlightChains, PredictionCorrection
 from server.metrics import ServerMetrics
 from server.ratelimit import RateLimiter, RateLimits, current_api_key
 from server.routing import ChainChoice, ChainRouter, LatencyPredictor, RouteHints
@@ -68,7 +68,7 @@ class ServerState:
         self.auth = APIKeyChecker(settings.all_api_keys)
         self.limiter = RateLimiter(RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm))
         self.queue_time = QueueTimeAverage()
-        self.offered = OfferedLoad()
+        self.offered = Demand()
         self.inflight = InFlightChains()
         self.correction = PredictionCorrection()
         self.ready = False

@@ -9,7 +9,13 @@ from colm_runtime.engine.types import EngineStats
 from colm_runtime.testing import small_config
 from server.degradation import DegradationConfig, DegradationPolicy
 from server.errors import Overloaded
-from server.load import InFlightChains, Offered, OfferedLoad, PredictionCorrection
+from server.load import (
+    Demand,
+    InFlightChains,
+    Offered,
+    OfferedLoad,
+    PredictionCorrection,
+)
 from server.routing import (
     DRAIN_S,
     ChainRouter,
@@ -97,6 +103,20 @@ def test_offered_load_is_a_sliding_window():
     assert o.snapshot(20.0) == Offered()
     o.observe(30.0, 5, 5)  # a new spell after the window emptied
     assert o.snapshot(30.2).rate == pytest.approx(1.0)
+
+
+def test_demand_holds_through_a_pause():
+    """A pause does not read as spare capacity until the longer window has seen it; a rise shows at once."""
+    d = Demand(OfferedLoad(window=2.0), OfferedLoad(window=10.0))
+    for i in range(100):  # 20 requests/s for 5 s
+        d.observe(i * 0.05, prompt_tokens=10, max_tokens=4)
+    assert d.snapshot(5.0).rate == pytest.approx(20.0)
+    assert d.snapshot(8.0).rate == pytest.approx(100 / 8.0)  # 3 s of silence: the long window holds
+    assert d.snapshot(16.0) == Offered()  # everything older than the long window: none
+    for i in range(50):  # a burst at 50 requests/s after the pause
+        d.observe(20.0 + i * 0.02, prompt_tokens=30, max_tokens=4)
+    burst = d.snapshot(21.0)
+    assert burst.rate == pytest.approx(50.0) and burst.prompt_tokens == 30
 
 
 def test_in_flight_chains():

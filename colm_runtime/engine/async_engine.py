@@ -40,7 +40,7 @@ class AsyncEngine(EngineClient):
         self.tokenizer = engine.tokenizer
         self.model_name = engine.model_name
         self._idle_wait = idle_wait
-        self._lock = threading.Lock()  # guards _commands and _streams
+        self._lock = threading.Lock()  # guards _commands, _streams, _stats and _taken
         self._wake = threading.Event()
         self._commands: deque[tuple[str, object]] = deque()
         self._streams: dict[str, _Stream] = {}
@@ -48,6 +48,7 @@ class AsyncEngine(EngineClient):
         self._draining = False
         self._stop = False
         self._stats = engine.stats()
+        self._taken = 0  # adds the thread took from _commands since it last published _stats
 
     @classmethod
     def from_model_dir(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> "AsyncEngine":
@@ -73,8 +74,9 @@ class AsyncEngine(EngineClient):
                 raise InvalidRequest(f"request id {rid!r} is already in flight")
             # The queue bound, checked here in the caller as well as in the engine thread: the caller
             # then learns of a full queue before the request streams (a 429, not a 200 whose stream
-            # fails). Adds not yet taken by the thread count as waiting.
-            queued = self._stats.waiting + sum(1 for c in self._commands if c[0] == "add")
+            # fails). Adds not yet taken by the thread, and those it took during the step whose stats
+            # are not out yet, count as waiting.
+            queued = self._stats.waiting + self._taken + sum(1 for c in self._commands if c[0] == "add")
             if queued >= self.engine.config.max_waiting:
                 raise EngineOverloaded(f"{queued} requests are waiting; retry later")
             self._streams[rid] = stream
@@ -122,7 +124,7 @@ class AsyncEngine(EngineClient):
         while not self._stop:
             self._run_commands()
             if not eng.has_unfinished:
-                self._stats = eng.stats()
+                self._publish()
                 self._wake.wait(self._idle_wait)
                 self._wake.clear()
                 continue
@@ -133,7 +135,7 @@ class AsyncEngine(EngineClient):
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
-            self._stats = eng.stats()  # before the outputs: a consumer woken by them sees this step
+            self._publish()  # before the outputs: a consumer woken by them sees this step
             self._dispatch(outputs)
             if eng.metrics.steps == steps and not outputs:  # nothing could run: do not spin
                 self._wake.wait(0.005)
@@ -146,12 +148,15 @@ class AsyncEngine(EngineClient):
                 if not self._commands:
                     return
                 kind, arg = self._commands.popleft()
+                self._taken += kind == "add"
             if kind == "abort":
                 self.engine.abort(arg)  # type: ignore[arg-type]
                 continue
             req: EngineRequest = arg  # type: ignore[assignment]
             try:
-                self.engine.add_request(req)
+                # The caller already checked the queue bound, counting every add in flight: a second check
+                # here could only refuse a request whose stream has begun.
+                self.engine.add_request(req, check_queue=False)
             except EngineError as e:
                 self._send(req.request_id, e)
             except Exception as e:  # a fault in this request's own processing: it alone fails
@@ -208,7 +213,13 @@ class AsyncEngine(EngineClient):
         for kind, arg in queued:
             if kind == "add":
                 self._send(arg.request_id, EngineStopped("the engine stopped"))  # type: ignore[attr-defined]
-        self._stats = eng.stats()
+        self._publish()
+
+    def _publish(self) -> None:
+        """New stats for callers; the adds taken so far are in them now."""
+        stats = self.engine.stats()
+        with self._lock:
+            self._stats, self._taken = stats, 0
 
 
 def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

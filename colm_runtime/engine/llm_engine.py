@@ -119,12 +119,13 @@ class LLMEngine:
             raise InvalidRequest("chain_schedule must start at the request's chain count, and min_chains "
                                  "may not exceed any scheduled chain count")
 
-    def add_request(self, req: EngineRequest) -> None:
-        """Queue a request; raises InvalidRequest, RequestTooLong or EngineOverloaded."""
+    def add_request(self, req: EngineRequest, check_queue: bool = True) -> None:
+        """Queue a request; raises InvalidRequest, RequestTooLong or EngineOverloaded (the latter only
+        with check_queue: AsyncEngine checks the bound in the caller, before the request streams)."""
         self.validate(req)
         if req.request_id in self.requests:
             raise InvalidRequest(f"request id {req.request_id!r} is already in flight")
-        if len(self.scheduler.waiting) >= self.config.max_waiting:
+        if check_queue and len(self.scheduler.waiting) >= self.config.max_waiting:
             raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are waiting; retry later")
         r = Request(req)
         r.seqs.append(self._new_seq(r, 0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 
 import pytest
 
@@ -98,6 +99,42 @@ async def test_a_full_queue_is_refused_before_any_output():
             next(step)  # the coroutine's first step, before it could await the engine thread
         await wait_idle(eng)
     finally:
+        await eng.shutdown()
+
+
+async def test_the_queue_bound_counts_requests_the_engine_thread_took_during_a_step():
+    """Requests the engine thread has taken but not yet reported (it reports after each step) count as
+    waiting: otherwise the caller admits past max_waiting and the engine refuses those requests later,
+    inside a stream the server has already answered with 200."""
+    engine = make_engine(diverse_model(), max_waiting=2, max_num_seqs=1)
+    taken, release = threading.Event(), threading.Event()
+    real = engine.runner.forward
+
+    def held(so, drafts=None):  # hold the step in which b and c are waiting (taken, not yet reported)
+        if len(engine.scheduler.waiting) == 2 and not release.is_set():
+            taken.set()
+            release.wait(10)
+        return real(so, drafts)
+
+    engine.runner.forward = held
+    eng = AsyncEngine(engine)
+    await eng.start()
+    try:
+        a = eng.generate(req(prompt(8), max_tokens=30, rid="a"))
+        await a.__anext__()  # a runs (max_num_seqs 1: b and c will wait)
+        b, c = (eng.generate(req(prompt(8, seed=i), max_tokens=2, rid=rid)) for i, rid in ((1, "b"), (2, "c")))
+        firsts = [asyncio.ensure_future(g.__anext__()) for g in (b, c)]
+        assert await asyncio.to_thread(taken.wait, 10)
+        step = anext(eng.generate(req(prompt(8, seed=3), rid="d"))).__await__()
+        with pytest.raises(EngineOverloaded):
+            next(step)  # refused in the caller, although the last published stats show no waiting
+        release.set()
+        await asyncio.gather(*firsts)
+        for g in (a, b, c):
+            assert [o async for o in g][-1].finish_reason == "length"
+        await wait_idle(eng)
+    finally:
+        release.set()
         await eng.shutdown()
 
 

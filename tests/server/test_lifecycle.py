@@ -115,7 +115,7 @@ def test_dead_engine_fails_requests_instead_of_hanging(model_dir):
         class Fatal(BaseException):
             """Not an Exception: per-request isolation does not catch it, so the loop dies."""
 
-        def broken(request):
+        def broken(request, **kwargs):
             raise Fatal("injected fault")
 
         app.state.colm.engine.engine.add_request = broken  # the engine thread dies on the next request

@@ -219,9 +219,9 @@ class AttnGroup:
 
 @dataclass(frozen=True)
 class DecodePairs:
-    """Every decode sequence of a plain CoLM step as (sequence, chain) pairs, pool-major: pair i is the
-    query heads of one chain of one row, attending that chain's own pool. One gather and one sdpa
-    serve every chain count in the batch, and a sequence at k chains contributes exactly k pairs.
+    """Every decode sequence of a plain CoLM step as (sequence, chain) pairs: pair i is the query heads
+    of one chain of one row, attending that chain's own pool. One gather and one sdpa serve every
+    chain count in the batch, and a sequence at k chains contributes exactly k pairs.
 
     q_idx: [Np] row * kmax + chain (an index into the queries viewed [T * kmax, c, hd]), None when it
     is 0..T*kmax-1 (every row of the step is a decode row at kmax chains: no gather, no scatter);

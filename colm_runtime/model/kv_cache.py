@@ -80,11 +80,8 @@ class ChainKVCache:
         """K/V of several pools at once: idx [B, pools*nb] holds global block ids (offsets[p] + block)
         -> k, v: [B, pools, length, kv_heads, hd]. Needs the shared layout (k_all)."""
         B = idx.shape[0]
-
-        def one(t: torch.Tensor) -> torch.Tensor:
-            g = t[layer].index_select(0, idx.flatten())  # [B*pools*nb, bs, H, hd]
-            return g.view(B, pools, -1, *g.shape[2:])[:, :, :length]
-        return one(self.k_all), one(self.v_all)
+        k, v = self.gather_blocks(layer, idx.view(B * pools, -1), length)  # [B*pools, length, H, hd]
+        return k.view(B, pools, *k.shape[1:]), v.view(B, pools, *v.shape[1:])
 
     def copy_blocks(self, pool: int, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy whole blocks src[i] -> dst[i] in one pool (all layers), e.g. for copy-on-write."""

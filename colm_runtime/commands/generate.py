@@ -29,11 +29,14 @@ def run(args: argparse.Namespace) -> int:
     from colm_runtime.generate import generate_tokens
     from colm_runtime.tokenizer import Tokenizer
 
-    model_dir = args.model or default_model_dir()
+    from colm_runtime.importers.llama import ImportRefused
+    from colm_runtime.importers.packaged import resolve_model
+
     try:
+        model_dir = resolve_model(args.model) or default_model_dir()
         model = load_model(model_dir, args.device, getattr(torch, args.dtype) if args.dtype else None)
         tok = Tokenizer.from_model_dir(model_dir)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, ImportRefused, ValueError) as e:
         raise CLIError(str(e)) from None
     n = model.cfg.n_chains
     chains = n if args.chains is None else args.chains

@@ -98,7 +98,7 @@ def dequantize(t, where: str) -> torch.Tensor:
         raise ImportRefused(f"{where}: tensor '{t.name}' of type {t.tensor_type.name} cannot be dequantized "
                             f"by the gguf package ({e})") from None
     shape = tuple(int(n) for n in reversed(list(t.shape)))
-    return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+    return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # a writable copy
 
 
 def import_gguf(src: str | Path, out: str | Path, dtype: str = "auto", unpermute_qk: bool = True) -> Path:

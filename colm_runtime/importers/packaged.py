@@ -53,12 +53,13 @@ def packaged_file(name: str) -> Path:
     return path
 
 
-def ensure_packaged(name: str) -> Path:
-    """The cached CoLM model directory of a named packaged model, importing it on first use."""
+def ensure_packaged(name: str, root: Path | None = None) -> Path:
+    """The cached CoLM model directory of a named packaged model (under `root`, default cache_dir()),
+    importing it on first use."""
     from colm_runtime.importers.gguf_file import import_gguf
 
     src = packaged_file(name)
-    root = cache_dir()
+    root = root or cache_dir()
     out = root / f"{name}-{src.stat().st_size}-v{IMPORT_VERSION}"  # a new package version: a new entry
     if (out / "config.json").is_file():
         return out

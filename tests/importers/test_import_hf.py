@@ -76,6 +76,26 @@ def test_tokenizer_eos_and_template_carried_over(imported):
     assert tok.encode(text) == Tokenizer.from_model_dir(hf_dir).encode(text)
 
 
+def test_engine_stops_at_any_eos_id(imported, tmp_path):
+    """generation_config's eos ids are a list; the engine ends a completion at any of them."""
+    import shutil
+
+    from colm_runtime.engine.config import EngineConfig
+    from colm_runtime.engine.llm_engine import LLMEngine
+    from colm_runtime.engine.types import EngineRequest, SamplingParams
+
+    _, colm_dir = imported
+    prompt = ids_of(colm_dir, PROMPTS[0])
+    free = colm_greedy(colm_dir, [prompt], 8)[0]
+    k = next(i for i in range(1, 8) if free[i] not in free[:i])  # a token not generated before
+    d = shutil.copytree(colm_dir, tmp_path / "m")
+    unused = next(t for t in range(1, 100) if t not in free)  # the primary eos never comes up here
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [unused, free[k]]}))
+    engine = LLMEngine.from_model_dir(d, EngineConfig(kv_cache_memory=1 << 23, block_size=4, dtype="float32"))
+    out = engine.generate([EngineRequest("r", prompt, SamplingParams(max_tokens=8, temperature=0.0), 1)])["r"][0]
+    assert out.token_ids == free[: k + 1] and out.finish_reason == "stop"
+
+
 def test_export_round_trip(imported, tmp_path):
     """import hf -> export hf: transformers loads the export and computes the original's logits."""
     hf_dir, colm_dir = imported

@@ -105,11 +105,13 @@ def load_settings(args: argparse.Namespace):
 def check_model(settings) -> None:
     """Fail fast, before uvicorn starts, on a model/tier/template problem."""
     from colm_runtime.checkpoint import load_config
+    from colm_runtime.tokenizer import Tokenizer
     from server.chat_template import ChatTemplate, ChatTemplateError, find_template
     from server.routing import ChainRouter, TierError, load_tiers
 
     try:
         cfg = load_config(settings.model)
+        Tokenizer.from_model_dir(settings.model)  # its eos ids and BOS too
         ChainRouter(cfg, settings.model_name, load_tiers(settings.tiers_file, cfg.n_chains), settings.default_tier)
         ChatTemplate(*find_template(settings.model, settings.chat_template))
     except (TierError, ChatTemplateError, ValueError, OSError) as e:

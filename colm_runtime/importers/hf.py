@@ -7,6 +7,7 @@ and generation_config.json (eos ids). Pickle files (pytorch_model.bin) are never
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -118,7 +119,13 @@ def tokenizer_files(d: Path) -> tuple[str, dict, dict, str | None]:
     tok_json = (d / "tokenizer.json").read_text()
     tokens = {k: (v.get("content") if isinstance(v, dict) else v) for k, v in tcfg.items()
               if k in ("bos_token", "eos_token") and v is not None}
-    out = {**tokens, "add_bos_token": bool(tcfg.get("add_bos_token", False))}
+    add_bos = tcfg.get("add_bos_token")
+    if add_bos is None:  # Llama 3 says it through tokenizer.json's post-processor instead
+        bos = template_bos(json.loads(tok_json))
+        add_bos = bos is not None
+        if bos is not None:
+            tokens.setdefault("bos_token", bos)
+    out = {**tokens, "add_bos_token": bool(add_bos)}
     eos = gen.get("eos_token_id", cfg.get("eos_token_id"))
     template = tcfg.get("chat_template")
     if (d / "chat_template.jinja").is_file():
@@ -135,6 +142,16 @@ def tokenizer_files(d: Path) -> tuple[str, dict, dict, str | None]:
     except Exception as e:
         raise ImportRefused(f"{d}: tokenizer files: {e}") from None
     return tok_json, out, gen_out, template
+
+
+def template_bos(tok_json: dict) -> str | None:
+    """The special token a tokenizer.json's TemplateProcessing puts before every single sequence."""
+    pp = tok_json.get("post_processor") or {}
+    for p in (pp.get("processors") or []) if pp.get("type") == "Sequence" else [pp]:
+        single = p.get("single") if p.get("type") == "TemplateProcessing" else None
+        if single and "SpecialToken" in single[0]:
+            return single[0]["SpecialToken"]["id"]
+    return None
 
 
 def import_hf(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:

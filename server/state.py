@@ -137,7 +137,8 @@ class ServerState:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidRequest(f"{param} is not valid UTF-8 text", param=param) from None
-        return self.tokenizer.encode(text)
+        # A raw prompt gets the model's BOS token if it wants one; a chat template writes its own.
+        return self.tokenizer.encode(text, add_bos=param == "prompt")
 
     def check_n(self, n: int) -> None:
         """n completions run side by side: more than max_num_seqs could never be scheduled."""

@@ -160,7 +160,7 @@ def ratios(ours: dict, theirs: dict) -> dict:
     """ours / theirs for every concurrency and metric both have."""
     out = {}
     for key, mine in ours.items():
-        if not key.startswith("c") or key not in theirs:
+        if not (key[:1] == "c" and key[1:].isdigit()) or not isinstance(theirs.get(key), dict):
             continue
         out[key] = {m: round(mine[m] / theirs[key][m], 3) for m in mine
                     if m in theirs[key] and m != "completed" and theirs[key][m]}

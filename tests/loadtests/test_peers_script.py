@@ -30,8 +30,9 @@ def test_ratios_are_ours_over_theirs_per_concurrency():
     # The keys of a `vllm bench serve --save-result` file that the script reads.
     theirs = peers.figures({"output_throughput": 400.0, "median_ttft_ms": 900.0, "median_tpot_ms": 75.0,
                             "median_itl_ms": 70.0, "p99_ttft_ms": 2000.0, "completed": 128, "date": "x"})
-    ours = {"c32": {**theirs, "output_throughput": 600.0, "median_ttft_ms": 450.0}, "startup_s": 3.0}
-    r = peers.ratios(ours, {"c32": theirs, "c1": theirs})
+    ours = {"c32": {**theirs, "output_throughput": 600.0, "median_ttft_ms": 450.0}, "startup_s": 3.0,
+            "command": "colm serve"}
+    r = peers.ratios(ours, {"c32": theirs, "c1": theirs, "command": "vllm serve", "startup_s": 150.0})
     assert r == {"c32": {"output_throughput": 1.5, "median_ttft_ms": 0.5, "median_tpot_ms": 1.0,
                          "median_itl_ms": 1.0, "p99_ttft_ms": 1.0}}
 

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import torch
 
+from colm_runtime.engine import prompt_logprobs
 from colm_runtime.engine.block_manager import BlockManager
 from colm_runtime.engine.chain_switch import ChainSwitcher
 from colm_runtime.engine.config import EngineConfig
 from colm_runtime.engine.detokenizer import IncrementalDetokenizer
 from colm_runtime.engine.faults import FaultInjector
 from colm_runtime.engine.metrics import StepMetrics
-from colm_runtime.engine import prompt_logprobs
 from colm_runtime.engine.output import OutputBuilder
 from colm_runtime.engine.runner import ModelRunner
 from colm_runtime.engine.sampler import token_logprobs

@@ -10,8 +10,7 @@ from server.routes.deps import APIKey, ERROR_RESPONSES, State
 from server.schemas import DetokenizeRequest, DetokenizeResponse, TokenizeRequest, TokenizeResponse
 from server.serving_chat import render_chat
 
-router = APIRouter(dependencies=[APIKey], tags=["tokenizer"],
-                   responses={k: ERROR_RESPONSES[k] for k in (400, 401, 404, 503)})
+router = APIRouter(dependencies=[APIKey], tags=["tokenizer"], responses=ERROR_RESPONSES)
 
 
 @router.post("/tokenize", response_model=TokenizeResponse)

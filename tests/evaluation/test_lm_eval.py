@@ -60,3 +60,21 @@ def test_lm_eval_at_every_chain_count_matches_colm_eval(tmp_path, shipped_model)
             assert abs(value - want[metric]) <= 1e-3 * want[metric], (mid, metric, value, want[metric])
         assert 0 <= got["colm_python_mc"]["acc,none"] <= 1 and 0 <= got["colm_python_mc"]["acc_norm,none"] <= 1
         assert 0 <= got["colm_python_gen"]["exact_match,strip"] <= 1
+
+
+def test_colm_eval_rolling_windows_are_lm_evals():
+    """`colm eval --rolling` cuts documents exactly as lm-eval's loglikelihood_rolling does (its own
+    get_rolling_token_windows + make_disjoint_window), long documents and short windows included."""
+    import random
+
+    from lm_eval import utils
+
+    from colm_runtime.training.evaluate import rolling_windows
+
+    rng = random.Random(0)
+    for _ in range(300):
+        tokens, max_len = list(range(100, 100 + rng.randint(1, 60))), rng.randint(1, 20)
+        theirs = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
+            token_list=tokens, prefix_token=7, max_seq_len=max_len, context_len=1)]
+        mine = rolling_windows(tokens, 7, max_len)
+        assert [(c + t, len(t)) for c, t in theirs] == [(ids, n) for ids, n in mine]

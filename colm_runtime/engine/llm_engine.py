@@ -101,6 +101,7 @@ class LLMEngine:
                                  f"{self.model_len} tokens")
         if req.chain_schedule is not None:
             self._validate_schedule(req)
+        self._validate_constraints(req)
         if req.speculative and not self.config.num_speculative_tokens:
             raise InvalidRequest("speculative decoding is not enabled on this server")
         if not self.blocks.fits_ever(total, req.min_chains):
@@ -118,6 +119,14 @@ class LLMEngine:
         if sched[0][1] != req.chains or req.min_chains > min(c for _, c in sched):
             raise InvalidRequest("chain_schedule must start at the request's chain count, and min_chains "
                                  "may not exceed any scheduled chain count")
+
+    def _validate_constraints(self, req: EngineRequest) -> None:
+        V = self.cfg.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < V for t, _ in req.params.logit_bias):
+            raise InvalidRequest(f"logit_bias token ids must be in 0..{V - 1}")
+        if req.grammar is not None and req.grammar.vocab_size != V:
+            raise InvalidRequest(f"the grammar was compiled for a vocabulary of {req.grammar.vocab_size} "
+                                 f"tokens, the model has {V}")
 
     def add_request(self, req: EngineRequest, check_queue: bool = True) -> None:
         """Queue a request; raises InvalidRequest, RequestTooLong or EngineOverloaded (the latter only
@@ -289,6 +298,8 @@ class LLMEngine:
         if r.request_id in self._marked:
             self.faults.check("step", True)
         r.first_token = r.first_token or time.monotonic()
+        if seq.matcher is not None:
+            seq.matcher.consume(token)
         seq.token_ids.append(token)
         p = seq.params
         # A stop token (or EOS) ends the completion without adding its text (OpenAI / vLLM).

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from colm_runtime.engine.sampler import SamplerOutput, SamplingRow, sample
+from colm_runtime.engine.grammar import fill_bitmask
+from colm_runtime.engine.sampler import SamplerOutput, SamplingRow, TokenMasks, sample
 from colm_runtime.engine.scheduler import SchedulerOutput
 from colm_runtime.engine.sequence import Sequence
 from colm_runtime.engine.speculative import Draft
@@ -92,7 +93,14 @@ class ModelRunner:
         same = rows == list(range(logits.shape[0]))
         sub = logits if same else logits[torch.tensor(rows, device=logits.device)]
         info = [SamplingRow(s.params, s.generator, *self._history(s)) for s in seqs]
-        return sample(sub, info, self.generator)
+        return sample(sub, info, self.generator, self.grammar_masks(seqs))
+
+    def grammar_masks(self, seqs: list[Sequence]) -> TokenMasks | None:
+        """The allowed tokens of the structured-output sequences among seqs (None: there are none)."""
+        rows = [j for j, s in enumerate(seqs) if s.matcher is not None]
+        if not rows:
+            return None
+        return TokenMasks(rows, fill_bitmask([seqs[j].matcher for j in rows], self.cfg.vocab_size))
 
     @staticmethod
     def _history(s: Sequence) -> tuple[list[int], list[int]]:

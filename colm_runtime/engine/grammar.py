@@ -1,0 +1,149 @@
+"""Structured outputs: grammars compiled by llguidance, one matcher per sequence, packed token masks.
+
+A GrammarSpec (JSON schema, any JSON object, regex or a fixed choice) compiles once into a
+CompiledGrammar (the server compiles off the engine thread and caches by spec); each constrained
+sequence gets its own matcher, a cheap copy of the compiled one, that advances with every token the
+sequence keeps. Before sampling, a constrained row's allowed tokens are written as a packed bitmask
+(one bit per vocabulary id, int32 words) that the sampler applies as one tensor op (sampler.py
+`constrain`). Recompute preemption and chain switches keep a sequence's tokens, so its matcher stays
+valid; speculative drafts are consumed while drafting and rolled back afterwards (speculative.py).
+
+llguidance is imported lazily so that the engine runs without it; compiling then raises GrammarError
+with the reason, which the server reports as a 400.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+GrammarKind = Literal["json_object", "json_schema", "regex", "choice"]
+# Compact JSON (no free whitespace): a small model can otherwise spend its whole budget on blanks.
+JSON_OPTIONS = {"whitespace_flexible": False}
+
+
+class GrammarError(ValueError):
+    """The grammar cannot be compiled (invalid schema or regex, or no grammar engine installed)."""
+
+
+@dataclass(frozen=True)
+class GrammarSpec:
+    """What to constrain output to. value: the schema (canonical JSON), the regex, or the choices as a
+    JSON list; empty for json_object."""
+
+    kind: GrammarKind
+    value: str = ""
+
+    @property
+    def key(self) -> str:
+        """Cache key: two specs with the same canonical value compile to the same grammar."""
+        return f"{self.kind}:{self.value}"
+
+    def source(self) -> str:
+        """The llguidance grammar text."""
+        from llguidance import LLMatcher
+
+        if self.kind == "json_object":
+            return LLMatcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
+        if self.kind == "json_schema":
+            return LLMatcher.grammar_from_json_schema(self.value, defaults=JSON_OPTIONS)
+        if self.kind == "regex":
+            return LLMatcher.grammar_from_regex(self.value)
+        choices = json.loads(self.value)  # lark string literals are JSON strings
+        return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
+
+
+def canonical_json(value) -> str:
+    """Compact JSON (key order kept: it is the order of the output's properties), the cache key."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+class CompiledGrammar:
+    """A compiled grammar; matcher() gives each sequence its own state."""
+
+    def __init__(self, spec: GrammarSpec, template, vocab_size: int, eos: tuple[int, ...]):
+        self.spec, self._template, self.vocab_size, self.eos = spec, template, vocab_size, frozenset(eos)
+
+    def matcher(self) -> "Matcher":
+        """A fresh matcher at the grammar's start (a copy of the compiled one: no recompilation)."""
+        return Matcher(self._template.deep_copy(), self.eos)
+
+
+class Matcher:
+    """One sequence's grammar state: an llguidance LLMatcher fed the sequence's tokens except EOS.
+
+    EOS is never fed: it ends the sequence (or, with ignore_eos, the grammar simply goes on), and
+    llguidance does not count an EOS consumed after the grammar stopped, which would make rollback
+    counts ambiguous."""
+
+    def __init__(self, ll, eos: frozenset[int]):
+        self.ll, self.eos = ll, eos
+
+    def consume(self, token: int) -> int:
+        """Advance by a token the sequence kept (always one its mask allowed); the tokens consumed (0: EOS)."""
+        if token in self.eos:
+            return 0
+        if not self.ll.consume_token(token):
+            raise RuntimeError(f"token {token} rejected by the grammar: {self.ll.get_error()[:200]}")
+        return 1
+
+    def rollback(self, n: int) -> None:
+        """Forget the last n consumed tokens (a speculative draft)."""
+        if n and not self.ll.rollback(n):
+            raise RuntimeError(f"grammar rollback of {n} tokens failed: {self.ll.get_error()[:200]}")
+
+
+class GrammarCompiler:
+    """Compiles GrammarSpecs against one tokenizer (its tokenizer.json, byte-level BPE) and vocabulary
+    size (the model's logits width, which may exceed the tokenizer's)."""
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._lltok = None
+
+    def _ll_tokenizer(self):
+        if self._lltok is None:
+            from llguidance import LLTokenizer
+
+            self._lltok = LLTokenizer(self.tokenizer.hf.to_str(), n_vocab=self.vocab_size,
+                                      eos_token=list(eos_token_ids(self.tokenizer)))
+        return self._lltok
+
+    def compile(self, spec: GrammarSpec) -> CompiledGrammar:
+        """Compile spec (blocking: milliseconds to, for huge schemas, a second); GrammarError if invalid."""
+        try:
+            from llguidance import LLMatcher
+        except ImportError:
+            raise GrammarError("structured outputs need the llguidance package, which is not installed") from None
+        try:
+            source = spec.source()
+        except (ValueError, TypeError) as e:
+            raise GrammarError(str(e)) from None
+        tok = self._ll_tokenizer()
+        error = LLMatcher.validate_grammar(source, tok)
+        if error:
+            raise GrammarError(error.strip().splitlines()[0])
+        template = LLMatcher(tok, source, log_level=0)
+        if template.is_error():
+            raise GrammarError(template.get_error().strip().splitlines()[0])
+        return CompiledGrammar(spec, template, self.vocab_size, eos_token_ids(self.tokenizer))
+
+
+def eos_token_ids(tokenizer) -> tuple[int, ...]:
+    """The end-of-sequence ids the grammar may end with (one accessor, so that tokenizers with several
+    EOS ids only change here)."""
+    ids = getattr(tokenizer, "eos_token_ids", None)
+    return tuple(ids) if ids else (tokenizer.eos_token_id,)
+
+
+def fill_bitmask(matchers: list[Matcher], vocab_size: int) -> torch.Tensor:
+    """The allowed tokens of each matcher's current state, packed. -> [R, ceil(V / 32)] int32 (CPU)."""
+    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+
+    bitmask = allocate_token_bitmask(len(matchers), vocab_size)
+    for i, m in enumerate(matchers):
+        fill_next_token_bitmask(m.ll, bitmask, i)
+    return bitmask

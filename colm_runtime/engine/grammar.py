@@ -123,12 +123,15 @@ class GrammarCompiler:
         except (ValueError, TypeError) as e:
             raise GrammarError(str(e)) from None
         tok = self._ll_tokenizer()
-        error = LLMatcher.validate_grammar(source, tok)
+        try:  # a client's grammar: whatever the engine objects to is the client's error, with its reason
+            error = LLMatcher.validate_grammar(source, tok)
+            template = None if error else LLMatcher(tok, source, log_level=0)
+        except Exception as e:  # noqa: BLE001
+            error = f"{type(e).__name__}: {e}"
+        if not error and template.is_error():
+            error = template.get_error()
         if error:
-            raise GrammarError(error.strip().splitlines()[0])
-        template = LLMatcher(tok, source, log_level=0)
-        if template.is_error():
-            raise GrammarError(template.get_error().strip().splitlines()[0])
+            raise GrammarError((error.strip().splitlines() or ["invalid grammar"])[0][:500])
         return CompiledGrammar(spec, template, self.vocab_size, eos_token_ids(self.tokenizer))
 
 
@@ -140,10 +143,12 @@ def eos_token_ids(tokenizer) -> tuple[int, ...]:
 
 
 def fill_bitmask(matchers: list[Matcher], vocab_size: int) -> torch.Tensor:
-    """The allowed tokens of each matcher's current state, packed. -> [R, ceil(V / 32)] int32 (CPU)."""
-    from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
+    """The allowed tokens of each matcher's current state, packed. -> [R, ceil(V / 32)] int32 (CPU).
 
-    bitmask = allocate_token_bitmask(len(matchers), vocab_size)
+    What llguidance.torch.fill_next_token_bitmask does, without importing that module (it wraps a
+    function in torch.compile at import, which costs seconds)."""
+    bitmask = torch.full((len(matchers), (vocab_size + 31) // 32), -1, dtype=torch.int32)
+    row_bytes = bitmask.shape[1] * bitmask.element_size()
     for i, m in enumerate(matchers):
-        fill_next_token_bitmask(m.ll, bitmask, i)
+        m.ll.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
     return bitmask

@@ -15,6 +15,7 @@ with the reason, which the server reports as a 400.
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -152,3 +153,38 @@ def fill_bitmask(matchers: list[Matcher], vocab_size: int) -> torch.Tensor:
     for i, m in enumerate(matchers):
         m.ll.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
     return bitmask
+
+
+class MaskPrefetch:
+    """Fills the grammar masks of the sequences a step will sample on a worker thread while the step's
+    forward runs (llguidance and torch both release the GIL), so that constrained rows cost little
+    more than free ones. Only the engine thread calls it, and it waits for the masks before any of
+    those matchers is touched again."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: tuple[list[int], Future] | None = None
+
+    def start(self, seqs: list) -> None:
+        """Begin filling the masks of seqs (sequences with a matcher whose state is final for this step)."""
+        if not seqs:
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="colm-grammar")
+        self._pending = ([s.seq_id for s in seqs], self._pool.submit(fill_bitmask, [s.matcher for s in seqs],
+                                                                      self.vocab_size))
+
+    def take(self) -> dict[int, torch.Tensor]:
+        """The prefetched masks by seq_id ([W] each; empty if none were started); waits for them."""
+        if self._pending is None:
+            return {}
+        ids, future = self._pending
+        self._pending = None
+        return dict(zip(ids, future.result()))
+
+    def discard(self) -> None:
+        """Wait for (so that no thread still reads the matchers) and drop the pending masks, if any."""
+        if self._pending is not None:
+            self._pending[1].exception()
+            self._pending = None

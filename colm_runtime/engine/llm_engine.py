@@ -19,6 +19,7 @@ from colm_runtime.engine.chain_switch import ChainSwitcher
 from colm_runtime.engine.config import EngineConfig
 from colm_runtime.engine.detokenizer import IncrementalDetokenizer
 from colm_runtime.engine.faults import FaultInjector
+from colm_runtime.engine.grammar import MaskPrefetch
 from colm_runtime.engine.metrics import StepMetrics
 from colm_runtime.engine.output import OutputBuilder
 from colm_runtime.engine.runner import ModelRunner
@@ -67,6 +68,7 @@ class LLMEngine:
         self.metrics = StepMetrics()
         self._pending: list[RequestOutput] = []  # abort outputs, handed out by the next step()
         self.switcher = ChainSwitcher(self.blocks, config.step_time_target)
+        self.masks = MaskPrefetch(self.cfg.vocab_size)  # structured outputs: masks filled during the forward
         self.spec = SpeculativeDecoder(config.num_speculative_tokens, config.speculative_draft_chains,
                                        self.model_len)
         self.faults = FaultInjector.from_env()  # off unless COLM_FAULT_INJECT is set (tests only)
@@ -210,11 +212,13 @@ class LLMEngine:
             spec = [(i, seq, n - 1) for i, (seq, n) in enumerate(so.scheduled)
                     if seq.num_uncomputed == 1 and n > 1 and seq.chains > self.spec.draft_chains]
             self.runner.copy_blocks(so)
+            self.masks.start(self._will_sample(so, {i for i, _, _ in spec}))
             t_draft = time.perf_counter()
             drafts = self.spec.propose(self.runner, [(seq, g) for _, seq, g in spec]) if spec else []
             t_draft = time.perf_counter() - t_draft
             logits, verify = self.runner.forward(so, {i: d for (i, _, _), d in zip(spec, drafts)})
         except Exception as e:
+            self.masks.discard()
             batch = {seq.request.request_id: seq.request for seq, _ in so.scheduled}
             return outputs + [o for r in batch.values() for o in self.fail_request(r, e)]
         rows, seqs = [], []
@@ -231,7 +235,8 @@ class LLMEngine:
                     seqs.append(s)
         failed: dict[str, tuple[Sequence, Exception]] = {}  # one request's fault fails that request only
         try:
-            samples = self.runner.sample(logits, rows, seqs) if seqs else None
+            ready = self.masks.take()
+            samples = self.runner.sample(logits, rows, seqs, ready) if seqs else None
         except Exception as e:  # batched sampling: its rows' requests fail, the verified ones go on
             failed.update({s.request.request_id: (s, e) for s in seqs})
             seqs = []
@@ -258,6 +263,14 @@ class LLMEngine:
         self.metrics.record(so, seconds)
         self.switcher.observe(seconds, decode_only)
         return outputs
+
+    @staticmethod
+    def _will_sample(so, spec: set[int]) -> list[Sequence]:
+        """The constrained sequences that sample after this step's forward (their grammar state is final
+        now): those reaching their last known token, not verifying drafts, and already forked."""
+        return [seq for i, (seq, n) in enumerate(so.scheduled)
+                if seq.matcher is not None and i not in spec and seq.request.forked
+                and seq.num_computed_tokens + min(n, seq.num_uncomputed) == seq.num_tokens]
 
     def _plan(self) -> None:
         """Before scheduling: chain schedules and the load policy move chain counts, then each decode

@@ -178,3 +178,13 @@ def test_constrain_is_a_bitmask_and_a_bias_on_the_constrained_rows_only():
     torch.testing.assert_close(out, want, rtol=0, atol=0)
     assert torch.equal(out[[0, 2]], logits[[0, 2]])
     assert constrain(logits, [()] * B) is logits  # nothing to do: no copy
+
+
+def test_forked_completions_each_follow_the_grammar(engine, grammars):
+    """n > 1: the forked completions start from fresh matchers (their first masks are filled at the
+    fork, the later ones during the forward)."""
+    out = engine.generate([_req(engine, 3, grammars["enum"], temperature=1.0, seed=4, n=4)])
+    (completions,) = out.values()
+    assert len(completions) == 4
+    for c in completions:
+        _check("enum", c)

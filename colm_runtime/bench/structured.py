@@ -1,11 +1,13 @@
 """`colm bench structured`: the cost of structured outputs, --requests concurrent json_schema requests
 against the same number of unconstrained ones, on one engine, timed side by side (interleaved rounds,
-fastest round each).
+a warm-up run of each first).
 
 The schema (a list of records, minItems large enough) makes every constrained answer longer than
 --output-len, so both scenarios generate exactly requests x output_len tokens and the ratio compares
 per-token cost: the grammar masks (llguidance, one row at a time on the CPU) plus applying them in the
-sampler. Reports tokens/s of each and ratio = constrained / unconstrained (goal >= 0.9), the grammar's
+sampler. Reports tokens/s of each (fastest round), ratio = constrained / unconstrained tokens/s as the
+median over rounds of the ratio within each round (both scenarios run back to back in a round, so a
+shared machine's load hits them alike; goal >= 0.9) and every round's ratio, the grammar's
 compile time and the mean output lengths (equal when every answer runs to --output-len).
 """
 
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
 
-from colm_runtime.bench.engine import _tokenizer, time_rounds
+from colm_runtime.bench.engine import _tokenizer
+from colm_runtime.bench.model import time_side_by_side
 from colm_runtime.bench.speculative import PROMPTS, load
 from colm_runtime.engine.config import EngineConfig
 from colm_runtime.engine.grammar import GrammarCompiler, GrammarSpec, canonical_json
@@ -77,12 +81,15 @@ def run(args: argparse.Namespace) -> int:
         return go
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    t = time_rounds({"unconstrained": scenario("unconstrained", False), "json_schema": scenario("json_schema", True)},
-                    args.rounds, sync, lambda: None)
-    tps = {m: round(sum(lengths[m]) / s, 1) for m, s in t.items()}
+    fns = {"unconstrained": scenario("unconstrained", False), "json_schema": scenario("json_schema", True)}
+    rounds = time_side_by_side(fns, args.rounds, sync, stat=list, warmup=lambda: [fn() for fn in fns.values()])
+    tps = {m: round(sum(lengths[m]) / min(s), 1) for m, s in rounds.items()}
+    # Each round runs both scenarios back to back: the ratio within a round sees the same machine load.
+    per_round = [u / c for u, c in zip(rounds["unconstrained"], rounds["json_schema"])]
     out = {"model": source, "device": args.device, "dtype": args.dtype, "threads": torch.get_num_threads(),
            "requests": args.requests, "output_len": args.output_len, "chains": k, "temperature": args.temperature,
-           "tokens_per_s": tps, "ratio": round(tps["json_schema"] / tps["unconstrained"], 3),
+           "tokens_per_s": tps, "ratio": round(statistics.median(per_round), 3),
+           "ratio_per_round": [round(r, 3) for r in per_round],
            "mean_output_tokens": {m: sum(v) / len(v) for m, v in lengths.items()},
            "grammar_compile_ms": round(compile_s * 1e3, 2)}
     print(json.dumps(out, indent=None if args.json else 2))

@@ -152,6 +152,9 @@ def fill_bitmask(matchers: list[Matcher], vocab_size: int) -> torch.Tensor:
     row_bytes = bitmask.shape[1] * bitmask.element_size()
     for i, m in enumerate(matchers):
         m.ll.unsafe_compute_mask_ptr(bitmask[i].data_ptr(), row_bytes)
+    for i in (bitmask == 0).all(dim=1).nonzero()[:, 0].tolist():  # a grammar that allows nothing more (a
+        eos = min(matchers[i].eos)  # client's unsatisfiable one): end the sequence rather than sample from -inf
+        bitmask[i, eos // 32] |= 1 << (eos % 32) if eos % 32 < 31 else -(1 << 31)
     return bitmask
 
 

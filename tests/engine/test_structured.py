@@ -188,3 +188,16 @@ def test_forked_completions_each_follow_the_grammar(engine, grammars):
     assert len(completions) == 4
     for c in completions:
         _check("enum", c)
+
+
+def test_a_grammar_that_allows_nothing_more_allows_only_eos(engine):
+    from colm_runtime.engine.grammar import fill_bitmask
+    from colm_runtime.engine.sampler import unpack_bitmask
+
+    g = GrammarCompiler(engine.tokenizer, engine.cfg.vocab_size).compile(GrammarSpec("choice", '["yes"]'))
+    done, broken = g.matcher(), g.matcher()
+    for t in engine.tokenizer.encode("yes"):
+        done.consume(t)
+    broken.ll.consume_token(engine.tokenizer.encode("no")[0])  # a token outside the grammar: error state
+    allowed = unpack_bitmask(fill_bitmask([done, broken], engine.cfg.vocab_size), engine.cfg.vocab_size)
+    assert allowed.nonzero()[:, 1].tolist() == [engine.tokenizer.eos_token_id] * 2

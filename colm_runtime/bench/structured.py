@@ -10,7 +10,8 @@ tokens/s of each (fastest round: on a shared machine other processes only ever a
 constrained / the faster unconstrained figure (goal >= 0.9), control_ratio = the two unconstrained
 figures' ratio (1 up to noise and position in the round), the ratio within each round and its
 median, which show how much the machine's load swung, the grammar's
-compile time and the mean output lengths (equal when every answer runs to --output-len).
+compile time, the mean output lengths (equal when every answer runs to --output-len), and, measured
+alone, the median milliseconds per step to fill and to apply the masks of --requests rows.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from colm_runtime.bench.engine import _tokenizer
 from colm_runtime.bench.model import time_side_by_side
 from colm_runtime.bench.speculative import PROMPTS, load
 from colm_runtime.engine.config import EngineConfig
-from colm_runtime.engine.grammar import GrammarCompiler, GrammarSpec, canonical_json
+from colm_runtime.engine.grammar import GrammarCompiler, GrammarSpec, canonical_json, fill_bitmask
 from colm_runtime.engine.llm_engine import LLMEngine
+from colm_runtime.engine.sampler import TokenMasks, constrain
 from colm_runtime.engine.types import EngineRequest, SamplingParams
 
 SCHEMA = {"type": "object", "properties": {"records": {"type": "array", "minItems": 12, "maxItems": 12, "items": {
@@ -49,6 +51,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+
+
+def mask_costs(grammar, args) -> dict:
+    """Median milliseconds per step to fill (grammar.fill_bitmask) and apply (sampler.constrain) the masks of
+    --requests rows, driven through --output-len tokens sampled from random logits under the grammar."""
+    gen = torch.Generator().manual_seed(0)
+    matchers = [grammar.matcher() for _ in range(args.requests)]
+    V, rows = grammar.vocab_size, list(range(args.requests))
+    fill, apply = [], []
+    for _ in range(args.output_len):
+        logits = torch.randn(args.requests, V, generator=gen)
+        t0 = time.perf_counter()
+        bitmask = fill_bitmask(matchers, V)
+        t1 = time.perf_counter()
+        masked = constrain(logits, [()] * args.requests, TokenMasks(rows, bitmask))
+        fill.append(t1 - t0)
+        apply.append(time.perf_counter() - t1)
+        for m, tok in zip(matchers, torch.multinomial(masked.softmax(-1), 1, generator=gen)[:, 0].tolist()):
+            m.consume(tok)
+    return {"mask_fill_ms_per_step": round(statistics.median(fill) * 1e3, 3),
+            "mask_apply_ms_per_step": round(statistics.median(apply) * 1e3, 3)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,6 +122,6 @@ def run(args: argparse.Namespace) -> int:
            "ratio_median_of_rounds": round(statistics.median(per_round), 3),
            "ratio_per_round": [round(r, 3) for r in per_round],
            "mean_output_tokens": {m: sum(v) / len(v) for m, v in lengths.items()},
-           "grammar_compile_ms": round(compile_s * 1e3, 2)}
+           "grammar_compile_ms": round(compile_s * 1e3, 2), **mask_costs(grammar, args)}
     print(json.dumps(out, indent=None if args.json else 2))
     return 0

@@ -114,7 +114,7 @@ def plan(cfg: ModelConfig, world: int, micro_batch: int, seq_len: int, checkpoin
 def recipe_1b(chains: tuple[int, ...] = (16, 16), vocab: int = 32000) -> ModelConfig:
     """The paper's 1B setting: dim 2048 (32 heads of 64), 16 layers; FFN 2.75 x dim as `colm train`."""
     per_head = round(2.75 * 64)
-    return ModelConfig(vocab_size=vocab, n_layers=16, head_dim=64, chains=chains, kv_heads=tuple(c for c in chains),
+    return ModelConfig(vocab_size=vocab, n_layers=16, head_dim=64, chains=chains, kv_heads=tuple(chains),
                        intermediate_size=per_head * 32, max_position_embeddings=2048, tie_word_embeddings=True)
 
 

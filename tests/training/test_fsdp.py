@@ -78,23 +78,27 @@ def test_fsdp_matches_one_process_and_resumes_exactly(corpus, tmp_path):
 
 @pytest.mark.slow
 @needs_torchrun
-def test_fsdp_frozen_chains_stay_bit_identical(corpus, tmp_path):
-    """--init + --freeze-chains 1 under FSDP (the norm weights' shards split the frozen columns from
-    the trained ones across ranks): chain 1 is bitwise the initial model's, and the run equals one
-    process's. The loss trains scale 2 only, so chain 1's own loss path is unused. The sharded run also
-    recomputes its blocks' activations (--activation-checkpointing), which must not change a thing."""
+def test_fsdp_grows_an_expanded_model_with_frozen_chains(corpus, tmp_path):
+    """Progressive scaling under FSDP: `colm expand` adds a third chain (untied head), then --init +
+    --freeze-chains 2 + --loss-scales 3 trains it. Chains 1-2 stay bitwise the old model's (their
+    columns of the shared norm weights lie on both ranks' shards), and the run equals one process's.
+    The sharded run also recomputes its blocks' activations (--activation-checkpointing), which must
+    not change a thing."""
     assert train_tiny(corpus, tmp_path / "base", "--steps", "2") == 0
-    common = ["--init", str(tmp_path / "base"), "--freeze-chains", "1", "--loss-scales", "2", "--steps", "4",
+    assert colm("expand", "--model", tmp_path / "base", "--add-chain", "2", tmp_path / "expanded") == 0
+    common = ["--init", str(tmp_path / "expanded"), "--freeze-chains", "2", "--loss-scales", "3", "--steps", "4",
               "--eval-every", "1"]
     fsdp_train(corpus, tmp_path / "fsdp", *common, "--activation-checkpointing")
     assert train_tiny(corpus, tmp_path / "one", *common, "--batch-size", "4") == 0
     torch.testing.assert_close(torch.tensor(train_losses(tmp_path / "fsdp")),
                                torch.tensor(train_losses(tmp_path / "one")), rtol=0, atol=1e-5)
-    base, grown = load_model(tmp_path / "base"), load_model(tmp_path / "fsdp")
-    width = base.cfg.width(1)
+    assert_same_model(tmp_path / "fsdp", tmp_path / "one")
+    old, grown = load_model(tmp_path / "expanded"), load_model(tmp_path / "fsdp")
+    assert grown.cfg.n_chains == 3 and not grown.cfg.tie_word_embeddings
+    width = old.cfg.width(2)
     changed = False
-    for (name, a), b in zip(base.state_dict().items(), grown.state_dict().values()):
-        if ".chains.0." in name:
+    for (name, a), b in zip(old.state_dict().items(), grown.state_dict().values()):
+        if ".chains.0." in name or ".chains.1." in name:
             assert torch.equal(a, b), name
         elif ".chains." not in name:
             assert torch.equal(a[..., :width], b[..., :width]), name

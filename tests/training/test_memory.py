@@ -34,3 +34,27 @@ def test_plan_counts_the_model_and_shards_its_state():
 def test_recipe_is_the_papers_shape():
     cfg = recipe_1b((8, 8, 8, 8))
     assert (cfg.dim, cfg.n_layers, cfg.n_heads) == (2048, 16, 32)
+
+
+def test_the_doc_quotes_the_plan():
+    """docs/training.md's table is this module's output: parameters and every GiB figure recomputed
+    from the per-token bytes the doc states (the measurement itself takes a minute, so it is not rerun)."""
+    import re
+    from pathlib import Path
+
+    from colm_runtime.training.memory import GIB
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "training.md").read_text()
+    pattern = re.compile(r"chains \[([\d, ]+)\]: ([\d.]+) B params; world (\d+), micro-batch (\d+) x seq (\d+), "
+                         r"activation checkpointing (on|off)\n +sharded weights\+grads\+AdamW +([\d.]+) GiB \| gathered "
+                         r"root\+2 blocks +([\d.]+) GiB \| activations +([\d.]+) GiB \(measured ([\d.]+) KiB/token/block, "
+                         r"([\d.]+) KiB/token loss\) \| total +([\d.]+) GiB")
+    rows = pattern.findall(doc)
+    assert len(rows) == 4
+    for chains, params, world, mb, seq, ckpt, states, transient, acts, blk, loss, total in rows:
+        cfg = recipe_1b(tuple(int(c) for c in chains.split(",")))
+        m = plan(cfg, int(world), int(mb), int(seq), ckpt == "on", per_token=(float(blk) * 1024, float(loss) * 1024))
+        assert f"{m.params / 1e9:.3f}" == params
+        for value, text in ((m.sharded_states, states), (m.transient_units, transient), (m.total, total)):
+            assert abs(value / GIB - float(text)) < 0.02, (chains, ckpt, text)
+        assert abs(m.activations / GIB - float(acts)) < 0.02

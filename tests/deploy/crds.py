@@ -94,12 +94,15 @@ HTTP_ROUTE = _resource("gateway.networking.k8s.io/v1", "HTTPRoute", _obj(
 VENDOR = Path(__file__).parent / "vendor" / "gateway-api-inference-extension"
 
 
-def _strict(schema: dict) -> dict:
-    """A copy in which every object that lists properties rejects unknown ones."""
-    out = {k: (_strict(v) if isinstance(v, dict) else [_strict(i) if isinstance(i, dict) else i for i in v]
-               if isinstance(v, list) else v) for k, v in schema.items()}
-    if "properties" in schema:
-        out["properties"] = {k: _strict(v) for k, v in schema["properties"].items()}
+def _strict(node):
+    """A copy in which every object schema that lists its properties rejects unknown ones."""
+    if isinstance(node, list):
+        return [_strict(i) for i in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _strict(v) for k, v in node.items() if k != "properties"}
+    if "properties" in node:
+        out["properties"] = {name: _strict(sub) for name, sub in node["properties"].items()}
         out.setdefault("additionalProperties", False)
     return out
 

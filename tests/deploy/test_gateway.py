@@ -13,31 +13,8 @@ import yaml
 
 pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate (extra: deploy)")
 
-from .common import container, k8s_object, k8s_objects  # noqa: E402
+from .common import GATEWAY, container, epp_flags, gw, k8s_object  # noqa: E402
 from .crds import validate_custom_resource  # noqa: E402
-
-GATEWAY = [d for f, d in k8s_objects() if f.startswith("gateway/")]
-
-
-def gw(kind: str, name: str | None = None) -> dict:
-    found = [d for d in GATEWAY if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert len(found) == 1, f"expected one {kind} {name or ''} in deploy/k8s/gateway, found {len(found)}"
-    return found[0]
-
-
-def epp_flags() -> dict[str, str]:
-    """The endpoint picker's `--flag value` / `--flag=value` arguments."""
-    args, flags, i = container(gw("Deployment"))["args"], {}, 0
-    while i < len(args):
-        name, eq, value = args[i].partition("=")
-        if eq:
-            flags[name] = value
-            i += 1
-        else:
-            flags[name] = args[i + 1]
-            i += 2
-    return flags
-
 
 def epp_config() -> dict:
     (text,) = gw("ConfigMap")["data"].values()
@@ -50,15 +27,6 @@ def engine_config() -> dict:
     params = plugin["parameters"]
     (engine,) = [e for e in params["engineConfigs"] if e["name"] == params["defaultEngine"]]
     return engine
-
-
-def picker_metric_specs() -> dict[str, str]:
-    """What the picker reads, by the model server protocol's name, from the flags (checked equal to
-    the plugin config below)."""
-    f = epp_flags()
-    return {"TotalQueuedRequests": f["--total-queued-requests-metric"],
-            "TotalRunningRequests": f["--total-running-requests-metric"],
-            "KVCacheUtilization": f["--kv-cache-usage-percentage-metric"]}
 
 
 @pytest.mark.parametrize("kind, path, value", [

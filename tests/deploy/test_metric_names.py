@@ -12,7 +12,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .common import DASHBOARD, KEDA, REPO, adapter_rules, alert_rules, dashboard_queries, load_docs
+from .common import (DASHBOARD, KEDA, REPO, adapter_rules, alert_rules, dashboard_queries, load_docs,
+                     picker_metric_specs)
 from .promql import SYNTHETIC_METRICS, TARGET_LABELS, references
 from .server_process import ServerProcess, free_port
 
@@ -172,8 +173,6 @@ def test_issue_metrics_are_exported(exported):
 def test_endpoint_picker_reads_exported_gauges(exported):
     """The Gateway API Inference Extension's picker (deploy/k8s/gateway/epp.yaml) reads gauges, as its
     model server protocol requires, that the server exports with the labels its specs match."""
-    from .test_gateway import picker_metric_specs
-
     for what, spec in picker_metric_specs().items():
         name, _, labels = spec.partition("{")
         assert exported.types.get(name) == "gauge", f"{what}: {name} is not an exported gauge"

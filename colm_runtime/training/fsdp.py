@@ -27,12 +27,13 @@ import torch
 from torch import nn
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from colm_runtime.checkpoint import CONFIG, TOKENIZER
+from colm_runtime.checkpoint import CONFIG, TOKENIZER, load_config
 from colm_runtime.model import CoLMModel
 from colm_runtime.training.distributed import DistEnv, barrier
 from colm_runtime.training.loss import MultiChainLoss
@@ -93,16 +94,23 @@ def load_sharded(ckpt: Path, model: CoLMModel, opt: torch.optim.Optimizer) -> No
 
 def load_full_model(ckpt: Path) -> CoLMModel:
     """The whole model of a sharded checkpoint, in one process, on CPU, fp32 (no process group)."""
-    from colm_runtime.checkpoint import load_config
-
     _check_sharded(ckpt)
     model = CoLMModel(load_config(ckpt))
     state = {"model": model.state_dict()}
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
-        warnings.simplefilter("ignore", UserWarning)
-        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(ckpt / DCP_DIR)), no_dist=True)
-    model.load_state_dict(state["model"])
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=HuggingFaceStorageReader(str(ckpt / DCP_DIR)), no_dist=True)
+        model.load_state_dict(state["model"])
+    except (Exception, CheckpointException) as e:  # DCP's is a BaseException; safetensors raises several types
+        raise ResumeError(f"{ckpt}: unreadable sharded checkpoint ({_first_line(e)})") from None
     return model
+
+
+def _first_line(e: BaseException) -> str:
+    """DCP wraps the cause in every rank's traceback: keep the cause's message."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 def _check_sharded(ckpt: Path) -> None:

@@ -48,7 +48,7 @@ def assert_same_model(a: Path, b: Path, exact: bool = False) -> None:
 
 @pytest.mark.slow
 @needs_torchrun
-def test_fsdp_matches_one_process_and_resumes_exactly(corpus, tmp_path):
+def test_fsdp_matches_one_process_and_resumes_exactly(corpus, tmp_path, capsys):
     """20 steps, multi-chain loss (scales 1 and 2), 2 accumulation micro-steps: the loss of every
     step and every scale equals one process's to 1e-5; the exported model equals its weights; a run
     stopped at step 10 and resumed ends bitwise where the uninterrupted run did."""
@@ -74,6 +74,11 @@ def test_fsdp_matches_one_process_and_resumes_exactly(corpus, tmp_path):
     assert colm("export", "checkpoint", tmp_path / "fsdp", tmp_path / "exported") == 0
     assert_same_model(tmp_path / "fsdp", tmp_path / "exported", exact=True)
     assert (tmp_path / "exported" / "tokenizer.json").read_text() == (tmp_path / "fsdp" / "tokenizer.json").read_text()
+    # A checkpoint missing one rank's shard is a clear error, not a traceback or a half-filled model.
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint", tmp_path / "partial")
+    next((tmp_path / "partial" / "dcp").glob("shard-00002*")).unlink()
+    assert colm("export", "checkpoint", tmp_path / "partial", tmp_path / "bad") == 2
+    assert not (tmp_path / "bad").exists() and "unreadable sharded checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -7,12 +7,15 @@ never stale. Each app has its own registry, so several servers can live in one p
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from colm_runtime.engine.types import EngineStats
+
+from server.gateway_metrics import GatewayCollector, RecentDegradation
 
 disable_created_metrics()  # no *_created series: they double the output and no dashboard reads them
 
@@ -108,6 +111,10 @@ class ServerMetrics:
             self.rejected.labels(reason)  # export zeros, so alerts and dashboards see the series
         for reason in ("capacity", "budget", "queue", "kv_cache"):
             self.downgrades.labels(reason)
+
+        # --- Gateway API Inference Extension: what its endpoint picker reads (server/gateway_metrics.py).
+        self.recent_degradation = RecentDegradation()
+        r.register(GatewayCollector(stats, self.recent_degradation, time.monotonic))
 
     # ---- structured outputs (server/structured.py) -------------------------------------------------
     def _structured_outputs(self, r: CollectorRegistry) -> None:

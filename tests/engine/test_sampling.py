@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from colm_runtime.engine.sampler import SamplingRow, apply_penalties, apply_top_k_top_p, draw_from, sample
+from colm_runtime.engine.sampler import SamplingRow, apply_penalties, apply_top_k_top_p, sample
 from colm_runtime.engine.types import SamplingParams
 from tests.engine._helpers import diverse_model, make_engine, prompt, req
 
@@ -64,13 +64,6 @@ def test_top_k_top_p_touch_only_the_rows_that_set_them():
     probs = logits[3].softmax(-1)
     assert probs[kept].sum() >= 0.5 and probs[kept].sum() - probs[kept].min() < 0.5  # the smallest nucleus
     assert apply_top_k_top_p(logits, [0] * 4, [1.0] * 4) is logits  # nothing to do: no sort, no copy
-
-
-def test_inverse_cdf_draw_never_picks_a_zero_probability_token():
-    probs = torch.tensor([[0.5, 0.0, 0.5, 0.0]] * 5)  # unnormalised rows are fine too
-    below_one = torch.nextafter(torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64))
-    u = torch.tensor([[0.0], [0.4999], [0.5], [below_one.item()], [1.0]], dtype=torch.float64)
-    assert draw_from(probs * 3, u).tolist() == [0, 0, 2, 2, 2]  # u = 1 (rounding) falls back to the last token
 
 
 def test_penalties_follow_the_openai_and_vllm_formulas():

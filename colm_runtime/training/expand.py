@@ -29,10 +29,12 @@ def expanded_config(cfg: ModelConfig, heads: int, kv_heads: int | None = None) -
     """The config with one more chain of `heads` heads; old chains keep their FFN widths."""
     if heads < 1:
         raise ExpandError(f"--add-chain must be a positive head count, got {heads}")
-    per_head = cfg.intermediate_size / cfg.n_heads
-    if cfg.intermediate_size % cfg.n_heads:
-        raise ExpandError(f"intermediate_size {cfg.intermediate_size} is not a whole multiple of the "
-                          f"{cfg.n_heads} heads, so a new chain's FFN width is undefined")
+    # The FFN keeps its width per head: old chains keep theirs, the new chain gets I * heads / n_heads,
+    # which must be whole (SmolLM2: 1536 over 9 heads, so a new chain needs a multiple of 3 heads).
+    if (cfg.intermediate_size * heads) % cfg.n_heads:
+        raise ExpandError(f"a chain of {heads} heads would get an FFN width of {cfg.intermediate_size} x "
+                          f"{heads} / {cfg.n_heads}, which is not whole; pick a head count that makes it whole")
+    intermediate = cfg.intermediate_size * (cfg.n_heads + heads) // cfg.n_heads
     if cfg.kv_sharing:
         kv = cfg.kv_heads
         if heads % kv[0]:
@@ -44,7 +46,7 @@ def expanded_config(cfg: ModelConfig, heads: int, kv_heads: int | None = None) -
         kv = cfg.kv_heads + (new_kv,)
     try:
         return dataclasses.replace(cfg, chains=cfg.chains + (heads,), kv_heads=kv,
-                                   intermediate_size=int(per_head * (cfg.n_heads + heads)),
+                                   intermediate_size=intermediate,
                                    tie_word_embeddings=False)
     except ConfigError as e:
         raise ExpandError(str(e)) from None

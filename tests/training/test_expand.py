@@ -3,6 +3,8 @@ keeps the old chains bit-identical."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -36,6 +38,21 @@ def test_expand_checks_the_new_chain():
         expand_model(air, 3)
     with pytest.raises(ExpandError, match="positive"):
         expand_model(air, 0)
+
+
+def test_a_dense_model_whose_ffn_is_not_a_multiple_of_its_heads_expands():
+    # SmolLM2's case in small: 9 heads, an FFN of 48 (SmolLM2: 1536), not a multiple of 9; a chain of
+    # 3 more heads gets 48 x 3 / 9 = 16, while one head would get a fraction.
+    cfg = dataclasses.replace(small_config(chains=(9,), kv_per_chain=3, vocab_size=64, head_dim=4),
+                              intermediate_size=48)
+    old = CoLMModel(cfg).init_weights(0, std=0.1)
+    new = expand_model(old, 3, kv_heads=1, seed=1)
+    assert new.cfg.chains == (9, 3) and new.cfg.kv_heads == (3, 1)
+    assert new.cfg.ffn_widths == (48, 16)
+    ids = torch.randint(0, 64, (1, 7))
+    torch.testing.assert_close(new.logits(new(ids), 2), old.logits(old(ids), 1), rtol=0, atol=1e-5)
+    with pytest.raises(ExpandError, match="not whole"):
+        expand_model(old, 1)
 
 
 def test_frozen_chains_stay_bit_identical(corpus, tmp_path):

@@ -21,7 +21,7 @@ from server.degradation import DegradationConfig, DegradationPolicy
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
 from server.middleware import AccessLogMiddleware, BodyLimitMiddleware
-from server.routes import completions, health, models
+from server.routes import completions, health, models, tokenize
 from server.routing import ChainRouter, load_tiers
 from server.settings import ServerSettings
 from server.state import ServerState
@@ -122,7 +122,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.state.colm = None
     app.state.metrics = ServerMetrics(lambda: app.state.colm.stats() if app.state.colm is not None else None)
     install_error_handlers(app)
-    for r in (completions.router, models.router, health.router):
+    for r in (completions.router, models.router, tokenize.router, health.router):
         app.include_router(r)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, metrics=app.state.metrics)
     app.add_middleware(AccessLogMiddleware, metrics=app.state.metrics, enabled=settings.access_log)

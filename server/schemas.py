@@ -59,6 +59,9 @@ class _Sampling(_Request):
         None, max_length=MAX_SCHEDULE, description="[[generated_token, chains], ...] from [0, k]: the chain "
         "count of each generated token (pins the request; e.g. [[0, 4], [32, 2]])")
     speculative: bool | None = Field(None, description="self-speculative decoding (default: the server's)")
+    # vLLM extra, after CoLM's so that merges of new fields above stay apart
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM: the logprob of every "
+                                        "prompt token (the first null) with the top-N; not with stream")
 
     @field_validator("chain_schedule")
     @classmethod
@@ -82,7 +85,8 @@ class CompletionRequest(_Sampling):
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="a string, a list of strings, token ids, or a list of token-id lists")
-    max_tokens: int | None = Field(16, ge=1, description="default 16; null: up to the context")
+    max_tokens: int | None = Field(16, ge=0, description="default 16; null: up to the context; 0: only score "
+                                   "the prompt (echo with logprobs, or prompt_logprobs)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     best_of: int | None = Field(None, ge=1, le=MAX_N, description="must equal n if set")
@@ -117,6 +121,7 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Any = None
     response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
     add_generation_prompt: bool = True  # vLLM extra
+    echo: bool = Field(False, description="not supported: must be false")
     continue_final_message: bool = False  # vLLM extra
 
 
@@ -151,12 +156,26 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's Logprob: one token of a prompt_logprobs entry (keyed by token id)."""
+
+    logprob: float
+    rank: int | None = Field(None, description="1: the most likely token")
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token, {token id: PromptLogprob} (the token, then the top-N); the
+# first entry is null (nothing predicts the first token).
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: PromptLogprobs | None = None
 
 
 def _now() -> int:
@@ -208,6 +227,7 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     colm: ColmReport | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM: of the rendered prompt, at the response level
 
 
 class DeltaMessage(BaseModel):
@@ -248,6 +268,42 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeRequest(_Request):
+    """POST /tokenize (vLLM's): a `prompt`, or chat `messages` rendered with the chat template."""
+
+    model: str | None = Field(None, description="checked when given")
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = Field(True, description="the tokenizer's own special tokens (colm-tiny: none)")
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize (vLLM's)."""
+
+    model: str | None = Field(None, description="checked when given")
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class ErrorInfo(BaseModel):

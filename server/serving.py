@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from fastapi import Request, Response
 from pydantic import BaseModel
 
-from colm_runtime.engine.types import EngineError, EngineRequest, RequestOutput, SamplingParams
+from colm_runtime.engine.types import EngineError, EngineRequest, RequestOutput, SamplingParams, TokenLogprob
 
 from server.errors import (APIError, InternalError, InvalidRequest, SlowClient, Unavailable, error_body,
                            from_engine_error)
 from server.routing import ChainChoice, RouteHints, parse_header_number
-from server.schemas import ColmReport, Usage, _Sampling
+from server.schemas import ColmReport, PromptLogprob, PromptLogprobs, Usage, _Sampling
 from server.state import ServerState
 
 log = logging.getLogger("colm.server")
@@ -60,7 +60,8 @@ def continuous_usage(req: _Sampling) -> bool:
     return o is not None and o.include_usage and o.continuous_usage_stats
 
 
-def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """SamplingParams from the shared OpenAI/vLLM fields; 400 naming the field if invalid."""
     if req.logit_bias:
         raise InvalidRequest("logit_bias is not supported", param="logit_bias")
@@ -73,9 +74,30 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None) -> Sa
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty, stop=stop,
                               stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-                              logprobs=logprobs, n=req.n)
+                              logprobs=logprobs, n=req.n, prompt_logprobs=prompt_logprobs)
     except ValueError as e:
         raise InvalidRequest(str(e), param=str(e).split(" ", 1)[0]) from None
+
+
+def check_prompt_logprobs(req: _Sampling) -> None:
+    """vLLM's rule: prompt_logprobs come in the whole response, not in a stream."""
+    if req.prompt_logprobs is not None and req.stream:
+        raise InvalidRequest("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
+
+
+def vllm_prompt_logprobs(entries: tuple[TokenLogprob | None, ...], top: int) -> PromptLogprobs:
+    """vLLM's prompt_logprobs: per prompt token {token id: {logprob, rank, decoded_token}}, the token
+    first, then its top `top`; the first entry None."""
+    out: PromptLogprobs = []
+    for lp in entries:
+        if lp is None:
+            out.append(None)
+            continue
+        d = {str(lp.token_id): PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=lp.token)}
+        for r, (i, text, v) in enumerate(lp.top[:top], start=1):
+            d.setdefault(str(i), PromptLogprob(logprob=v, rank=r, decoded_token=text))
+        out.append(d)
+    return out
 
 
 def colm_report(choice: ChainChoice, measured_s: float | None = None, final_chains: int | None = None) -> ColmReport:
@@ -151,7 +173,8 @@ class RequestRun:
         self.state, self.choice, self.arrival = state, choice, arrival
         # A stream's outputs wait for a network client: bounded. A collected answer is read in-process.
         self.buffer_limit = state.settings.max_stream_buffer if stream else None
-        floor = choice.chains if choice.pinned else 1
+        # Prompt logprobs are scored at one chain count: such a request is never shrunk.
+        floor = choice.chains if choice.pinned or params.prompt_logprobs is not None else 1
         if chain_schedule:
             floor = min(c for _, c in chain_schedule)
         self.requests = [EngineRequest(f"{request_id}-{i}", p, params, chains=choice.chains,

@@ -13,9 +13,10 @@ from colm_runtime.engine.types import RequestOutput, TokenLogprob
 from server.errors import InvalidRequest
 from server.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                             ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob, DeltaMessage,
-                            ResponseMessage, TopLogprob)
-from server.serving import (RequestRun, guarded_sse, colm_headers, colm_report, continuous_usage, engine_extras, new_id,
-                            route_hints, sampling_params, sse, warn_unknown_fields)
+                            ResponseMessage, TokenizeRequest, TopLogprob)
+from server.serving import (RequestRun, guarded_sse, check_prompt_logprobs, colm_headers, colm_report, continuous_usage,
+                            engine_extras, new_id, route_hints, sampling_params, sse, vllm_prompt_logprobs,
+                            warn_unknown_fields)
 from server.state import ServerState
 
 
@@ -26,13 +27,21 @@ def _check_unsupported(req: ChatCompletionRequest) -> None:
         raise InvalidRequest("only response_format {'type': 'text'} is supported", param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    if req.echo:
+        raise InvalidRequest("echo is not supported on chat completions (use /v1/completions with echo, or "
+                             "prompt_logprobs)", param="echo")
+    check_prompt_logprobs(req)
+
+
+def render_chat(state: ServerState, req: ChatCompletionRequest | TokenizeRequest) -> str:
+    """The prompt text of chat messages, through the model's chat template."""
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    return state.template.render(messages, add_generation_prompt=req.add_generation_prompt,
+                                 continue_final_message=req.continue_final_message)
 
 
 def _prompt_ids(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-    text = state.template.render(messages, add_generation_prompt=req.add_generation_prompt,
-                                 continue_final_message=req.continue_final_message)
-    ids = state.encode(text, "messages")
+    ids = state.encode(render_chat(state, req), "messages")
     if not ids:
         raise InvalidRequest("the rendered chat prompt is empty", param="messages")
     return ids
@@ -55,7 +64,7 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     requested = req.max_completion_tokens or req.max_tokens
     max_tokens = requested or max(1, state.max_model_len - len(ids))
     state.check_length(len(ids), max_tokens, "messages")
-    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.prompt_logprobs)
     choice = state.admit(route_hints(req, raw.headers), len(ids), max_tokens)
     request_id = new_id("chatcmpl")
     run = RequestRun(state, request_id, [ids], params, choice, arrival, stream=req.stream, **engine_extras(req))
@@ -77,9 +86,11 @@ async def _collect(run: RequestRun, req: ChatCompletionRequest, request_id: str)
     texts = {j: "" for j in range(req.n)}
     lps: dict[int, list[TokenLogprob]] = {j: [] for j in range(req.n)}
     finals: dict[int, RequestOutput] = {}
+    prompt_lps = None
     async for _, out in run:
         texts[out.index] += out.text
         lps[out.index].extend(out.logprobs)
+        prompt_lps = out.prompt_logprobs if out.prompt_logprobs is not None else prompt_lps
         if out.finished:
             finals[out.index] = out
     choices = [ChatChoice(index=j, message=ResponseMessage(content=texts[j]),
@@ -88,7 +99,9 @@ async def _collect(run: RequestRun, req: ChatCompletionRequest, request_id: str)
                           stop_reason=finals[j].stop_reason if j in finals else None)
                for j in range(req.n)]
     return ChatCompletionResponse(id=request_id, model=req.model, choices=choices, usage=run.usage(),
-                                  colm=colm_report(run.choice, run.measured_s, run.final_chains))
+                                  colm=colm_report(run.choice, run.measured_s, run.final_chains),
+                                  prompt_logprobs=vllm_prompt_logprobs(prompt_lps, req.prompt_logprobs)
+                                  if req.prompt_logprobs is not None else None)
 
 
 def _chunk(request_id: str, model: str, choice: ChatChunkChoice, **kw) -> str:

@@ -12,8 +12,9 @@ from colm_runtime.engine.types import RequestOutput, TokenLogprob
 
 from server.errors import InvalidRequest
 from server.schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.serving import (RequestRun, guarded_sse, colm_headers, colm_report, continuous_usage as _continuous,
-                            engine_extras, new_id, route_hints, sampling_params, sse, warn_unknown_fields)
+from server.serving import (RequestRun, guarded_sse, check_prompt_logprobs, colm_headers, colm_report,
+                            continuous_usage as _continuous, engine_extras, new_id, route_hints, sampling_params, sse,
+                            vllm_prompt_logprobs, warn_unknown_fields)
 from server.state import ServerState
 
 
@@ -46,19 +47,42 @@ def _check_unsupported(req: CompletionRequest) -> None:
         raise InvalidRequest("suffix is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise InvalidRequest("best_of must equal n (best-of sampling is not supported)", param="best_of")
-    if req.echo and req.logprobs is not None:
-        raise InvalidRequest("echo with logprobs is not supported (no prompt logprobs)", param="echo")
+    check_prompt_logprobs(req)
+    if req.max_tokens == 0 and _prompt_top(req) is None:
+        raise InvalidRequest("max_tokens 0 only scores the prompt: it needs echo with logprobs, or "
+                             "prompt_logprobs", param="max_tokens")
+    if req.max_tokens == 0 and req.n > 1:
+        raise InvalidRequest("max_tokens 0 (scoring the prompt) needs n = 1", param="n")
 
 
-def _logprobs(entries: tuple[TokenLogprob, ...], offset: int) -> CompletionLogprobs:
+def _prompt_top(req: CompletionRequest) -> int | None:
+    """The top-N the engine scores the prompt with (None: no prompt logprobs): echo + logprobs wants
+    the prompt in the logprobs object, prompt_logprobs in vLLM's field."""
+    wanted = [x for x in (req.logprobs if req.echo else None, req.prompt_logprobs) if x is not None]
+    return max(wanted) if wanted else None
+
+
+def _logprobs(entries: tuple[TokenLogprob, ...], offset: int, prompt: list[TokenLogprob | None] | None = None,
+              top: int = 0) -> CompletionLogprobs:
+    """OpenAI's legacy logprobs object from offset; with echo, the prompt's entries come first (the first
+    with a null logprob and null top_logprobs)."""
     out = CompletionLogprobs()
-    for lp in entries:
-        out.tokens.append(lp.token)
-        out.token_logprobs.append(lp.logprob)
-        out.top_logprobs.append({tok: l for _, tok, l in lp.top})
+    for lp in (prompt or []) + list(entries):
+        if isinstance(lp, str):  # the first prompt token: nothing predicts it
+            token, logprob, tops = lp, None, None
+        else:
+            token, logprob, tops = lp.token, lp.logprob, {tok: l for _, tok, l in lp.top[:top]}
+        out.tokens.append(token)
+        out.token_logprobs.append(logprob)
+        out.top_logprobs.append(tops)
         out.text_offset.append(offset)
-        offset += len(lp.token)
+        offset += len(token)
     return out
+
+
+def _echoed(state: ServerState, ids: list[int], entries: tuple[TokenLogprob | None, ...]) -> list:
+    """The prompt's logprob entries for echo: the first token's text, then its TokenLogprobs."""
+    return [state.tokenizer.decode(ids[:1], skip_special_tokens=False)] + list(entries[1:])
 
 
 async def create_completion(state: ServerState, req: CompletionRequest, raw: Request):
@@ -69,22 +93,24 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     state.check_n(req.n)
     ids, texts = _prompts(state, req.prompt)
     longest = max(len(p) for p in ids)
-    max_tokens = req.max_tokens or max(1, state.max_model_len - longest)
+    max_tokens = req.max_tokens if req.max_tokens is not None else max(1, state.max_model_len - longest)
     for p in ids:
         state.check_length(len(p), max_tokens, "prompt")
-    params = sampling_params(req, max_tokens, req.logprobs)
+    params = sampling_params(req, max_tokens, req.logprobs, _prompt_top(req))
     choice = state.admit(route_hints(req, raw.headers), longest, max_tokens)
     request_id = new_id("cmpl")
     run = RequestRun(state, request_id, ids, params, choice, arrival, stream=req.stream, **engine_extras(req))
     await run.start()
-    echo = [(t if t is not None else state.tokenizer.decode(p)) if req.echo else "" for p, t in zip(ids, texts)]
+    # token-id prompts echo every token's text, special ones included (as their logprob entries do)
+    echo = [(t if t is not None else state.tokenizer.decode(p, skip_special_tokens=False)) if req.echo else ""
+            for p, t in zip(ids, texts)]
     headers = colm_headers(request_id, choice)
     if req.stream:
         usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(guarded_sse(_stream(state, run, req, request_id, echo, usage), run), headers=headers,
+        return StreamingResponse(guarded_sse(_stream(state, run, req, request_id, echo, ids, usage), run), headers=headers,
                                  media_type="text/event-stream")
     try:
-        body = await _collect(state, run, req, request_id, echo)
+        body = await _collect(state, run, req, request_id, echo, ids)
     finally:
         await run.close()
     # pydantic's JSON, not json.dumps: a -inf logprob becomes null instead of failing the response
@@ -92,29 +118,38 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
 
 
 async def _collect(state: ServerState, run: RequestRun, req: CompletionRequest, request_id: str,
-                   echo: list[str]) -> CompletionResponse:
+                   echo: list[str], ids: list[list[int]]) -> CompletionResponse:
     n = req.n
     texts = {i * n + j: echo[i] for i in range(len(echo)) for j in range(n)}
     lps: dict[int, list[TokenLogprob]] = {k: [] for k in texts}
+    prompt_lps: dict[int, tuple] = {}  # prompt index -> its prompt logprobs (the same for its n choices)
     finals: dict[int, RequestOutput] = {}
     async for i, out in run:
         idx = i * n + out.index
         texts[idx] += out.text
         lps[idx].extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            prompt_lps[i] = out.prompt_logprobs
         if out.finished:
             finals[idx] = out
-    choices = [CompletionChoice(index=idx, text=texts[idx],
-                                logprobs=_logprobs(tuple(lps[idx]), len(echo[idx // n]))
-                                if req.logprobs is not None else None,
-                                finish_reason=finals[idx].finish_reason if idx in finals else None,
-                                stop_reason=finals[idx].stop_reason if idx in finals else None)
-               for idx in sorted(texts)]
+    choices = []
+    for idx in sorted(texts):
+        i = idx // n
+        echoed = _echoed(state, ids[i], prompt_lps[i]) if req.echo and req.logprobs is not None else None
+        choices.append(CompletionChoice(
+            index=idx, text=texts[idx],
+            logprobs=_logprobs(tuple(lps[idx]), 0 if echoed else len(echo[i]), echoed, req.logprobs or 0)
+            if req.logprobs is not None else None,
+            finish_reason=finals[idx].finish_reason if idx in finals else None,
+            stop_reason=finals[idx].stop_reason if idx in finals else None,
+            prompt_logprobs=vllm_prompt_logprobs(prompt_lps[i], req.prompt_logprobs)
+            if req.prompt_logprobs is not None else None))
     return CompletionResponse(id=request_id, model=req.model, choices=choices, usage=run.usage(),
                               colm=colm_report(run.choice, run.measured_s, run.final_chains))
 
 
 async def _stream(state: ServerState, run: RequestRun, req: CompletionRequest, request_id: str,
-                  echo: list[str], include_usage: bool) -> AsyncIterator[str]:
+                  echo: list[str], ids: list[list[int]], include_usage: bool) -> AsyncIterator[str]:
     n, total, done = req.n, len(echo) * req.n, 0
     started: set[int] = set()
     offsets: dict[int, int] = {}
@@ -122,6 +157,10 @@ async def _stream(state: ServerState, run: RequestRun, req: CompletionRequest, r
     async for i, out in run:
         idx = i * n + out.index
         text = out.text if idx in started else echo[i] + out.text
+        # echo + logprobs: a completion's first chunk carries the prompt's entries too (offsets from 0)
+        echoed = None
+        if idx not in started and req.echo and req.logprobs is not None:
+            echoed = _echoed(state, ids[i], out.prompt_logprobs)
         started.add(idx)
         done += out.finished
         if done == total and not include_usage:  # the last chunk carries the measured report
@@ -129,13 +168,13 @@ async def _stream(state: ServerState, run: RequestRun, req: CompletionRequest, r
         else:
             report = colm_report(run.choice) if first else None
         first = False
-        start = offsets.get(idx, 0) + len(text) - len(out.text)
+        start = 0 if echoed else offsets.get(idx, 0) + len(text) - len(out.text)
         offsets[idx] = offsets.get(idx, 0) + len(text)
         chunk = CompletionResponse(
             id=request_id, model=req.model, colm=report, usage=run.usage() if _continuous(req) else None,
             choices=[CompletionChoice(index=idx, text=text, finish_reason=out.finish_reason,
                                       stop_reason=out.stop_reason,
-                                      logprobs=_logprobs(out.logprobs, start)
+                                      logprobs=_logprobs(out.logprobs, start, echoed, req.logprobs or 0)
                                       if req.logprobs is not None else None)])
         yield sse(chunk)
     if include_usage:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from colm_runtime.engine import prompt_logprobs
 from colm_runtime.engine.block_manager import BlockManager
 from colm_runtime.engine.chain_switch import ChainSwitcher
 from colm_runtime.engine.config import EngineConfig
@@ -204,23 +205,34 @@ class LLMEngine:
             t_draft = time.perf_counter()
             drafts = self.spec.propose(self.runner, [(seq, g) for _, seq, g in spec]) if spec else []
             t_draft = time.perf_counter() - t_draft
-            logits, verify = self.runner.forward(so, {i: d for (i, _, _), d in zip(spec, drafts)})
+            drafted = {i: d for (i, _, _), d in zip(spec, drafts)}
+            scored = self._prompt_rows(so, drafted)
+            logits, multi = self.runner.forward(so, drafted, scored)
         except Exception as e:
             batch = {seq.request.request_id: seq.request for seq, _ in so.scheduled}
             return outputs + [o for r in batch.values() for o in self.fail_request(r, e)]
+        verify = {i: multi[i] for i in drafted}
         rows, seqs = [], []
+        failed: dict[str, tuple[Sequence, Exception]] = {}  # one request's fault fails that request only
         now = time.monotonic()
         for i, (seq, n) in enumerate(so.scheduled):
             r = seq.request
             r.first_scheduled = r.first_scheduled or now
             if i in verify:
                 continue
+            try:
+                if i in scored:
+                    prompt_logprobs.record(seq, multi[i])
+            except Exception as e:
+                failed[r.request_id] = (seq, e)
+                continue
             seq.num_computed_tokens += min(n, seq.num_uncomputed)  # n > uncomputed: a shrunk draft
-            if seq.num_computed_tokens == seq.num_tokens:  # its last known token: sample the next
+            if seq.num_computed_tokens == seq.num_tokens and seq.params.max_tokens == 0:
+                outputs.append(self._scored_only(seq))  # the prompt is scored; nothing to generate
+            elif seq.num_computed_tokens == seq.num_tokens:  # its last known token: sample the next
                 for s in ([seq] if r.forked else self._fork(seq)):
                     rows.append(i)
                     seqs.append(s)
-        failed: dict[str, tuple[Sequence, Exception]] = {}  # one request's fault fails that request only
         try:
             samples = self.runner.sample(logits, rows, seqs) if seqs else None
         except Exception as e:  # batched sampling: its rows' requests fail, the verified ones go on
@@ -259,6 +271,23 @@ class LLMEngine:
         self.switcher.apply(s.running + s.waiting)
         for seq in s.running:
             seq.lookahead = self.spec.lookahead(seq, self.switcher.next_switch(seq)) if seq.request.forked else 0
+
+    @staticmethod
+    def _prompt_rows(so, drafted: dict) -> dict[int, int]:
+        """Scheduled index -> logit rows its chunk returns for prompt logprobs (only requests that ask)."""
+        out = {}
+        for i, (seq, n) in enumerate(so.scheduled):
+            if seq.request.prompt_scored is not None and i not in drafted:
+                if rows := prompt_logprobs.rows_needed(seq, min(n, seq.num_uncomputed)):
+                    out[i] = rows
+        return out
+
+    def _scored_only(self, seq: Sequence) -> RequestOutput:
+        """End a max_tokens 0 request once its prompt is scored: finish_reason "length", no token."""
+        seq.finish_reason = "length"
+        self.scheduler.finish(seq)
+        self.requests.pop(seq.request.request_id, None)
+        return self.outputs.scored(seq)
 
     def _accept(self, seq: Sequence, target: torch.Tensor, draft) -> list[RequestOutput]:
         """Apply one verify: append the accepted tokens (stopping at a finish), roll back the rest."""

@@ -27,6 +27,17 @@ class OutputBuilder:
         top = tuple((i, self.token_text(i), v) for i, v in zip(ids, values))
         return (TokenLogprob(token, self.token_text(token), chosen, top),)
 
+    def prompt_logprobs(self, r: Request) -> tuple[TokenLogprob | None, ...] | None:
+        """The request's prompt logprobs as TokenLogprobs (built once per request; None: not asked)."""
+        if r.prompt_scored is None:
+            return None
+        if r.prompt_out is None:
+            ids = r.req.prompt_token_ids
+            r.prompt_out = (None,) + tuple(
+                TokenLogprob(t, self.token_text(t), c, tuple((i, self.token_text(i), v) for i, v in zip(ti, tv)), rank)
+                for t, (c, ti, tv, rank) in zip(ids[1:], r.prompt_scored[1:]))
+        return r.prompt_out
+
     @staticmethod
     def _times(r: Request) -> tuple[float | None, float | None]:
         arrival = r.req.arrival_time
@@ -42,7 +53,17 @@ class OutputBuilder:
             token_ids=(token,), finish_reason=seq.finish_reason, chains=seq.chains,
             prompt_tokens=r.num_prompt_tokens, completion_tokens=seq.num_tokens - r.num_prompt_tokens,
             logprobs=self._logprob(token, lp), stop_reason=seq.stop_reason, queue_time=queue,
-            first_token_time=first)
+            first_token_time=first,
+            prompt_logprobs=self.prompt_logprobs(r) if seq.num_tokens - r.num_prompt_tokens == 1 else None)
+
+    def scored(self, seq: Sequence) -> RequestOutput:
+        """The one update of a request that only scores its prompt (max_tokens 0): no token."""
+        r = seq.request
+        queue, first = self._times(r)
+        return RequestOutput(
+            request_id=r.request_id, index=seq.index, text="", token_ids=(), finish_reason=seq.finish_reason,
+            chains=seq.chains, prompt_tokens=r.num_prompt_tokens, completion_tokens=0, queue_time=queue,
+            first_token_time=first, prompt_logprobs=self.prompt_logprobs(r))
 
     def aborted(self, r: Request, index: int) -> RequestOutput:
         seq = next((s for s in r.seqs if s.index == index), None)

@@ -27,17 +27,18 @@ class ModelRunner:
         self.air_prefill = air_prefill and self.cfg.kv_sharing
 
     @torch.inference_mode()
-    def forward(self, so: SchedulerOutput, drafts: dict[int, Draft] | None = None
-                ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def forward(self, so: SchedulerOutput, drafts: dict[int, Draft] | None = None,
+                scored: dict[int, int] | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """Run the step's forward. Returns fp32 logits [B, V] of each scheduled sequence's last token in
-        the scheduler's order, and for each speculative entry (drafts: scheduled index -> its draft) the
-        target logits [gamma + 1, V] of its last real token and its drafted tokens. copy_blocks(so) runs
-        first."""
-        drafts = drafts or {}
-        specs, pick = self._specs(so, drafts)
+        the scheduler's order, and a dict of multi-row logits: for each speculative entry (drafts:
+        scheduled index -> its draft) the target logits [gamma + 1, V] of its last real token and its
+        drafted tokens; for each prompt-scoring entry (scored: scheduled index -> rows, from
+        prompt_logprobs.rows_needed) its trailing [rows, V]. copy_blocks(so) runs first."""
+        drafts, scored = drafts or {}, scored or {}
+        specs, pick = self._specs(so, drafts, scored)
         batch = ForwardBatch.build(self.cfg, specs, self.cache.block_size, self.device)
         logits = self.model.forward_step(batch, self.cache)  # [N, V], sorted by chain count
-        if not drafts and len(specs) == len(pick) and batch.order == tuple(range(len(batch.order))):
+        if not drafts and not scored and len(specs) == len(pick) and batch.order == tuple(range(len(batch.order))):
             return logits, {}  # already in the scheduler's order (e.g. one chain count)
         inverse = [0] * len(batch.order)
         for sorted_i, caller_i in enumerate(batch.order):
@@ -45,10 +46,11 @@ class ModelRunner:
         offs = batch.logit_offsets()
         first = [offs[inverse[i]] for i in pick]  # first logit row of each scheduled entry
         last = [f + batch.num_logits[inverse[i]] - 1 for f, i in zip(first, pick)]
-        verify = {i: logits[first[i] : last[i] + 1] for i in drafts}
-        return logits[torch.tensor(last, device=logits.device)], verify
+        multi = {i: logits[first[i] : last[i] + 1] for i in (*drafts, *scored)}
+        return logits[torch.tensor(last, device=logits.device)], multi
 
-    def _specs(self, so: SchedulerOutput, drafts: dict[int, Draft]) -> tuple[list[SeqSpec], list[int]]:
+    def _specs(self, so: SchedulerOutput, drafts: dict[int, Draft], scored: dict[int, int]
+               ) -> tuple[list[SeqSpec], list[int]]:
         """The step's SeqSpecs and, per scheduled sequence, the spec whose last token gives its logits.
 
         CoLM-Air prefill acceleration (the paper's): every chain attends the K/V computed from chain 1,
@@ -56,7 +58,9 @@ class ModelRunner:
         count. Prompt tokens are computed at 1 chain; only a sequence's last known token (whose logits
         are sampled) runs at its chain count, attending the K/V its prompt wrote earlier in the same
         layer (the model writes every row's K/V before attending). A speculative entry verifies its
-        last token and its draft at its own chain count, with logits for all of them.
+        last token and its draft at its own chain count, with logits for all of them. A chunk that
+        scores prompt tokens (prompt logprobs) runs whole at the sequence's chain count: those logits
+        need every chain, and the K/V it writes is the same.
         """
         specs, pick = [], []
         for i, (seq, n) in enumerate(so.scheduled):
@@ -69,7 +73,9 @@ class ModelRunner:
                 continue
             n = min(n, seq.num_uncomputed)  # a lookahead whose draft was dropped (shrunk to the draft's chains)
             ids = seq.token_ids[start : start + n]
-            if self.air_prefill and seq.chains > 1 and n > 1:
+            if i in scored:
+                specs.append(SeqSpec(ids, start, seq.chains, tables, num_logits=scored[i]))
+            elif self.air_prefill and seq.chains > 1 and n > 1:
                 last = start + n == seq.num_tokens
                 specs.append(SeqSpec(ids[:-1] if last else ids, start, 1, tables))
                 if last:

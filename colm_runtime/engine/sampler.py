@@ -126,14 +126,17 @@ def token_logprobs(raw: torch.Tensor, tokens: list[int], ps: list[SamplingParams
     """Per row: None, or (logprob of tokens[i], top-N ids, top-N logprobs) from the raw logits [B, V]."""
     want = [i for i, p in enumerate(ps) if p.logprobs is not None]
     out: list = [None] * len(ps)
-    if not want:
-        return out
-    lp = raw[want].log_softmax(dim=-1)
-    n = max(ps[i].logprobs or 0 for i in want)
-    top_v, top_i = lp.topk(max(n, 1), dim=-1)
-    chosen = lp.gather(1, torch.tensor([[tokens[i]] for i in want], device=raw.device))[:, 0].tolist()
-    top_v, top_i = top_v.tolist(), top_i.tolist()
-    for j, i in enumerate(want):
-        k = ps[i].logprobs or 0
-        out[i] = (chosen[j], top_i[j][:k], top_v[j][:k])
+    if want:
+        found = logprobs_of(raw[want], [tokens[i] for i in want], [ps[i].logprobs or 0 for i in want])
+        for i, lp in zip(want, found):
+            out[i] = lp
     return out
+
+
+def logprobs_of(raw: torch.Tensor, tokens: list[int], tops: list[int]) -> list[tuple[float, list[int], list[float]]]:
+    """(logprob of tokens[i], top-tops[i] ids, their logprobs) of each row of raw logits [B, V]."""
+    lp = raw.log_softmax(dim=-1)
+    top_v, top_i = lp.topk(max(max(tops), 1), dim=-1)
+    chosen = lp.gather(1, torch.tensor(tokens, device=raw.device)[:, None])[:, 0].tolist()
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    return [(c, ti[:k], tv[:k]) for c, ti, tv, k in zip(chosen, top_i, top_v, tops)]

@@ -114,6 +114,10 @@ class Request:
         self.forked = req.params.n == 1
         self.first_scheduled: float | None = None
         self.first_token: float | None = None
+        # Prompt logprobs (prompt_logprobs.py): one entry per prompt position scored so far, [None] for
+        # position 0; None when the request did not ask.
+        self.prompt_scored: list | None = None if req.params.prompt_logprobs is None else [None]
+        self.prompt_out: tuple | None = None  # the same as TokenLogprobs, once complete (output.py)
 
     @property
     def request_id(self) -> str:

@@ -48,6 +48,9 @@ class SamplingParams:
     temperature 0 means greedy. top_k <= 0 disables top-k; top_p 1 and min_p 0 disable theirs.
     seed makes a request's sampling reproducible whatever else is in the batch. logprobs: return the
     top-N log-probabilities of each generated token (None: none). n: completions sharing one prompt.
+    prompt_logprobs: the log-probability of every prompt token after the first, with the top-N (None:
+    none; computed in the prefill only for requests that ask). max_tokens 0 (only with prompt_logprobs
+    and n 1) scores the prompt and generates nothing.
     """
 
     max_tokens: int = 16
@@ -64,10 +67,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     n: int = 1
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_tokens >= 1, "max_tokens", "must be >= 1"),
+            (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None and self.n == 1),
+             "max_tokens", "must be >= 1 (0 only to score a prompt: with prompt_logprobs and n 1)"),
             (math.isfinite(self.temperature) and self.temperature >= 0, "temperature", "must be >= 0"),
             (math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", "must be in (0, 1]"),
             (self.top_k >= 0 or self.top_k == -1, "top_k", "must be >= 0 (0 or -1: disabled)"),
@@ -80,6 +85,8 @@ class SamplingParams:
              "must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (self.n >= 1, "n", "must be >= 1"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
+             "must be in [0, 20]"),
         ]
         for ok, name, why in checks:
             if not ok:
@@ -123,6 +130,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: tuple[tuple[int, str, float], ...]  # (token_id, token text, logprob) of the top-N
+    rank: int | None = None  # the token's rank in the distribution (1: most likely); prompt tokens only
 
 
 @dataclass(frozen=True)
@@ -147,6 +155,9 @@ class RequestOutput:
     queue_time: float | None = None  # seconds waiting before the first scheduled step
     first_token_time: float | None = None  # seconds from arrival to first token
     error: str | None = None  # set with finish_reason "error"
+    # With SamplingParams.prompt_logprobs, on each completion's first update: one entry per prompt
+    # token, the first None (nothing predicts it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def finished(self) -> bool:

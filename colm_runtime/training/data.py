@@ -9,6 +9,7 @@ batch exactly: that is what `--resume` stores, and how ranks of a distributed ru
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,18 @@ def list_files(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def read_documents(paths: Sequence[str | Path]) -> list[str]:
-    """The non-empty documents of the given files, in a stable order."""
-    files = list_files(paths)
-    docs = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+    """The non-empty documents of the given files, in a stable order: a text file is one document, a
+    .jsonl file one per line (its "text" field, as in lm-evaluation-harness task files)."""
+    docs = []
+    for f in list_files(paths):
+        text = f.read_text(encoding="utf-8", errors="replace")
+        if f.suffix == ".jsonl":
+            try:
+                docs.extend(str(json.loads(line)["text"]) for line in text.splitlines() if line.strip())
+            except (ValueError, KeyError, TypeError) as e:
+                raise CorpusError(f"{f}: every line must be a JSON object with a \"text\" field ({e})") from None
+        else:
+            docs.append(text)
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise CorpusError(f"empty corpus: no text in {', '.join(str(p) for p in paths)}")

@@ -58,6 +58,37 @@ def train_flops_per_token(model: CoLMModel, chains: int, seq_len: int) -> float:
 
 
 @torch.inference_mode()
+def token_logprobs(model: CoLMModel, ids: list[int], chains: int) -> list[float]:
+    """log p(ids[t] | ids[:t]) for t = 1..len(ids)-1 at `chains` chains, from one full causal forward
+    (no KV cache, no batching): the reference the server's prompt logprobs are tested against."""
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)  # [1, S]
+    hidden = model(x[:, :-1], chains=chains)  # [1, S-1, width(chains)]
+    lp = model.logits(hidden[0], chains).float().log_softmax(dim=-1)  # [S-1, V]
+    return lp.gather(1, x[0, 1:, None])[:, 0].tolist()
+
+
+def rolling_windows(tokens: list[int], prefix: int, max_len: int) -> list[tuple[list[int], int]]:
+    """lm-evaluation-harness's loglikelihood_rolling windows (context_len 1): (ids, n), where the last n
+    of ids[1:] are scored, each token of the document exactly once. The first window starts from the
+    prefix token (EOS here); a later one is max_len tokens of context-and-targets ending at its last
+    target, so a short last window still sees max_len - n tokens of context."""
+    first = min(max_len, len(tokens))
+    out = [([prefix] + tokens[:first], first)]
+    done = first
+    while done < len(tokens):
+        n = min(len(tokens) - done, max_len)
+        out.append((tokens[done + n - max_len - 1 : done + n], n))
+        done += n
+    return out
+
+
+def rolling_loglikelihood(model: CoLMModel, tokens: list[int], prefix: int, chains: int, max_len: int) -> float:
+    """The document's log-likelihood as lm-eval's loglikelihood_rolling defines it, at `chains` chains."""
+    return sum(sum(token_logprobs(model, ids, chains)[-n:]) for ids, n in rolling_windows(tokens, prefix, max_len))
+
+
+@torch.inference_mode()
 def decode_tokens_per_second(model: CoLMModel, chains: int, prompt_len: int = 32, new_tokens: int = 64,
                              block_size: int = 16, warmup: int = 4) -> float:
     """Greedy single-sequence decode speed at `chains` chains over the paged KV cache (batch 1)."""

@@ -110,11 +110,11 @@ async def test_the_queue_bound_counts_requests_the_engine_thread_took_during_a_s
     taken, release = threading.Event(), threading.Event()
     real = engine.runner.forward
 
-    def held(so, drafts=None):  # hold the step in which b and c are waiting (taken, not yet reported)
+    def held(so, *args):  # hold the step in which b and c are waiting (taken, not yet reported)
         if len(engine.scheduler.waiting) == 2 and not release.is_set():
             taken.set()
             release.wait(10)
-        return real(so, drafts)
+        return real(so, *args)
 
     engine.runner.forward = held
     eng = AsyncEngine(engine)
@@ -163,7 +163,7 @@ async def test_a_failing_step_ends_its_requests_with_error_and_the_engine_keeps_
     runner = engine.engine.runner
     real = runner.forward
 
-    def broken(so, drafts=None):  # a device error in the middle of a step, once
+    def broken(so, *args):  # a device error in the middle of a step, once
         runner.forward = real
         raise RuntimeError("simulated device failure")
 

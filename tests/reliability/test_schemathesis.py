@@ -71,6 +71,18 @@ def _fuzz(operation, mode: GenerationMode, model: str) -> None:
         assert mode is GenerationMode.NEGATIVE
 
 
+def _success_bodies(path: str, model: str) -> list[dict]:
+    """Valid bodies of each POST operation: generation streamed and not, the tokenizer endpoints."""
+    if path == "/tokenize":
+        return [{"model": model, "prompt": "fuzz", "return_token_strs": True},
+                {"model": model, "messages": [{"role": "user", "content": "fuzz"}]}]
+    if path == "/detokenize":
+        return [{"model": model, "tokens": [1, 2, 3]}]
+    first = {"prompt": "fuzz"} if "chat" not in path else {"messages": [{"role": "user", "content": "fuzz"}]}
+    return [{"model": model, **first, "max_tokens": 4, "stream": stream, "n": 2,
+             "logprobs": 2 if "chat" not in path else True} for stream in (False, True)]
+
+
 def test_openapi_fuzz(fuzz_server, fuzz_model):
     """Every operation of /openapi.json, schema-valid and schema-invalid inputs."""
     schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
@@ -82,12 +94,8 @@ def test_openapi_fuzz(fuzz_server, fuzz_model):
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             _fuzz(op, mode, fuzz_model)
         if op.method.upper() == "POST":  # the success paths, streamed and not, always checked
-            first = {"prompt": "fuzz"} if op.path.endswith("/completions") and "chat" not in op.path else {
-                "messages": [{"role": "user", "content": "fuzz"}]}
-            for stream in (False, True):
-                case = op.Case(body={"model": fuzz_model, **first, "max_tokens": 4, "stream": stream,
-                                     "n": 2, "logprobs": 2 if "chat" not in op.path else True},
-                               media_type="application/json")
+            for body in _success_bodies(op.path, fuzz_model):
+                case = op.Case(body=body, media_type="application/json")
                 response = case.call(timeout=60)
                 assert response.status_code == 200, response.text
                 case.validate_response(response, checks=CHECKS)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The engine and model benchmarks on CUDA, and decode step time against the memory-bandwidth bound
 # of a ~1B-parameter random CoLM, CoLM-Air first-chain prefill and self-speculative decoding. Under 8
-# minutes on one H200: each step has a time limit and the limits add up to 465 s (a step that runs
-# over is reported as FAILED and the script goes on).
+# minutes on one H200 (10 with the FSDP training step): each step has a time limit and the limits
+# add up to 585 s (a step that runs over is reported as FAILED and the script goes on).
 # Needs torch (CUDA build), safetensors, tokenizers and numpy importable; transformers is optional
 # (without it the HF comparison is skipped).
 #
@@ -80,8 +80,16 @@ step engine 70 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE[@]}"
 step engine_big 150 engine --device "$DEVICE" --dtype "$DTYPE" $NOHF "${ENGINE_BIG[@]}"
 step prefill 65 prefill --device "$DEVICE" --dtype "$DTYPE" "${PREFILL[@]}"
 step speculative 45 speculative --device "$DEVICE" --dtype "$DTYPE" "${SPEC[@]}"
+# FSDP2 training on every GPU (bf16 compute, fp32 reduce, nccl), stop/resume and `colm export
+# checkpoint`, against one process: the CUDA half of tests/training/test_fsdp.py.
+t0=$SECONDS
+if OUT="$OUT/fsdp" PYTHON="$PY" timeout 120 benchmarks/fsdp.sh --device "$DEVICE" >"$OUT/fsdp.json" 2>"$OUT/fsdp.err"; then
+  echo "== fsdp: ok in $((SECONDS - t0)) s"
+else
+  echo "== fsdp: FAILED after $((SECONDS - t0)) s (see $OUT/fsdp.err, $OUT/fsdp/*.log)"; tail -5 "$OUT/fsdp.err"; FAILED=1
+fi
 
-for f in bandwidth model engine engine_big prefill speculative; do
+for f in bandwidth model engine engine_big prefill speculative fsdp; do
   echo "--- $f"; cat "$OUT/$f.json" 2>/dev/null; echo
 done
 exit $FAILED

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "expand": ("colm_runtime.training.cli_expand", "add a chain to a trained model (progressive scaling)"),
     "eval": ("colm_runtime.training.cli_eval", "perplexity and decode speed per chain count"),
     "data": ("colm_runtime.training.cli_data", "fetch and prepare a training corpus"),
+    "export": ("colm_runtime.commands.export", "write a servable model directory from another format"),
     "bench": ("colm_runtime.bench.cli", "benchmarks (model, engine, ...); prints JSON with --json"),
 }
 

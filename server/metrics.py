@@ -7,6 +7,7 @@ never stale. Each app has its own registry, so several servers can live in one p
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
@@ -14,10 +15,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from colm_runtime.engine.types import EngineStats
 
+from server.gateway_metrics import GatewayCollector, RecentDegradation
+
 disable_created_metrics()  # no *_created series: they double the output and no dashboard reads them
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                     20.0, 40.0, 80.0)
+_COMPILE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 
 
@@ -101,8 +105,22 @@ class ServerMetrics:
         self.http_duration = Histogram("colm_http_request_duration_seconds", "HTTP request duration "
                                        "(streams: until the last byte)", ["route", "method", "status"],
                                        buckets=_LATENCY_BUCKETS, registry=r)
+        self._structured_outputs(r)
         for reason in ("invalid", "too_long", "unauthorized", "not_found", "body_too_large", "queue_full",
                        "budget_unreachable", "draining", "not_ready"):
             self.rejected.labels(reason)  # export zeros, so alerts and dashboards see the series
         for reason in ("capacity", "budget", "queue", "kv_cache"):
             self.downgrades.labels(reason)
+
+        # --- Gateway API Inference Extension: what its endpoint picker reads (server/gateway_metrics.py).
+        self.recent_degradation = RecentDegradation()
+        r.register(GatewayCollector(stats, self.recent_degradation, time.monotonic))
+
+    # ---- structured outputs (server/structured.py) -------------------------------------------------
+    def _structured_outputs(self, r: CollectorRegistry) -> None:
+        self.structured = Counter("colm_structured_requests", "Requests with an output constraint, by kind "
+                                  "(json_object, json_schema, regex, choice)", ["kind"], registry=r)
+        self.grammar_compile = Histogram("colm_grammar_compile_seconds", "Grammar compilation time (cache "
+                                         "misses only)", buckets=_COMPILE_BUCKETS, registry=r)
+        for kind in ("json_object", "json_schema", "regex", "choice"):
+            self.structured.labels(kind)

@@ -42,7 +42,8 @@ class _Sampling(_Request):
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1 - MAX_N, description="reproducible sampling")
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
-    logit_bias: dict[str, float] | None = Field(None, description="not supported: must be empty")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, description="{token id: bias in [-100, 100]} added to the logits before sampling")
     user: str | None = None
     # vLLM extras
     top_k: int = Field(0, ge=-1, description="0 or -1: disabled")
@@ -50,6 +51,14 @@ class _Sampling(_Request):
     repetition_penalty: float = Field(1.0, gt=0)
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP)] | None = None
     ignore_eos: bool = False
+    # Structured outputs (one of them; server/structured.py): OpenAI's, then vLLM's two forms
+    response_format: dict[str, Any] | None = Field(
+        None, description="{'type': 'text' | 'json_object' | 'json_schema', 'json_schema': {'schema': ...}}")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM: output matches this JSON schema")
+    guided_regex: str | None = Field(None, description="vLLM: output matches this regular expression")
+    guided_choice: list[str] | None = Field(None, description="vLLM: output is exactly one of these strings")
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM: {'json': schema} | {'regex': ...} | {'choice': [...]} | {'json_object': true}")
     # CoLM extras: chain selection (first match wins: model id, chains, tier, latency_budget_ms)
     chains: int | None = Field(None, description="pin this many chains (1..n)")
     tier: str | None = Field(None, description="a named tier of the server (economy, standard, premium)")
@@ -89,7 +98,8 @@ class CompletionRequest(_Sampling):
                                    "the prompt (echo with logprobs, or prompt_logprobs)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
-    best_of: int | None = Field(None, ge=1, le=MAX_N, description="must equal n if set")
+    best_of: int | None = Field(None, ge=1, le=MAX_N, description="generate best_of candidates, return the n "
+                                "with the highest cumulative logprob (>= n; not with stream)")
     suffix: str | None = Field(None, description="not supported: must be null")
 
 
@@ -119,7 +129,6 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     tools: list[dict[str, Any]] | None = Field(None, description="not supported: must be empty")
     tool_choice: Any = None
-    response_format: dict[str, Any] | None = Field(None, description="only {'type': 'text'}")
     add_generation_prompt: bool = True  # vLLM extra
     echo: bool = Field(False, description="not supported: must be false")
     continue_final_message: bool = False  # vLLM extra

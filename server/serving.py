@@ -22,6 +22,7 @@ from server.errors import (APIError, InternalError, InvalidRequest, SlowClient, 
 from server.routing import ChainChoice, RouteHints, parse_header_number
 from server.schemas import ColmReport, PromptLogprob, PromptLogprobs, Usage, _Sampling
 from server.state import ServerState
+from server.structured import logit_bias
 
 log = logging.getLogger("colm.server")
 
@@ -60,11 +61,10 @@ def continuous_usage(req: _Sampling) -> bool:
     return o is not None and o.include_usage and o.continuous_usage_stats
 
 
-def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
-                    prompt_logprobs: int | None = None) -> SamplingParams:
-    """SamplingParams from the shared OpenAI/vLLM fields; 400 naming the field if invalid."""
-    if req.logit_bias:
-        raise InvalidRequest("logit_bias is not supported", param="logit_bias")
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab_size: int,
+                    n: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+    """SamplingParams from the shared OpenAI/vLLM fields; 400 naming the field if invalid. n: the
+    completions the engine runs (best_of), default req.n."""
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     if any(not s for s in stop):
         raise InvalidRequest("stop strings must not be empty", param="stop")
@@ -74,7 +74,8 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None,
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty, stop=stop,
                               stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-                              logprobs=logprobs, n=req.n, prompt_logprobs=prompt_logprobs)
+                              logprobs=logprobs, n=n or req.n, logit_bias=logit_bias(req, vocab_size),
+                              prompt_logprobs=prompt_logprobs)
     except ValueError as e:
         raise InvalidRequest(str(e), param=str(e).split(" ", 1)[0]) from None
 
@@ -169,7 +170,7 @@ class RequestRun:
 
     def __init__(self, state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams,
                  choice: ChainChoice, arrival: float, chain_schedule: tuple | None = None,
-                 speculative: bool | None = None, stream: bool = False):
+                 speculative: bool | None = None, stream: bool = False, grammar=None):
         self.state, self.choice, self.arrival = state, choice, arrival
         # A stream's outputs wait for a network client: bounded. A collected answer is read in-process.
         self.buffer_limit = state.settings.max_stream_buffer if stream else None
@@ -179,7 +180,7 @@ class RequestRun:
             floor = min(c for _, c in chain_schedule)
         self.requests = [EngineRequest(f"{request_id}-{i}", p, params, chains=choice.chains,
                                        min_chains=floor, priority=choice.priority, arrival_time=arrival,
-                                       chain_schedule=chain_schedule, speculative=speculative)
+                                       chain_schedule=chain_schedule, speculative=speculative, grammar=grammar)
                          for i, p in enumerate(prompts)]
         self.tracks = [_Track(len(p)) for p in prompts]
         self._queue: asyncio.Queue = asyncio.Queue()

@@ -23,8 +23,6 @@ from server.state import ServerState
 def _check_unsupported(req: ChatCompletionRequest) -> None:
     if req.tools:
         raise InvalidRequest("tools are not supported by this server", param="tools")
-    if req.response_format is not None and req.response_format.get("type", "text") != "text":
-        raise InvalidRequest("only response_format {'type': 'text'} is supported", param="response_format")
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     if req.echo:
@@ -64,10 +62,13 @@ async def create_chat_completion(state: ServerState, req: ChatCompletionRequest,
     requested = req.max_completion_tokens or req.max_tokens
     max_tokens = requested or max(1, state.max_model_len - len(ids))
     state.check_length(len(ids), max_tokens, "messages")
-    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None, req.prompt_logprobs)
+    params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
+                             state.cfg.vocab_size, prompt_logprobs=req.prompt_logprobs)
+    grammar = await state.grammars.get(req)
     choice = state.admit(route_hints(req, raw.headers), len(ids), max_tokens)
     request_id = new_id("chatcmpl")
-    run = RequestRun(state, request_id, [ids], params, choice, arrival, stream=req.stream, **engine_extras(req))
+    run = RequestRun(state, request_id, [ids], params, choice, arrival, stream=req.stream, grammar=grammar,
+                     **engine_extras(req))
     await run.start()
     headers = colm_headers(request_id, choice)
     if req.stream:

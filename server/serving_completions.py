@@ -45,13 +45,16 @@ def _prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str | No
 def _check_unsupported(req: CompletionRequest) -> None:
     if req.suffix:
         raise InvalidRequest("suffix is not supported", param="suffix")
-    if req.best_of is not None and req.best_of != req.n:
-        raise InvalidRequest("best_of must equal n (best-of sampling is not supported)", param="best_of")
+    if req.best_of is not None and req.best_of < req.n:
+        raise InvalidRequest("best_of must be at least n", param="best_of")
+    if req.best_of is not None and req.best_of > req.n and req.stream:
+        raise InvalidRequest("best_of > n cannot be streamed (the best candidates are known at the end)",
+                             param="best_of")
     check_prompt_logprobs(req)
     if req.max_tokens == 0 and _prompt_top(req) is None:
         raise InvalidRequest("max_tokens 0 only scores the prompt: it needs echo with logprobs, or "
                              "prompt_logprobs", param="max_tokens")
-    if req.max_tokens == 0 and req.n > 1:
+    if req.max_tokens == 0 and (req.best_of or req.n) > 1:
         raise InvalidRequest("max_tokens 0 (scoring the prompt) needs n = 1", param="n")
 
 
@@ -90,16 +93,21 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     arrival = time.monotonic()
     _check_unsupported(req)
     warn_unknown_fields(req)
-    state.check_n(req.n)
+    n = req.best_of or req.n  # candidates per prompt the engine runs
+    state.check_n(n)
     ids, texts = _prompts(state, req.prompt)
     longest = max(len(p) for p in ids)
     max_tokens = req.max_tokens if req.max_tokens is not None else max(1, state.max_model_len - longest)
     for p in ids:
         state.check_length(len(p), max_tokens, "prompt")
-    params = sampling_params(req, max_tokens, req.logprobs, _prompt_top(req))
+    # best_of ranks candidates by cumulative logprob: the engine reports each chosen token's (logprobs 0)
+    logprobs = req.logprobs if req.logprobs is not None or n == req.n else 0
+    params = sampling_params(req, max_tokens, logprobs, state.cfg.vocab_size, n, _prompt_top(req))
+    grammar = await state.grammars.get(req)
     choice = state.admit(route_hints(req, raw.headers), longest, max_tokens)
     request_id = new_id("cmpl")
-    run = RequestRun(state, request_id, ids, params, choice, arrival, stream=req.stream, **engine_extras(req))
+    run = RequestRun(state, request_id, ids, params, choice, arrival, stream=req.stream, grammar=grammar,
+                     **engine_extras(req))
     await run.start()
     # token-id prompts echo every token's text, special ones included (as their logprob entries do)
     echo = [(t if t is not None else state.tokenizer.decode(p, skip_special_tokens=False)) if req.echo else ""
@@ -117,9 +125,21 @@ async def create_completion(state: ServerState, req: CompletionRequest, raw: Req
     return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
 
+def best_of(lps: dict[int, list[TokenLogprob]], prompts: int, candidates: int, n: int) -> list[int]:
+    """Per prompt, the n candidates (keys i * candidates + j) with the highest cumulative logprob, best
+    first (OpenAI's best_of); all of them in order when candidates == n."""
+    keep = []
+    for i in range(prompts):
+        keys = [i * candidates + j for j in range(candidates)]
+        if candidates > n:
+            keys = sorted(keys, key=lambda k: -sum(lp.logprob for lp in lps[k]))[:n]
+        keep.extend(keys)
+    return keep
+
+
 async def _collect(state: ServerState, run: RequestRun, req: CompletionRequest, request_id: str,
                    echo: list[str], ids: list[list[int]]) -> CompletionResponse:
-    n = req.n
+    n = req.best_of or req.n
     texts = {i * n + j: echo[i] for i in range(len(echo)) for j in range(n)}
     lps: dict[int, list[TokenLogprob]] = {k: [] for k in texts}
     prompt_lps: dict[int, tuple] = {}  # prompt index -> its prompt logprobs (the same for its n choices)
@@ -133,11 +153,11 @@ async def _collect(state: ServerState, run: RequestRun, req: CompletionRequest, 
         if out.finished:
             finals[idx] = out
     choices = []
-    for idx in sorted(texts):
+    for index, idx in enumerate(best_of(lps, len(echo), n, req.n)):
         i = idx // n
         echoed = _echoed(state, ids[i], prompt_lps[i]) if req.echo and req.logprobs is not None else None
         choices.append(CompletionChoice(
-            index=idx, text=texts[idx],
+            index=index, text=texts[idx],
             logprobs=_logprobs(tuple(lps[idx]), 0 if echoed else len(echo[i]), echoed, req.logprobs or 0)
             if req.logprobs is not None else None,
             finish_reason=finals[idx].finish_reason if idx in finals else None,

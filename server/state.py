@@ -21,6 +21,7 @@ from server.metrics import ServerMetrics
 from server.ratelimit import RateLimiter, RateLimits, current_api_key
 from server.routing import ChainChoice, ChainRouter, LatencyPredictor, RouteHints
 from server.settings import ServerSettings
+from server.structured import GrammarCache
 
 log = logging.getLogger("colm.server")
 
@@ -65,6 +66,7 @@ class ServerState:
         self.metrics, self.template, self.max_model_len = metrics, template, max_model_len
         self.cfg, self.tokenizer = engine.config, engine.tokenizer
         self.base_name = router.base_name
+        self.grammars = GrammarCache(self.tokenizer, self.cfg.vocab_size, metrics)  # structured outputs
         self.auth = APIKeyChecker(settings.all_api_keys)
         self.limiter = RateLimiter(RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm))
         self.queue_time = QueueTimeAverage()
@@ -179,4 +181,6 @@ class ServerState:
         for why in choice.degrade_reasons:
             self.metrics.downgrades.labels(why).inc()
         self.metrics.routed.labels(choice.reason, str(choice.chains)).inc()
+        if not choice.pinned:
+            self.metrics.recent_degradation.observe(time.monotonic(), bool(choice.degrade_reasons))
         return choice

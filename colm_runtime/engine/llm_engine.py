@@ -20,6 +20,7 @@ from colm_runtime.engine.chain_switch import ChainSwitcher
 from colm_runtime.engine.config import EngineConfig
 from colm_runtime.engine.detokenizer import IncrementalDetokenizer
 from colm_runtime.engine.faults import FaultInjector
+from colm_runtime.engine.grammar import MaskPrefetch
 from colm_runtime.engine.metrics import StepMetrics
 from colm_runtime.engine.output import OutputBuilder
 from colm_runtime.engine.runner import ModelRunner
@@ -68,6 +69,7 @@ class LLMEngine:
         self.metrics = StepMetrics()
         self._pending: list[RequestOutput] = []  # abort outputs, handed out by the next step()
         self.switcher = ChainSwitcher(self.blocks, config.step_time_target)
+        self.masks = MaskPrefetch(self.cfg.vocab_size)  # structured outputs: masks filled during the forward
         self.spec = SpeculativeDecoder(config.num_speculative_tokens, config.speculative_draft_chains,
                                        self.model_len)
         self.faults = FaultInjector.from_env()  # off unless COLM_FAULT_INJECT is set (tests only)
@@ -102,6 +104,7 @@ class LLMEngine:
                                  f"{self.model_len} tokens")
         if req.chain_schedule is not None:
             self._validate_schedule(req)
+        self._validate_constraints(req)
         if req.speculative and not self.config.num_speculative_tokens:
             raise InvalidRequest("speculative decoding is not enabled on this server")
         if not self.blocks.fits_ever(total, req.min_chains):
@@ -119,6 +122,14 @@ class LLMEngine:
         if sched[0][1] != req.chains or req.min_chains > min(c for _, c in sched):
             raise InvalidRequest("chain_schedule must start at the request's chain count, and min_chains "
                                  "may not exceed any scheduled chain count")
+
+    def _validate_constraints(self, req: EngineRequest) -> None:
+        V = self.cfg.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < V for t, _ in req.params.logit_bias):
+            raise InvalidRequest(f"logit_bias token ids must be in 0..{V - 1}")
+        if req.grammar is not None and req.grammar.vocab_size != V:
+            raise InvalidRequest(f"the grammar was compiled for a vocabulary of {req.grammar.vocab_size} "
+                                 f"tokens, the model has {V}")
 
     def add_request(self, req: EngineRequest, check_queue: bool = True) -> None:
         """Queue a request; raises InvalidRequest, RequestTooLong or EngineOverloaded (the latter only
@@ -202,6 +213,7 @@ class LLMEngine:
             spec = [(i, seq, n - 1) for i, (seq, n) in enumerate(so.scheduled)
                     if seq.num_uncomputed == 1 and n > 1 and seq.chains > self.spec.draft_chains]
             self.runner.copy_blocks(so)
+            self.masks.start(self._will_sample(so, {i for i, _, _ in spec}))
             t_draft = time.perf_counter()
             drafts = self.spec.propose(self.runner, [(seq, g) for _, seq, g in spec]) if spec else []
             t_draft = time.perf_counter() - t_draft
@@ -209,6 +221,7 @@ class LLMEngine:
             scored = self._prompt_rows(so, drafted)
             logits, multi = self.runner.forward(so, drafted, scored)
         except Exception as e:
+            self.masks.discard()
             batch = {seq.request.request_id: seq.request for seq, _ in so.scheduled}
             return outputs + [o for r in batch.values() for o in self.fail_request(r, e)]
         verify = {i: multi[i] for i in drafted}
@@ -234,7 +247,8 @@ class LLMEngine:
                     rows.append(i)
                     seqs.append(s)
         try:
-            samples = self.runner.sample(logits, rows, seqs) if seqs else None
+            ready = self.masks.take()
+            samples = self.runner.sample(logits, rows, seqs, ready) if seqs else None
         except Exception as e:  # batched sampling: its rows' requests fail, the verified ones go on
             failed.update({s.request.request_id: (s, e) for s in seqs})
             seqs = []
@@ -261,6 +275,14 @@ class LLMEngine:
         self.metrics.record(so, seconds)
         self.switcher.observe(seconds, decode_only)
         return outputs
+
+    @staticmethod
+    def _will_sample(so, spec: set[int]) -> list[Sequence]:
+        """The constrained sequences that sample after this step's forward (their grammar state is final
+        now): those reaching their last known token, not verifying drafts, and already forked."""
+        return [seq for i, (seq, n) in enumerate(so.scheduled)
+                if seq.matcher is not None and i not in spec and seq.request.forked
+                and seq.num_computed_tokens + min(n, seq.num_uncomputed) == seq.num_tokens]
 
     def _plan(self) -> None:
         """Before scheduling: chain schedules and the load policy move chain counts, then each decode
@@ -318,6 +340,8 @@ class LLMEngine:
         if r.request_id in self._marked:
             self.faults.check("step", True)
         r.first_token = r.first_token or time.monotonic()
+        if seq.matcher is not None:
+            seq.matcher.consume(token)
         seq.token_ids.append(token)
         p = seq.params
         # A stop token (or EOS) ends the completion without adding its text (OpenAI / vLLM).

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from colm_runtime.engine.sampler import SamplerOutput, SamplingRow, sample
+from colm_runtime.engine.grammar import fill_bitmask
+from colm_runtime.engine.sampler import SamplerOutput, SamplingRow, TokenMasks, sample
 from colm_runtime.engine.scheduler import SchedulerOutput
 from colm_runtime.engine.sequence import Sequence
 from colm_runtime.engine.speculative import Draft
@@ -93,12 +94,24 @@ class ModelRunner:
             self.cache.copy_blocks(pool, src, dst)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> SamplerOutput:
-        """Sample one token for each seqs[j] from logits row rows[j] (rows may repeat: n > 1 forks)."""
+    def sample(self, logits: torch.Tensor, rows: list[int], seqs: list[Sequence],
+               ready: dict[int, torch.Tensor] | None = None) -> SamplerOutput:
+        """Sample one token for each seqs[j] from logits row rows[j] (rows may repeat: n > 1 forks).
+        ready: grammar masks already filled (MaskPrefetch), by seq_id."""
         same = rows == list(range(logits.shape[0]))
         sub = logits if same else logits[torch.tensor(rows, device=logits.device)]
         info = [SamplingRow(s.params, s.generator, *self._history(s)) for s in seqs]
-        return sample(sub, info, self.generator)
+        return sample(sub, info, self.generator, self.grammar_masks(seqs, ready or {}))
+
+    def grammar_masks(self, seqs: list[Sequence], ready: dict[int, torch.Tensor]) -> TokenMasks | None:
+        """The allowed tokens of the structured-output sequences among seqs (None: there are none): the
+        prefetched ones, and the rest (e.g. the first token of forked completions) filled now."""
+        rows = [j for j, s in enumerate(seqs) if s.matcher is not None]
+        if not rows:
+            return None
+        todo = [j for j in rows if seqs[j].seq_id not in ready]
+        now = dict(zip(todo, fill_bitmask([seqs[j].matcher for j in todo], self.cfg.vocab_size))) if todo else {}
+        return TokenMasks(rows, torch.stack([now[j] if j in now else ready[seqs[j].seq_id] for j in rows]))
 
     @staticmethod
     def _history(s: Sequence) -> tuple[list[int], list[int]]:

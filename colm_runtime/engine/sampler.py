@@ -6,6 +6,10 @@ top-p and min-p. Sampling draws exponential noise E and takes argmax(p / E) (equ
 from p); a row with a seed draws its noise from its own torch.Generator, so its samples depend on its
 seed and its own history only, never on the other rows of the batch. Logprobs are the model's
 (before penalties and temperature), as vLLM returns them by default.
+
+Constraints come after the penalties (`constrain`): a row's logit_bias is added, and a structured-output
+row's grammar mask (a packed bitmask of allowed tokens, engine/grammar.py) sets every other token to
+-inf, both as tensor ops on the rows that have them; rows without constraints are not copied or touched.
 """
 
 from __future__ import annotations
@@ -26,6 +30,15 @@ class SamplingRow:
     generator: torch.Generator | None
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
+
+
+@dataclass(frozen=True)
+class TokenMasks:
+    """Grammar masks of some rows: bitmask[j] packs the allowed tokens of row rows[j] (bit t % 32 of
+    word t // 32)."""
+
+    rows: list[int]
+    bitmask: torch.Tensor  # [len(rows), ceil(V / 32)] int32
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,33 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     freq = _col([p.frequency_penalty for p in ps], torch.float32, dev)
     pres = _col([p.presence_penalty for p in ps], torch.float32, dev)
     return logits - freq * out_counts - pres * (out_counts > 0).float()
+
+
+def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, W] int32 packed -> [R, vocab] bool (True: allowed)."""
+    bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
+    return ((bitmask[:, :, None] >> bits) & 1).view(bitmask.shape[0], -1)[:, :vocab].bool()
+
+
+def constrain(logits: torch.Tensor, biases: Sequence[tuple[tuple[int, float], ...]],
+              masks: TokenMasks | None = None) -> torch.Tensor:
+    """Add each row's logit_bias ((token, bias) pairs), then mask the rows in masks to their allowed
+    tokens (-inf elsewhere). logits: [B, V]; returns a new tensor if any row is constrained, else logits
+    itself (the caller's raw logits stay intact for logprobs)."""
+    bias_rows = [i for i, b in enumerate(biases) if b]
+    if not bias_rows and masks is None:
+        return logits
+    logits, dev = logits.clone(), logits.device
+    if bias_rows:
+        r = torch.tensor([i for i in bias_rows for _ in biases[i]], device=dev)
+        t = torch.tensor([tok for i in bias_rows for tok, _ in biases[i]], device=dev)
+        v = torch.tensor([b for i in bias_rows for _, b in biases[i]], dtype=logits.dtype, device=dev)
+        logits.index_put_((r, t), v, accumulate=True)
+    if masks is not None:
+        rows = torch.tensor(masks.rows, device=dev)
+        allowed = unpack_bitmask(masks.bitmask.to(dev, non_blocking=True), logits.shape[1])  # [R, V]
+        logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))
+    return logits
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -107,11 +147,13 @@ def processed_probs(logits: torch.Tensor, ps: list[SamplingParams]) -> torch.Ten
     return probs
 
 
-def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generator) -> SamplerOutput:
-    """Pick one token per row. logits: [B, V] fp32 (modified in place is fine: the caller's copy)."""
+def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generator,
+           masks: TokenMasks | None = None) -> SamplerOutput:
+    """Pick one token per row. logits: [B, V] fp32 (modified in place is fine: the caller's copy);
+    masks: the grammar masks of the structured-output rows."""
     raw = logits
-    logits = apply_penalties(logits, rows)
     ps = [r.params for r in rows]
+    logits = constrain(apply_penalties(logits, rows), [p.logit_bias for p in ps], masks)
     tokens = logits.argmax(dim=-1)
     rand = [i for i, p in enumerate(ps) if not p.greedy]
     if rand:

@@ -58,6 +58,8 @@ class Sequence:
         self.speculative = False
         self.lookahead = 0
         self.spec_alpha: float | None = None
+        # Structured outputs (grammar.py): the grammar state after this sequence's output tokens.
+        self.matcher = request.req.grammar.matcher() if request.req.grammar is not None else None
 
     # ---- views ------------------------------------------------------------------------------------
     @property

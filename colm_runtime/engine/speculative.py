@@ -14,6 +14,12 @@ d-chain model that shares the request's weights and (CoLM-Air) its KV cache. Eac
    they produce the plain greedy tokens. Rejected positions roll back: num_computed_tokens counts only
    the accepted tokens and blocks past them are released (their stale K/V is overwritten later).
 
+Constrained rows (logit_bias, structured outputs) draft and verify the same constrained distributions:
+while drafting, a structured-output sequence's matcher consumes each draft token, so the mask of draft
+position i is the grammar state after the accepted prefix plus x_1..x_i; the gamma + 1 masks are kept
+for the verify rows, and the matcher is rolled back to the last real token before the accepted tokens
+are appended (and consumed) as usual.
+
 Gamma adapts per sequence: an exponential moving average of the acceptance rate alpha picks the gamma
 that maximises the expected tokens per verify, (1 - alpha^(gamma+1)) / (1 - alpha), per unit of cost
 1 + gamma * c, where c is the measured time of a draft forward over that of a verify step (moving
@@ -33,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from colm_runtime.engine.sampler import processed_probs
+from colm_runtime.engine.grammar import fill_bitmask
+from colm_runtime.engine.sampler import TokenMasks, constrain, processed_probs
 from colm_runtime.engine.sequence import Sequence
 from colm_runtime.model import ForwardBatch, SeqSpec
 
@@ -48,6 +55,8 @@ class Draft:
 
     tokens: list[int]
     q: torch.Tensor | None  # [gamma, V] normalised draft probabilities; None for greedy rows
+    masks: list[torch.Tensor] | None = None  # structured outputs: gamma + 1 packed masks [W] of the verify rows
+    consumed: int = 0  # draft tokens its matcher consumed (EOS is not), rolled back after drafting
 
 
 def eligible(seq: Sequence, draft_chains: int) -> bool:
@@ -128,7 +137,7 @@ class SpeculativeDecoder:
     def propose(self, runner, entries: list[tuple[Sequence, int]]) -> list[Draft]:
         """Run the draft forwards for entries (sequence, gamma); their K/V lands in the draft's pools."""
         d, cfg = self.draft_chains, runner.cfg
-        drafts = [Draft([], None) for _ in entries]
+        drafts = [Draft([], None, [] if seq.matcher is not None else None) for seq, _ in entries]
         probs: list[list[torch.Tensor]] = [[] for _ in entries]
         for i in range(max(g for _, g in entries)):
             live = [j for j, (_, g) in enumerate(entries) if g > i]
@@ -139,6 +148,7 @@ class SpeculativeDecoder:
                 specs.append(SeqSpec([tok], seq.num_computed_tokens + i, d, seq.block_tables[: cfg.pools_for(d)]))
             batch = ForwardBatch.build(cfg, specs, runner.cache.block_size, runner.device)
             logits = runner.model.forward_step(batch, runner.cache)  # [len(live), V]; all at d chains: caller order
+            logits = self._constrain([entries[j][0] for j in live], [drafts[j] for j in live], logits)
             best = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
             for row, j in enumerate(live):
                 seq = entries[j][0]
@@ -149,16 +159,45 @@ class SpeculativeDecoder:
                 q = q / q.sum()
                 drafts[j].tokens.append(int(torch.multinomial(q, 1, generator=self._gen(seq, runner))))
                 probs[j].append(q)
+            for j in live:  # the grammar follows the draft, so the next position's mask is right
+                if drafts[j].masks is not None:
+                    drafts[j].consumed += entries[j][0].matcher.consume(drafts[j].tokens[-1])
         for j, p in enumerate(probs):
             if p:
                 drafts[j].q = torch.stack(p)
+        self._finish_masks(entries, drafts, runner.cfg.vocab_size)
         return drafts
+
+    @staticmethod
+    def _constrain(seqs: list[Sequence], drafts: list[Draft], logits: torch.Tensor) -> torch.Tensor:
+        """Draft logits [R, V] under each row's logit_bias and grammar; the masks are kept for verify."""
+        rows = [r for r, dr in enumerate(drafts) if dr.masks is not None]
+        masks = None
+        if rows:
+            masks = TokenMasks(rows, fill_bitmask([seqs[r].matcher for r in rows], logits.shape[1]))
+            for k, r in enumerate(rows):
+                drafts[r].masks.append(masks.bitmask[k])
+        return constrain(logits, [s.params.logit_bias for s in seqs], masks)
+
+    @staticmethod
+    def _finish_masks(entries: list[tuple[Sequence, int]], drafts: list[Draft], vocab: int) -> None:
+        """The mask after the whole draft (the bonus position), then the matchers back to the last real
+        token: the accepted tokens are consumed again when they are appended."""
+        rows = [j for j, dr in enumerate(drafts) if dr.masks is not None]
+        if not rows:
+            return
+        bitmask = fill_bitmask([entries[j][0].matcher for j in rows], vocab)
+        for k, j in enumerate(rows):
+            drafts[j].masks.append(bitmask[k])
+            entries[j][0].matcher.rollback(drafts[j].consumed)
 
     # ---- verify -------------------------------------------------------------------------------------
     def accept(self, seq: Sequence, target: torch.Tensor, draft: Draft, runner) -> list[int]:
         """The tokens seq gains from one verify: the accepted prefix of the draft plus one token from the
         target (the correction at the first rejection, else the bonus). target: [gamma + 1, V] logits."""
         gamma = len(draft.tokens)
+        masks = None if draft.masks is None else TokenMasks(list(range(gamma + 1)), torch.stack(draft.masks))
+        target = constrain(target, [seq.params.logit_bias] * (gamma + 1), masks)
         if seq.params.greedy:
             best = target.argmax(dim=-1).tolist()
             a = next((i for i in range(gamma) if draft.tokens[i] != best[i]), gamma)

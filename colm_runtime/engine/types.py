@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from colm_runtime.config import ModelConfig
+    from colm_runtime.engine.grammar import CompiledGrammar
     from colm_runtime.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -48,6 +49,7 @@ class SamplingParams:
     temperature 0 means greedy. top_k <= 0 disables top-k; top_p 1 and min_p 0 disable theirs.
     seed makes a request's sampling reproducible whatever else is in the batch. logprobs: return the
     top-N log-probabilities of each generated token (None: none). n: completions sharing one prompt.
+    logit_bias: (token id, bias in [-100, 100]) pairs added to the logits before sampling (OpenAI's).
     prompt_logprobs: the log-probability of every prompt token after the first, with the top-N (None:
     none; computed in the prefill only for requests that ask). max_tokens 0 (only with prompt_logprobs
     and n 1) scores the prompt and generates nothing.
@@ -67,6 +69,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     n: int = 1
+    logit_bias: tuple[tuple[int, float], ...] = ()
     prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
@@ -85,6 +88,8 @@ class SamplingParams:
              "must be > 0"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (self.n >= 1, "n", "must be >= 1"),
+            (all(math.isfinite(b) and -100 <= b <= 100 for _, b in self.logit_bias), "logit_bias",
+             "values must be in [-100, 100]"),
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs",
              "must be in [0, 20]"),
         ]
@@ -107,6 +112,8 @@ class EngineRequest:
     chain_schedule: ((generated-token index, chains), ...), starting at (0, chains), indices strictly
     increasing: the chain count of each generated token (None: `chains` throughout). speculative: use
     self-speculative decoding (None: the engine's default; True needs an engine that has it enabled).
+    grammar: a CompiledGrammar (engine/grammar.py) the output must match (structured outputs), compiled
+    by the caller off the engine thread; None: free text.
     """
 
     request_id: str
@@ -118,6 +125,7 @@ class EngineRequest:
     arrival_time: float = field(default_factory=time.monotonic)
     chain_schedule: tuple[tuple[int, int], ...] | None = None
     speculative: bool | None = None
+    grammar: "CompiledGrammar | None" = None
 
     def __post_init__(self) -> None:
         if self.min_chains is None:

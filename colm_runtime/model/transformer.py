@@ -58,6 +58,12 @@ class ChainBlock(nn.Module):
         self.ffn_norm = ChainRMSNorm(cfg.chain_widths, cfg.norm_eps)
         self.ffn = ChainFFN(cfg)
 
+    def forward(self, h: torch.Tensor, chains: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The full-sequence block (training, evaluation): [B, S, >= width(chains)] -> same shape. A module
+        call (not two method calls from the model) so that FSDP's per-block hooks gather its weights."""
+        h = h + self.attn.forward_full(self.attn_norm(h, chains), chains, cos, sin)
+        return h + self.ffn(self.ffn_norm(h, chains), chains)
+
 
 class CoLMModel(nn.Module):
     """A Chain-of-Model language model. Parameter names are the checkpoint's tensor names."""
@@ -124,8 +130,7 @@ class CoLMModel(nn.Module):
         cos, sin = (t[:S] for t in self.rope(input_ids.device))
         h = self._embed(input_ids, k)
         for blk in self.layers:
-            h = h + blk.attn.forward_full(blk.attn_norm(h, k), k, cos, sin)
-            h = h + blk.ffn(blk.ffn_norm(h, k), k)
+            h = blk(h, k, cos, sin)
         return self.norm(h, k)
 
     def logits(self, hidden: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:

@@ -63,6 +63,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--eval-tokens", type=int, default=65536)
     o.add_argument("--save-every", type=int, default=200)
     o.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    o.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="under torchrun: ddp (full replicas) or fsdp (FSDP2: weights, gradients and AdamW "
+                   "state sharded over the ranks; sharded checkpoints)")
+    o.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block's activations in backward (memory for compute)")
     o.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     o.add_argument("--no-progress", action="store_true")
 
@@ -83,7 +88,8 @@ def config_from_args(a: argparse.Namespace):
         steps=a.steps, max_tokens=a.max_tokens, lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup_steps,
         weight_decay=a.weight_decay, grad_clip=a.grad_clip, loss_scales=a.loss_scales, loss_weights=a.loss_weights,
         seed=a.seed, eval_every=a.eval_every, eval_tokens=a.eval_tokens, save_every=a.save_every, init=a.init,
-        freeze_chains=a.freeze_chains, device=a.device)
+        freeze_chains=a.freeze_chains, device=a.device, parallel=a.parallel,
+        activation_checkpointing=a.activation_checkpointing)
 
 
 def run(args: argparse.Namespace) -> int:

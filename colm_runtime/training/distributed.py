@@ -24,8 +24,9 @@ class DistEnv:
         return self.rank == 0
 
 
-def setup(device: str = "auto") -> DistEnv:
-    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the group if world > 1."""
+def setup(device: str = "auto", group: bool = False) -> DistEnv:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the group if world > 1
+    (or always with `group`: FSDP needs one even for a single process; then torchrun is required)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -35,7 +36,10 @@ def setup(device: str = "auto") -> DistEnv:
     if dev.type == "cuda":
         dev = torch.device("cuda", local if dev.index is None else dev.index)
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if group and "MASTER_ADDR" not in os.environ:
+        raise ValueError("--parallel fsdp runs under torchrun (e.g. torchrun --standalone --nproc-per-node 2 "
+                         "-m colm_runtime.cli train ...)")
+    if (world > 1 or group) and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     return DistEnv(rank, world, local, dev)
 
@@ -55,6 +59,6 @@ def mean(env: DistEnv, t: torch.Tensor) -> torch.Tensor:
 
 
 def teardown(env: DistEnv) -> None:
-    if env.world > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()  # no rank tears down its connections while another still uses them
         dist.destroy_process_group()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
@@ -21,19 +22,21 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def val_losses(model: CoLMModel, ds: PackedDataset, batch_size: int, max_tokens: int | None = None
-               ) -> dict[int, float]:
-    """Mean next-token loss of every chain count 1..n over the dataset's windows in order."""
+def val_losses(model: CoLMModel, ds: PackedDataset, batch_size: int, max_tokens: int | None = None,
+               losses_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[int, float]:
+    """Mean next-token loss of every chain count 1..n over the dataset's windows in order.
+    losses_fn(windows [B, S+1]) -> [n] losses replaces the model's own forward (FSDP: the sharded root)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     n = model.cfg.n_chains
+    fn = losses_fn or (lambda w: torch.stack(scale_losses(model, w, n)))
     sums, count = torch.zeros(n, dtype=torch.float64), 0
     for w in ds.eval_batches(batch_size, max_tokens):
         with autocast(device):
-            losses = scale_losses(model, w.to(device), n)
+            losses = fn(w.to(device))
         tokens = w.shape[0] * (w.shape[1] - 1)
-        sums += torch.stack(losses).double().cpu() * tokens
+        sums += losses.double().cpu() * tokens
         count += tokens
     model.train(was_training)
     return {k + 1: float(sums[k] / count) for k in range(n)}

@@ -48,8 +48,10 @@ class MultiChainLoss(nn.Module):
         self.weights = dict(weights)
         self.max_scale = max(self.weights)
 
-    def forward(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """windows: [B, S+1] -> (weighted sum of the per-scale losses, per-scale losses [max_scale] detached)."""
-        losses = scale_losses(self.model, windows, self.max_scale)
-        total = sum(w * losses[s - 1] for s, w in self.weights.items())
+    def forward(self, windows: torch.Tensor, scales: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """windows: [B, S+1] -> (weighted sum of the per-scale losses, per-scale losses [scales] detached).
+        scales (default max_scale): the largest scale computed; evaluation asks for every chain count
+        through this forward because under FSDP only the root module's forward gathers the head."""
+        losses = scale_losses(self.model, windows, scales or self.max_scale)
+        total = sum(w * losses[s - 1] for s, w in self.weights.items() if s <= len(losses))
         return total, torch.stack([l.detach() for l in losses])

@@ -13,6 +13,7 @@ import math
 import re
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from colm_runtime.model import CoLMModel
 
@@ -42,7 +43,20 @@ def mask_frozen_grads(model: CoLMModel, k: int) -> None:
     for name, p in model.named_parameters():
         if p.grad is not None and chain_of(name) is None:
             assert p.shape[-1] == model.cfg.dim, f"{name}: a shared tensor is expected to span the width"
-            p.grad[..., :width] = 0  # embed/lm_head: [vocab, dim]; norms: [dim]
+            g, offset = local_view(p.grad)
+            if g.ndim == 2:
+                g[:, :width] = 0  # embed/lm_head: [vocab, dim]; an FSDP shard is a range of rows
+            else:
+                g[: max(0, width - offset)] = 0  # norms: [dim]; an FSDP shard is a range of columns
+
+
+def local_view(grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's part of a gradient, its offset along dim 0): the whole tensor at offset 0, or an
+    FSDP2 shard (a DTensor sharded on dim 0 in torch.chunk's pieces)."""
+    if not isinstance(grad, DTensor):
+        return grad, 0
+    chunk = -(-grad.shape[0] // grad.device_mesh.size())
+    return grad.to_local(), chunk * grad.device_mesh.get_local_rank()
 
 
 def build_optimizer(model: CoLMModel, lr: float, weight_decay: float, betas: tuple[float, float],

@@ -52,13 +52,23 @@ def save_state(ckpt: Path, model: CoLMModel, opt: torch.optim.Optimizer, progres
         for key, val in opt.state.get(p, {}).items():
             tensors[f"{name}:{key}"] = val.detach().contiguous().cpu().reshape(val.shape)
     save_file(tensors, str(tmp / "optimizer.safetensors"))
+    save_file(rng_tensors(), str(tmp / "rng.safetensors"))
+    write_meta(tmp, progress, settings)
+    shutil.rmtree(ckpt, ignore_errors=True)
+    tmp.rename(ckpt)
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    """The torch generator states (CPU, every CUDA device) as uint8 tensors."""
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng.update({f"cuda{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    save_file(rng, str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"progress": progress.__dict__, "settings": settings}, indent=2))
-    shutil.rmtree(ckpt, ignore_errors=True)
-    tmp.rename(ckpt)
+    return rng
+
+
+def write_meta(ckpt: Path, progress: TrainProgress, settings: dict[str, Any]) -> None:
+    """state.json: progress and the run's settings (read back by read_meta)."""
+    (ckpt / "state.json").write_text(json.dumps({"progress": progress.__dict__, "settings": settings}, indent=2))
 
 
 def read_meta(ckpt: Path) -> tuple[TrainProgress, dict[str, Any]]:
@@ -90,6 +100,19 @@ def load_state(ckpt: Path, model: CoLMModel, opt: torch.optim.Optimizer) -> None
         if keys:
             state[i] = keys
     opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+    _restore_rng(rng)
+
+
+def set_rng(ckpt: Path) -> None:
+    """Restore the generator states saved in ckpt/rng.safetensors."""
+    try:
+        rng = load_file(str(ckpt / "rng.safetensors"))
+    except Exception as e:  # safetensors raises several types for missing/corrupt files
+        raise ResumeError(f"{ckpt}: unreadable checkpoint ({e})") from None
+    _restore_rng(rng)
+
+
+def _restore_rng(rng: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(rng["cpu"])
     cuda = [rng[k] for k in sorted(rng) if k.startswith("cuda")]
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():

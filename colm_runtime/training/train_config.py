@@ -8,6 +8,8 @@ from typing import Any
 
 from colm_runtime.config import ModelConfig
 
+PARALLEL = ("ddp", "fsdp")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -17,6 +19,8 @@ class TrainConfig:
     (per chain; CoLM-Air: one shared entry), n_layers, head_dim, ffn_mult (intermediate = ffn_mult * dim,
     rounded to whole per-head widths). Budget: `steps`, or `max_tokens` (converted to steps).
     Batches: batch_size sequences per process and micro-step, grad_accum micro-steps per optimiser step.
+    parallel: how several processes (torchrun) share the work: "ddp" (replicas) or "fsdp" (FSDP2 shards).
+    activation_checkpointing: blocks keep only their input for backward and recompute the rest.
     """
 
     data: tuple[str, ...]
@@ -54,12 +58,16 @@ class TrainConfig:
     init: str | None = None
     freeze_chains: int = 0
     device: str = "auto"
+    parallel: str = "ddp"
+    activation_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("data", "val_data", "chains", "kv_heads", "loss_scales"):
             object.__setattr__(self, name, tuple(getattr(self, name) or ()))
         if self.loss_weights is not None:
             object.__setattr__(self, "loss_weights", tuple(float(w) for w in self.loss_weights))
+        if self.parallel not in PARALLEL:
+            raise ValueError(f"parallel must be one of {PARALLEL}, got {self.parallel!r}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         """The ModelConfig of a run from scratch (ConfigError names a bad field)."""

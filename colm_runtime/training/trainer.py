@@ -1,5 +1,5 @@
 """The training loop: multi-chain loss, AdamW with warm-up and cosine decay, clipping, accumulation,
-bf16 autocast on CUDA, DDP under torchrun, periodic validation per chain count, exact resume."""
+bf16 autocast on CUDA, DDP or FSDP2 under torchrun, periodic validation per chain count, exact resume."""
 
 from __future__ import annotations
 
@@ -11,11 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.distributed._composable import checkpoint
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from colm_runtime.checkpoint import save_model
 from colm_runtime.training import distributed as D
+from colm_runtime.training import fsdp
 from colm_runtime.training.data import DataPosition
 from colm_runtime.training.evaluate import autocast, perplexities, train_flops_per_token, val_losses
 from colm_runtime.training.loss import MultiChainLoss, parse_weights
@@ -53,7 +55,7 @@ def validate(cfg: TrainConfig, run: Run, max_scale_weights: dict[int, float]) ->
 def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None, show_progress: bool = True
           ) -> TrainResult:
     """Run (or continue) training; writes the model directory cfg.out and its checkpoint/."""
-    env = D.setup(cfg.device)
+    env = D.setup(cfg.device, group=cfg.parallel == "fsdp")
     try:
         return _train(cfg, env, resume, stop_at, show_progress)
     finally:
@@ -68,7 +70,7 @@ class _Session:
     env: D.DistEnv
     run: Run
     loss: MultiChainLoss
-    wrapped: torch.nn.Module  # the loss, DDP-wrapped under torchrun
+    wrapped: torch.nn.Module  # the loss: DDP-wrapped under torchrun, or itself FSDP-sharded
     opt: torch.optim.Optimizer
     total: int
     settings: dict
@@ -89,13 +91,20 @@ def _start(cfg: TrainConfig, env: D.DistEnv, resume: bool) -> tuple[_Session, Tr
     validate(cfg, run, weights)
     freeze_chains(model, cfg.freeze_chains)
     loss_mod = MultiChainLoss(model, weights)
+    if cfg.activation_checkpointing:
+        for blk in model.layers:
+            checkpoint(blk)  # before fully_shard, so that the recomputed forward gathers the weights again
     wrapped: torch.nn.Module = loss_mod
-    if env.world > 1:
+    if cfg.parallel == "fsdp":
+        wrapped = fsdp.shard(loss_mod, env)  # before the optimiser: it must hold the sharded parameters
+    elif env.world > 1:
         unused = loss_mod.max_scale < model.cfg.n_chains
         wrapped = DDP(loss_mod, device_ids=[env.device.index] if env.device.type == "cuda" else None,
                       find_unused_parameters=unused)
     opt = build_optimizer(model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2))
-    if resume:
+    if resume and cfg.parallel == "fsdp":
+        fsdp.load_sharded(ckpt, model, opt)
+    elif resume:
         load_state(ckpt, model, opt)
     sess = _Session(cfg, env, run, loss_mod, wrapped, opt, cfg.total_steps(env.world),
                     {**cfg.to_dict(), "world": env.world})
@@ -116,8 +125,11 @@ def _step(s: _Session, step: int, batches) -> tuple[list[float], DataPosition]:
     amp = autocast(env.device)
     for micro in range(cfg.grad_accum):
         windows, pos = next(batches)
-        # Only the last micro-step all-reduces gradients.
-        sync = s.wrapped.no_sync() if env.world > 1 and micro < cfg.grad_accum - 1 else nullcontext()
+        # Only the last micro-step all-reduces (DDP) or reduce-scatters (FSDP) gradients.
+        last = micro == cfg.grad_accum - 1
+        if cfg.parallel == "fsdp":
+            s.wrapped.set_requires_gradient_sync(last)
+        sync = s.wrapped.no_sync() if env.world > 1 and cfg.parallel == "ddp" and not last else nullcontext()
         with sync:
             with amp:
                 loss, scales = s.wrapped(windows.to(env.device))
@@ -150,16 +162,38 @@ def _train(cfg: TrainConfig, env: D.DistEnv, resume: bool, stop_at: int | None, 
         bar.update(1)
         bar.set_postfix(loss=f"{train_losses[-1]:.3f}", tok_s=f"{rate:.0f}", refresh=False)
         at_end = step == s.total or step == stop_at
-        if env.is_main and (step % cfg.eval_every == 0 or at_end):
-            last_val = val_losses(model, s.run.val, cfg.batch_size, None if at_end else cfg.eval_tokens)
-            _log(out, step, tokens, tokens * flops_tok, train_losses, last_val, bar)
-        if env.is_main and (step % cfg.save_every == 0 or at_end):
-            save_state(out / CHECKPOINT, model, s.opt, TrainProgress(step, tokens, pos.epoch, pos.offset),
-                       s.settings)
-            save_model(model, out, s.run.tokenizer_file)
+        if step % cfg.eval_every == 0 or at_end:
+            last_val = _evaluate(s, None if at_end else cfg.eval_tokens)
+            if env.is_main:
+                _log(out, step, tokens, tokens * flops_tok, train_losses, last_val, bar)
+        if step % cfg.save_every == 0 or at_end:
+            _save(s, TrainProgress(step, tokens, pos.epoch, pos.offset), at_end)
         D.barrier(env)
     bar.close()
     return TrainResult(out, step, tokens, last_val, step >= s.total)
+
+
+def _evaluate(s: _Session, max_tokens: int | None) -> dict[int, float]:
+    """Validation losses per chain count: on rank 0, or under FSDP on every rank (the forward needs
+    them all to gather the weights; each computes the same numbers)."""
+    model = s.run.model
+    if s.cfg.parallel != "fsdp":
+        return val_losses(model, s.run.val, s.cfg.batch_size, max_tokens) if s.env.is_main else {}
+    n = model.cfg.n_chains
+    return val_losses(model, s.run.val, s.cfg.batch_size, max_tokens, lambda w: s.wrapped(w, n)[1])
+
+
+def _save(s: _Session, progress: TrainProgress, at_end: bool) -> None:
+    """The resumable state and the model directory. FSDP: every rank writes its shards; the model
+    directory (one safetensors file) is exported from them at the end of the run (or --stop-at)."""
+    out, model = Path(s.cfg.out), s.run.model
+    if s.cfg.parallel == "fsdp":
+        fsdp.save_sharded(out / CHECKPOINT, model, s.opt, progress, s.settings, s.run.tokenizer_file, s.env)
+        if at_end and s.env.is_main:
+            save_model(fsdp.load_full_model(out / CHECKPOINT), out, s.run.tokenizer_file)
+    elif s.env.is_main:
+        save_state(out / CHECKPOINT, model, s.opt, progress, s.settings)
+        save_model(model, out, s.run.tokenizer_file)
 
 
 def _log(out: Path, step: int, tokens: int, flops: float, train_losses: list[float],

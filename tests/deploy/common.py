@@ -83,3 +83,37 @@ def adapter_rules() -> list[dict]:
     """The prometheus-adapter rules embedded in its ConfigMap."""
     (cm,) = load_docs(ADAPTER)
     return yaml.safe_load(cm["data"]["config.yaml"])["rules"]
+
+
+# The Gateway API Inference Extension objects (deploy/k8s/gateway/).
+GATEWAY = [d for f, d in k8s_objects() if f.startswith("gateway/")]
+
+
+def gw(kind: str, name: str | None = None) -> dict:
+    """The one object of this kind (and name) in deploy/k8s/gateway/."""
+    found = [d for d in GATEWAY if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''} in deploy/k8s/gateway, found {len(found)}"
+    return found[0]
+
+
+def epp_flags() -> dict[str, str]:
+    """The endpoint picker's `--flag value` / `--flag=value` arguments."""
+    args, flags, i = container(gw("Deployment"))["args"], {}, 0
+    while i < len(args):
+        name, eq, value = args[i].partition("=")
+        if eq:
+            flags[name] = value
+            i += 1
+        else:
+            flags[name] = args[i + 1]
+            i += 2
+    return flags
+
+
+def picker_metric_specs() -> dict[str, str]:
+    """What the picker reads, by the model server protocol's name, from its flags (test_gateway.py
+    checks that its plugin config says the same)."""
+    f = epp_flags()
+    return {"TotalQueuedRequests": f["--total-queued-requests-metric"],
+            "TotalRunningRequests": f["--total-running-requests-metric"],
+            "KVCacheUtilization": f["--kv-cache-usage-percentage-metric"]}

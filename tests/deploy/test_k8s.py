@@ -80,7 +80,7 @@ def test_selectors_and_ports_line_up(file):
     dep = k8s_object("Deployment", file)
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     assert _selects(dep["spec"]["selector"], pod_labels)
-    svc = k8s_object("Service")
+    svc = k8s_object("Service", "service.yaml")
     assert all(pod_labels.get(k) == v for k, v in svc["spec"]["selector"].items())
     assert _selects(k8s_object("PodDisruptionBudget")["spec"]["selector"], pod_labels)
     sm = k8s_object("ServiceMonitor")

@@ -12,7 +12,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .common import DASHBOARD, KEDA, REPO, adapter_rules, alert_rules, dashboard_queries, load_docs
+from .common import (DASHBOARD, KEDA, REPO, adapter_rules, alert_rules, dashboard_queries, load_docs,
+                     picker_metric_specs)
 from .promql import SYNTHETIC_METRICS, TARGET_LABELS, references
 from .server_process import ServerProcess, free_port
 
@@ -30,9 +31,14 @@ class Exported:
     def __init__(self, text: str):
         self.names: set[str] = set()
         self.labels: dict[str, dict[str, set[str]]] = {}
+        self.types: dict[str, str] = {}  # family name -> type
+        self.values: dict[str, float] = {}  # sample name -> value, for samples without labels
         for fam in text_string_to_metric_families(text):
             self.names.update(fam.name + s for s in _SUFFIXES[fam.type])
+            self.types[fam.name] = fam.type
             for sample in fam.samples:
+                if not sample.labels:
+                    self.values[sample.name] = sample.value
                 seen = self.labels.setdefault(sample.name, {})
                 for k, v in sample.labels.items():
                     seen.setdefault(k, set()).add(v)
@@ -63,6 +69,10 @@ def exported(plain_model_dir, tmp_path_factory) -> Exported:
             r = client.post("/v1/completions", json={"model": base, "prompt": "Hi", "max_tokens": 3,
                                                      "latency_budget_ms": 1})
             assert r.status_code == 200, r.text
+            # All chains by tier, but a budget they miss: degraded (to the picker, a degrading replica).
+            r = client.post("/v1/completions", json={"model": base, "prompt": "Hi", "max_tokens": 3,
+                                                     "tier": "premium", "latency_budget_ms": 1})
+            assert r.status_code == 200 and r.json()["colm"]["degrade_reasons"], r.text
             bad = client.post("/v1/completions", json={"model": base, "prompt": "Hi", "tier": "nope"})
             assert bad.status_code == 400, bad.text
             text = client.get("/metrics").text
@@ -158,3 +168,24 @@ def test_issue_metrics_are_exported(exported):
     assert promised <= exported.names, promised - exported.names
     assert "chains" in exported.label_names("colm_time_to_first_token_seconds_bucket")
     assert "chain" in exported.label_names("colm_kv_cache_usage_ratio")
+
+
+def test_endpoint_picker_reads_exported_gauges(exported):
+    """The Gateway API Inference Extension's picker (deploy/k8s/gateway/epp.yaml) reads gauges, as its
+    model server protocol requires, that the server exports with the labels its specs match."""
+    for what, spec in picker_metric_specs().items():
+        name, _, labels = spec.partition("{")
+        assert exported.types.get(name) == "gauge", f"{what}: {name} is not an exported gauge"
+        for pair in filter(None, labels.rstrip("}").split(",")):
+            label, value = (x.strip().strip('"') for x in pair.split("="))
+            assert value in exported.labels.get(name, {}).get(label, set()), f"{what}: {spec}"
+
+
+def test_degrading_replica_reads_as_full_to_the_picker(exported):
+    """Of the two unpinned requests above (routed by budget; by tier with a budget it misses), one
+    was degraded: the share of degraded admissions is 1/2, and the KV gauge the picker reads is
+    raised to it above the pools' usage (the pools are nearly empty after that little traffic)."""
+    v = exported.values
+    assert v["colm_degraded_requests_ratio"] == 0.5
+    assert v["colm_kv_cache_usage_max_ratio"] < 0.5
+    assert v["colm_epp_kv_cache_usage_ratio"] == 0.5

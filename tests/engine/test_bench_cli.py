@@ -46,3 +46,10 @@ def test_bench_speculative_reports_speedup_and_acceptance_per_chain_count(capsys
     for model, by_k in r["speedup"].items():
         assert set(by_k) == {"2", "3", "4"} and all(v > 0 for v in by_k.values())
         assert all(0 <= a <= 1 for a in r["acceptance"][model].values())
+
+
+def test_bench_structured_reports_the_constrained_to_free_ratio(capsys):
+    r = run_json(capsys, "structured", "--requests", "2", "--output-len", "6", "--rounds", "1")
+    assert set(r["tokens_per_s"]) == {"unconstrained", "json_schema", "unconstrained_again"}
+    assert r["ratio"] > 0 and r["control_ratio"] > 0 and len(r["ratio_per_round"]) == 1
+    assert set(r["mean_output_tokens"].values()) == {6.0}  # the schema outlasts 6 tokens

@@ -30,8 +30,12 @@ def test_invalid_parameter(server, model_info, field, value):
 @pytest.mark.parametrize("body,param", [
     ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"), ({"prompt": [[]]}, "prompt"),
     ({"prompt": [1, 10**9]}, "prompt"), ({"chains": 0}, "chains"), ({"chains": 99}, "chains"),
-    ({"tier": "platinum"}, "tier"), ({"suffix": "x"}, "suffix"), ({"logit_bias": {"1": 5}}, "logit_bias"),
-    ({"best_of": 3}, "best_of"), ({"stop": [""]}, "stop"),
+    ({"tier": "platinum"}, "tier"), ({"suffix": "x"}, "suffix"), ({"logit_bias": {"99999": 5}}, "logit_bias"),
+    ({"logit_bias": {"one": 5}}, "logit_bias"), ({"logit_bias": {"1": 101}}, "logit_bias"),
+    ({"best_of": 1, "n": 2}, "best_of"), ({"best_of": 2, "stream": True}, "best_of"), ({"stop": [""]}, "stop"),
+    ({"response_format": {"type": "xml"}}, "response_format"), ({"guided_json": {"type": "foo"}}, "guided_json"),
+    ({"guided_regex": "(a"}, "guided_regex"), ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
 ])
 def test_invalid_request(server, model_info, body, param):
     full = {"model": model_info["base"], "prompt": "hi", "max_tokens": 2, **body}

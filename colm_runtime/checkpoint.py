@@ -17,6 +17,8 @@ from colm_runtime.config import ConfigError, ModelConfig
 from colm_runtime.model import CoLMModel
 
 CONFIG, WEIGHTS, TOKENIZER = "config.json", "model.safetensors", "tokenizer.json"
+# Beside tokenizer.json: end-of-sequence ids, BOS and the chat template (docs/checkpoint-format.md).
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "generation_config.json", "chat_template.jinja")
 
 
 class CheckpointError(ValueError):
@@ -25,19 +27,29 @@ class CheckpointError(ValueError):
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a checkpoint and its shape, derived from the config alone."""
-    return {name: tuple(p.shape) for name, p in CoLMModel(cfg).to("meta").state_dict().items()}
+    with torch.device("meta"):  # no memory, no init: a 135M model costs seconds to build on the CPU
+        model = CoLMModel(cfg)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
 
 def save_model(model: CoLMModel, out_dir: str | Path, tokenizer_file: str | Path | None = None) -> Path:
-    """Write a model directory. Weights are stored in the model's dtype, contiguous."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.cfg.save(out / CONFIG)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "model_type": "colm"})
-    (out / WEIGHTS).chmod(0o644)  # safetensors writes 0600; a container's non-root user must read it
+    """Write a model directory. Weights are stored in the model's dtype, contiguous. The tokenizer's
+    side files (eos ids, BOS, chat template) beside `tokenizer_file` come along with it."""
+    out = save_state(model.cfg, model.state_dict(), out_dir)
     if tokenizer_file is not None and Path(tokenizer_file).resolve() != (out / TOKENIZER).resolve():
         shutil.copyfile(tokenizer_file, out / TOKENIZER)
+        copy_tokenizer_files(Path(tokenizer_file).parent, out)
+    return out
+
+
+def save_state(cfg: ModelConfig, state: dict[str, torch.Tensor], out_dir: str | Path) -> Path:
+    """Write config.json and model.safetensors (tensors contiguous, in their own dtype)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / CONFIG)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt", "model_type": "colm"})
+    (out / WEIGHTS).chmod(0o644)  # safetensors writes 0600; a container's non-root user must read it
     return out
 
 
@@ -117,3 +129,10 @@ def extract(model_dir: str | Path, chains: int, out_dir: str | Path) -> Path:
     sub_model.load_state_dict(state)
     tok = Path(model_dir) / TOKENIZER
     return save_model(sub_model, out_dir, tok if tok.is_file() else None)
+
+
+def copy_tokenizer_files(src_dir: str | Path, out_dir: str | Path) -> None:
+    """Copy the tokenizer's side files (eos ids, BOS, chat template) that exist in src_dir."""
+    for name in TOKENIZER_SIDE_FILES:
+        if (Path(src_dir) / name).is_file():
+            shutil.copyfile(Path(src_dir) / name, Path(out_dir) / name)

@@ -12,6 +12,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.cli", "serve a model over an OpenAI-compatible HTTP API"),
     "generate": ("colm_runtime.commands.generate", "generate text from the shell at a chosen chain count"),
     "extract": ("colm_runtime.commands.extract", "write the first K chains as a standalone checkpoint"),
+    "import": ("colm_runtime.commands.import_model", "import a Llama checkpoint (Hugging Face dir or GGUF) as one chain"),
+    "export": ("colm_runtime.commands.export_model", "export a one-chain model as a Hugging Face Llama directory"),
     "train": ("colm_runtime.training.cli_train", "train a CoLM (or its dense baseline) on local text"),
     "expand": ("colm_runtime.training.cli_expand", "add a chain to a trained model (progressive scaling)"),
     "eval": ("colm_runtime.training.cli_eval", "perplexity and decode speed per chain count"),

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 
+LLAMA3_ROPE_KEYS = ("rope_type", "factor", "low_freq_factor", "high_freq_factor",
+                    "original_max_position_embeddings")
+
+
 class ConfigError(ValueError):
     """A model configuration value is invalid; the message names the field."""
 
@@ -39,11 +43,16 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = True
     kv_sharing: bool = False
+    # Llama-3 frequency scaling of the rotary embedding (imported models), stored as sorted (key, value)
+    # pairs so the config stays hashable; config.json holds it as an object. None: plain RoPE.
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep the dataclass hashable and frozen.
         object.__setattr__(self, "chains", tuple(int(c) for c in self.chains))
         object.__setattr__(self, "kv_heads", tuple(int(c) for c in self.kv_heads))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
         self._validate()
 
     def _validate(self) -> None:
@@ -58,6 +67,14 @@ class ModelConfig:
         need(len(self.chains) >= 1 and all(c > 0 for c in self.chains), "chains", "must be positive head counts")
         need(self.rope_theta > 0, "rope_theta", "must be positive")
         need(0 < self.norm_eps < 1, "norm_eps", "must be in (0, 1)")
+        if self.rope_scaling is not None:
+            rs = dict(self.rope_scaling)
+            need(rs.get("rope_type") == "llama3" and set(rs) == set(LLAMA3_ROPE_KEYS), "rope_scaling",
+                 f"only {{'rope_type': 'llama3'}} with {sorted(LLAMA3_ROPE_KEYS)} is supported, got {rs}")
+            need(all(isinstance(rs[k], (int, float)) and rs[k] > 0 for k in LLAMA3_ROPE_KEYS if k != "rope_type"),
+                 "rope_scaling", "factors and original_max_position_embeddings must be positive numbers")
+            need(rs["high_freq_factor"] > rs["low_freq_factor"], "rope_scaling",
+                 "high_freq_factor must exceed low_freq_factor")
         if self.kv_sharing:
             need(len(self.kv_heads) == 1, "kv_heads", "CoLM-Air takes one entry: the shared KV heads")
             kv = self.kv_heads[0]
@@ -142,6 +159,10 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d["chains"] = list(self.chains)
         d["kv_heads"] = list(self.kv_heads)
+        if self.rope_scaling is None:
+            d.pop("rope_scaling")  # configs without it stay byte-identical to older ones
+        else:
+            d["rope_scaling"] = dict(self.rope_scaling)
         return {"model_type": "colm", **d}
 
     @classmethod

@@ -5,7 +5,7 @@ A small reference path for `colm generate` and tests; serving goes through the e
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -32,8 +32,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
 @torch.inference_mode()
 def generate_tokens(model: CoLMModel, prompt: list[int], chains: int, max_tokens: int,
                     temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                    eos_token_id: int | None = None, block_size: int = 16) -> Iterator[int]:
-    """Yield up to max_tokens new token ids, stopping after eos_token_id."""
+                    eos_token_ids: Iterable[int] = (), block_size: int = 16) -> Iterator[int]:
+    """Yield up to max_tokens new token ids, stopping after any of eos_token_ids."""
     cfg = model.cfg
     cfg.check_chains(chains)
     if not prompt:
@@ -55,5 +55,5 @@ def generate_tokens(model: CoLMModel, prompt: list[int], chains: int, max_tokens
         nxt = sample_next(logits, temperature, top_k, top_p, gen)
         tokens.append(nxt)
         yield nxt
-        if nxt == eos_token_id:
+        if nxt in eos_token_ids:
             return

@@ -87,7 +87,8 @@ async def build_state(settings: ServerSettings, metrics: ServerMetrics) -> Serve
                                                       settings.degrade_utilization,
                                                       settings.refuse_unreachable_budgets))
     source, origin = find_template(settings.model, settings.chat_template)
-    template = ChatTemplate(source, origin, eos_token="<|endoftext|>")
+    tok = engine.tokenizer
+    template = ChatTemplate(source, origin, eos_token=tok.eos_token, bos_token=tok.bos_token or "")
     max_len = engine_config(settings).model_len(cfg)
     state = ServerState(settings, engine, router, policy, metrics, template, max_len)
     state.loop = asyncio.get_running_loop()

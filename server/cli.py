@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 
 from colm_runtime.cli import CLIError
@@ -21,7 +22,8 @@ _FLUSH_S = 5.0  # after the drain timeout: time for the cut-off streams to send 
 _FLAGS = {
     "--host": ("host", str, "interface to bind (default 127.0.0.1; 0.0.0.0 for all)"),
     "--port": ("port", int, "port (default 8000)"),
-    "--model": ("model", str, "model directory (default models/colm-tiny, or $COLM_MODEL)"),
+    "--model": ("model", str, "model directory, or a packaged model's name: smollm2 (imported once into "
+                "$COLM_CACHE_DIR; see docs/models.md) (default models/colm-tiny, or $COLM_MODEL)"),
     "--served-model-name": ("served_model_name", str, "base model id (default: the directory name)"),
     "--api-key-file": ("api_key_file", str, "file with one API key a line (keys also from $COLM_API_KEYS)"),
     "--max-waiting": ("max_waiting", int, "queued requests before 429 (default 256)"),
@@ -69,6 +71,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             default=None, help=help_text)
 
 
+def resolve_packaged(args: argparse.Namespace) -> None:
+    """--model smollm2 (or $COLM_MODEL=smollm2): import the packaged model into the cache once and serve
+    that directory under the name given."""
+    from colm_runtime.importers.llama import ImportRefused
+    from colm_runtime.importers.packaged import resolve_model
+
+    name = args.model or os.environ.get("COLM_MODEL")
+    try:
+        resolved = resolve_model(name)
+    except ImportRefused as e:
+        raise CLIError(str(e)) from None
+    if resolved != name:
+        args.model = resolved
+        if args.served_model_name is None and "COLM_SERVED_MODEL_NAME" not in os.environ:
+            args.served_model_name = name
+
+
 def load_settings(args: argparse.Namespace):
     """ServerSettings from flags and environment; CLIError with every problem listed."""
     from pydantic import ValidationError
@@ -86,11 +105,13 @@ def load_settings(args: argparse.Namespace):
 def check_model(settings) -> None:
     """Fail fast, before uvicorn starts, on a model/tier/template problem."""
     from colm_runtime.checkpoint import load_config
+    from colm_runtime.tokenizer import Tokenizer
     from server.chat_template import ChatTemplate, ChatTemplateError, find_template
     from server.routing import ChainRouter, TierError, load_tiers
 
     try:
         cfg = load_config(settings.model)
+        Tokenizer.from_model_dir(settings.model)  # its eos ids and BOS too
         ChainRouter(cfg, settings.model_name, load_tiers(settings.tiers_file, cfg.n_chains), settings.default_tier)
         ChatTemplate(*find_template(settings.model, settings.chat_template))
     except (TierError, ChatTemplateError, ValueError, OSError) as e:
@@ -106,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     from server.app import create_app
 
+    resolve_packaged(args)
     settings = load_settings(args)
     check_model(settings)
     configure_logging(settings.log_level)

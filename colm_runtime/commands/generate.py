@@ -25,15 +25,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from colm_runtime.checkpoint import TOKENIZER, CheckpointError, load_model
+    from colm_runtime.checkpoint import CheckpointError, load_model
     from colm_runtime.generate import generate_tokens
     from colm_runtime.tokenizer import Tokenizer
 
-    model_dir = args.model or default_model_dir()
+    from colm_runtime.importers.llama import ImportRefused
+    from colm_runtime.importers.packaged import resolve_model
+
     try:
+        model_dir = resolve_model(args.model) or default_model_dir()
         model = load_model(model_dir, args.device, getattr(torch, args.dtype) if args.dtype else None)
-        tok = Tokenizer.from_file(f"{model_dir}/{TOKENIZER}")
-    except (CheckpointError, ValueError) as e:
+        tok = Tokenizer.from_model_dir(model_dir)
+    except (CheckpointError, ImportRefused, ValueError) as e:
         raise CLIError(str(e)) from None
     n = model.cfg.n_chains
     chains = n if args.chains is None else args.chains
@@ -41,12 +44,12 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError(f"--chains must be in 1..{n} for this model, got {chains}")
     if args.max_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
         raise CLIError("--max-tokens must be >= 1, --temperature >= 0 and --top-p in (0, 1]")
-    prompt = tok.encode(args.prompt)
+    prompt = tok.encode(args.prompt, add_bos=True)
     if not prompt:
         raise CLIError("the prompt is empty")
     try:
         ids = list(generate_tokens(model, prompt, chains, args.max_tokens, args.temperature, args.top_k,
-                                   args.top_p, args.seed, tok.eos_token_id))
+                                   args.top_p, args.seed, tok.eos_token_ids))
     except ValueError as e:
         raise CLIError(str(e)) from None
     sys.stdout.write(args.prompt + tok.decode(ids) + "\n")

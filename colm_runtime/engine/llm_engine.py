@@ -77,11 +77,11 @@ class LLMEngine:
 
     @classmethod
     def from_model_dir(cls, path: str | Path, config: EngineConfig = EngineConfig()) -> "LLMEngine":
-        """Load config.json + model.safetensors + tokenizer.json onto config.device / config.dtype."""
-        from colm_runtime.checkpoint import TOKENIZER, load_model
+        """Load config.json + model.safetensors + the tokenizer files onto config.device / config.dtype."""
+        from colm_runtime.checkpoint import load_model
 
         model = load_model(path, config.device, config.torch_dtype)
-        return cls(model, Tokenizer.from_file(Path(path) / TOKENIZER), config, Path(path).name)
+        return cls(model, Tokenizer.from_model_dir(path), config, Path(path).name)
 
     # ---- requests ---------------------------------------------------------------------------------
     def validate(self, req: EngineRequest) -> None:
@@ -347,7 +347,7 @@ class LLMEngine:
         # A stop token (or EOS) ends the completion without adding its text (OpenAI / vLLM).
         if token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
-        elif token == self.tokenizer.eos_token_id and not p.ignore_eos:
+        elif token in self.tokenizer.eos_token_ids and not p.ignore_eos:
             seq.finish_reason = "stop"
         else:
             seq.detok.add(token)

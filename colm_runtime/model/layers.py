@@ -10,6 +10,7 @@ chain of the step in one pass rather than a loop of small per-chain ops.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import accumulate
 
@@ -119,9 +120,26 @@ class ChainRMSNorm(nn.Module):
         return scatter_chain_outputs(outs, rows, x)
 
 
-def rope_cache(head_dim: int, max_pos: int, theta: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables: [max_pos, head_dim] (Llama's rotate-half layout), in fp32."""
+def llama3_inv_freq(inv: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """Llama-3's frequency scaling: long wavelengths divided by `factor`, short ones kept, a smooth
+    blend between (transformers' `_compute_llama3_parameters`)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv / factor + smooth * inv
+    out = torch.where(wavelen > old_len / low, inv / factor, inv)
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(medium, blended, out)
+
+
+def rope_cache(head_dim: int, max_pos: int, theta: float, device=None,
+               scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin tables: [max_pos, head_dim] (Llama's rotate-half layout), in fp32. `scaling`: a
+    Llama-3 rope_scaling dict (config.rope_scaling), or None for plain RoPE."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    if scaling is not None:
+        inv = llama3_inv_freq(inv, scaling)
     freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64, device=device), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().float(), emb.sin().float()

@@ -86,8 +86,9 @@ class CoLMModel(nn.Module):
     def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [max_position_embeddings, head_dim], fp32, on `device`."""
         if device not in self._rope:
+            scaling = dict(self.cfg.rope_scaling) if self.cfg.rope_scaling is not None else None
             self._rope[device] = rope_cache(self.cfg.head_dim, self.cfg.max_position_embeddings,
-                                            self.cfg.rope_theta, device=device)
+                                            self.cfg.rope_theta, device=device, scaling=scaling)
         return self._rope[device]
 
     def column_major_head(self) -> CoLMModel:

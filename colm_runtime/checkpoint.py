@@ -27,14 +27,18 @@ class CheckpointError(ValueError):
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every tensor of a checkpoint and its shape, derived from the config alone."""
-    return {name: tuple(p.shape) for name, p in CoLMModel(cfg).to("meta").state_dict().items()}
+    with torch.device("meta"):  # no memory, no init: a 135M model costs seconds to build on the CPU
+        model = CoLMModel(cfg)
+    return {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
 
 def save_model(model: CoLMModel, out_dir: str | Path, tokenizer_file: str | Path | None = None) -> Path:
-    """Write a model directory. Weights are stored in the model's dtype, contiguous."""
+    """Write a model directory. Weights are stored in the model's dtype, contiguous. The tokenizer's
+    side files (eos ids, BOS, chat template) beside `tokenizer_file` come along with it."""
     out = save_state(model.cfg, model.state_dict(), out_dir)
     if tokenizer_file is not None and Path(tokenizer_file).resolve() != (out / TOKENIZER).resolve():
         shutil.copyfile(tokenizer_file, out / TOKENIZER)
+        copy_tokenizer_files(Path(tokenizer_file).parent, out)
     return out
 
 
@@ -124,9 +128,7 @@ def extract(model_dir: str | Path, chains: int, out_dir: str | Path) -> Path:
     sub_model = CoLMModel(sub)
     sub_model.load_state_dict(state)
     tok = Path(model_dir) / TOKENIZER
-    out = save_model(sub_model, out_dir, tok if tok.is_file() else None)
-    copy_tokenizer_files(model_dir, out)
-    return out
+    return save_model(sub_model, out_dir, tok if tok.is_file() else None)
 
 
 def copy_tokenizer_files(src_dir: str | Path, out_dir: str | Path) -> None:

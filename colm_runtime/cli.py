@@ -13,12 +13,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("colm_runtime.commands.generate", "generate text from the shell at a chosen chain count"),
     "extract": ("colm_runtime.commands.extract", "write the first K chains as a standalone checkpoint"),
     "import": ("colm_runtime.commands.import_model", "import a Llama checkpoint (Hugging Face dir or GGUF) as one chain"),
-    "export": ("colm_runtime.commands.export_model", "export a one-chain model as a Hugging Face Llama directory"),
     "train": ("colm_runtime.training.cli_train", "train a CoLM (or its dense baseline) on local text"),
     "expand": ("colm_runtime.training.cli_expand", "add a chain to a trained model (progressive scaling)"),
     "eval": ("colm_runtime.training.cli_eval", "perplexity and decode speed per chain count"),
     "data": ("colm_runtime.training.cli_data", "fetch and prepare a training corpus"),
-    "export": ("colm_runtime.commands.export", "write a servable model directory from another format"),
+    "export": ("colm_runtime.commands.export", "convert a model: a one-chain model to Hugging Face (hf), a sharded training checkpoint to a model directory (checkpoint)"),
     "bench": ("colm_runtime.bench.cli", "benchmarks (model, engine, ...); prints JSON with --json"),
 }
 

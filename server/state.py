@@ -133,14 +133,15 @@ class ServerState:
             self.runs.discard(run)
             self.inflight.remove(run.choice.chains)
 
-    def encode(self, text: str, param: str) -> list[int]:
-        """Token ids of client text; 400 for text that is not valid Unicode (lone surrogates)."""
+    def encode(self, text: str, param: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of client text; 400 for text that is not valid Unicode (lone surrogates). add_bos
+        (default: for a raw prompt) puts the model's BOS first if its tokenizer files ask for one."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidRequest(f"{param} is not valid UTF-8 text", param=param) from None
         # A raw prompt gets the model's BOS token if it wants one; a chat template writes its own.
-        return self.tokenizer.encode(text, add_bos=param == "prompt")
+        return self.tokenizer.encode(text, add_bos=param == "prompt" if add_bos is None else add_bos)
 
     def check_n(self, n: int) -> None:
         """n completions run side by side: more than max_num_seqs could never be scheduled."""

@@ -1,5 +1,6 @@
-"""`colm export FORMAT ...`: write a model directory that the server loads (config.json, one
-model.safetensors, tokenizer.json) from another format. Each format is a small module exposing
+"""`colm export FORMAT ...`: convert a model between our directory and another format: `hf` writes a
+one-chain model as a Hugging Face Llama directory, `checkpoint` assembles the model directory of a
+sharded training checkpoint. Each format is a small module exposing
 `add_arguments(parser)` and `run(args)`, registered in FORMATS; modules are imported only when needed.
 """
 
@@ -10,6 +11,8 @@ import importlib
 
 # format -> (module, one-line help)
 FORMATS: dict[str, tuple[str, str]] = {
+    "hf": ("colm_runtime.commands.export_model",
+           "a one-chain model as a Hugging Face LlamaForCausalLM directory (transformers, vLLM)"),
     "checkpoint": ("colm_runtime.training.cli_export",
                    "a sharded training checkpoint (colm train --parallel fsdp), e.g. RUN/checkpoint"),
 }

@@ -8,7 +8,6 @@ from colm_runtime.cli import CLIError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("format", choices=["hf"], help="hf: a Hugging Face Llama directory (transformers, vLLM)")
     p.add_argument("model", help="a one-chain CoLM model directory")
     p.add_argument("out", help="output directory (must not exist; written atomically)")
 

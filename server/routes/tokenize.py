@@ -20,7 +20,7 @@ async def tokenize(body: TokenizeRequest, state: State) -> TokenizeResponse:
         state.router.chains_of_model(body.model)  # 404 for an id this server does not serve
     param = "prompt" if body.prompt is not None else "messages"
     text = body.prompt if body.prompt is not None else render_chat(state, body)
-    ids = state.encode(text, param)  # checks the text is valid UTF-8
+    ids = state.encode(text, param, add_bos=None if body.add_special_tokens else False)  # checks UTF-8 too
     if body.add_special_tokens:  # the tokenizer's own post-processor (a BOS, if it has one)
         ids = state.tokenizer.hf.encode(text, add_special_tokens=True).ids
     strs = [state.tokenizer.hf.id_to_token(i) for i in ids] if body.return_token_strs else None

@@ -176,3 +176,13 @@ def test_cli_refuses_existing_out(tmp_path, imported):
     (tmp_path / "out").mkdir()
     r = subprocess.run([*COLM, "import", "hf", str(hf_dir), str(tmp_path / "out")], capture_output=True, text=True)
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_cli_export_hf_beside_export_checkpoint(tmp_path, imported, plain_model_dir):
+    """`colm export hf` and `colm export checkpoint` share one command; a multi-chain model is refused."""
+    _, colm_dir = imported
+    r = subprocess.run([*COLM, "export", "hf", str(colm_dir), str(tmp_path / "hf")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "model.safetensors").is_file()
+    r = subprocess.run([*COLM, "export", "hf", str(plain_model_dir), str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode == 2 and "only a one-chain model" in r.stderr and not (tmp_path / "x").exists()

@@ -96,3 +96,13 @@ def test_llama3_style_bos_from_the_post_processor(tmp_path):
     (hf_dir / "tokenizer_config.json").write_text(json.dumps(tcfg))
     _, out, _, _ = tokenizer_files(hf_dir)
     assert out["add_bos_token"] is True and out["bos_token"] == "<|im_start|>"
+
+
+def test_save_model_keeps_the_side_files(tmp_path, plain_model_dir):
+    """save_model with a source's tokenizer.json (what `colm expand` does) brings the eos ids along."""
+    from colm_runtime.checkpoint import load_model, save_model
+
+    src = shutil.copytree(plain_model_dir, tmp_path / "src")
+    (src / "generation_config.json").write_text(json.dumps({"eos_token_id": [0]}))
+    out = save_model(load_model(src), tmp_path / "out", src / "tokenizer.json")
+    assert (out / "generation_config.json").read_text() == (src / "generation_config.json").read_text()

@@ -37,7 +37,7 @@ def engine_config(settings: ServerSettings):
                         max_num_seqs=settings.max_num_seqs, max_num_batched_tokens=settings.max_num_batched_tokens,
                         max_model_len=settings.max_model_len, max_waiting=settings.hard_queue_limit,
                         device=settings.resolved_device,
-                        dtype=None if settings.dtype == "auto" else settings.dtype, seed=settings.seed,
+                        dtype=settings.resolved_dtype[0], seed=settings.seed,
                         num_speculative_tokens=settings.num_speculative_tokens,
                         speculative_draft_chains=settings.speculative_draft_chains,
                         step_time_target=None if settings.step_time_target_ms is None
@@ -96,8 +96,10 @@ async def build_state(settings: ServerSettings, metrics: ServerMetrics) -> Serve
         await while_alive(engine, warm_up(engine))
     state.start_watchdog()
     state.ready = True
-    log.info("serving %s (%d chains, max_model_len %d, chat template: %s) after %.1fs",
-             settings.model_name, cfg.n_chains, max_len, origin, time.monotonic() - t0)
+    dtype, why = settings.resolved_dtype
+    log.info("serving %s (%d chains, max_model_len %d, chat template: %s) on %s in %s (%s) after %.1fs",
+             settings.model_name, cfg.n_chains, max_len, origin, settings.resolved_device,
+             dtype or "the checkpoint's dtype", why, time.monotonic() - t0)
     return state
 
 

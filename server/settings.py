@@ -75,8 +75,10 @@ class ServerSettings(BaseSettings):
     # Engine.
     kv_cache_memory: int | None = Field(None, ge=1, description="bytes for all KV pools (512MiB, 2GB)")
     block_size: int = Field(16, ge=1, le=1024)
-    device: str = "cpu"
-    dtype: str = "auto"
+    device: str = "auto"
+    # Not "auto" by default: bf16 on this AMX CPU grew the server's RSS by 200-380 MiB over a 25 s soak
+    # (tests/reliability/test_soak.py) and flips SmolLM2's greedy answers (docs/performance.md).
+    dtype: str = "checkpoint"
     seed: int = 0
     num_speculative_tokens: int = Field(0, ge=0, le=16, description="self-speculative decoding: draft tokens "
                                         "per step at most (0: off)")
@@ -113,8 +115,8 @@ class ServerSettings(BaseSettings):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        if v not in ("auto", "float32", "bfloat16", "float16"):
-            raise ValueError("must be auto, float32, bfloat16 or float16")
+        if v not in ("auto", "checkpoint", "float32", "bfloat16", "float16"):
+            raise ValueError("must be auto, checkpoint, float32, bfloat16 or float16")
         return v
 
     @field_validator("device")
@@ -155,11 +157,23 @@ class ServerSettings(BaseSettings):
 
     @property
     def resolved_device(self) -> str:
-        if self.device != "auto":
-            return self.device
-        import torch
+        """--device, with auto resolved: CUDA when present, else the CPU."""
+        from colm_runtime.engine.config import fastest_device
 
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return fastest_device() if self.device == "auto" else self.device
+
+    @property
+    def resolved_dtype(self) -> tuple[str | None, str]:
+        """(dtype for the engine, None for the checkpoint's; why), with auto resolved to the fastest
+        correct dtype on the resolved device."""
+        from colm_runtime.engine.config import fastest_dtype
+
+        if self.dtype == "auto":
+            name, why = fastest_dtype(self.resolved_device)
+            return name, f"auto: {why}"
+        if self.dtype == "checkpoint":
+            return None, "the checkpoint's"
+        return self.dtype, "--dtype"
 
     @property
     def hard_queue_limit(self) -> int:

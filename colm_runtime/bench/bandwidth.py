@@ -20,6 +20,12 @@ SIZES = {
     # ~1.07B parameters: the paper's 1B width (2048, 32 heads in chains {8,8,8,8}), 24 layers.
     "1b": dict(vocab_size=32000, n_layers=24, head_dim=64, chains=(8, 8, 8, 8), kv_heads=(2, 2, 2, 2),
                intermediate_size=8192, max_position_embeddings=4096),
+    # SmolLM2-135M's shape (one chain of 9 heads, 3 KV heads) and the same width, depth and vocabulary
+    # as three chains of 3 heads (issue "real-scale performance").
+    "smollm2": dict(vocab_size=49152, n_layers=30, head_dim=64, chains=(9,), kv_heads=(3,),
+                    intermediate_size=1536, rope_theta=100000.0, max_position_embeddings=8192),
+    "smollm2-3chain": dict(vocab_size=49152, n_layers=30, head_dim=64, chains=(3, 3, 3), kv_heads=(1, 1, 1),
+                           intermediate_size=1536, rope_theta=100000.0, max_position_embeddings=8192),
     # A dry run on CPU in seconds.
     "tiny": dict(vocab_size=512, n_layers=2, head_dim=16, chains=(2, 2, 2, 2), kv_heads=(1, 1, 1, 1),
                  intermediate_size=256, max_position_embeddings=1024),
@@ -28,6 +34,7 @@ SIZES = {
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="1b", choices=sorted(SIZES))
+    p.add_argument("--model", default=None, help="a model directory instead of a random model of --size")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
     p.add_argument("--context", type=int, default=512, help="tokens already cached per sequence")
     p.add_argument("--block-size", type=int, default=16)
@@ -81,15 +88,20 @@ def run(args: argparse.Namespace) -> int:
     from colm_runtime.model import CoLMModel
 
     dtype = getattr(torch, args.dtype)
-    cfg = ModelConfig(**SIZES[args.size])
-    with torch.device(args.device):
-        model = CoLMModel(cfg)
-    model.init_weights(seed=0)
-    model = model.to(dtype).eval()
+    if args.model:
+        from colm_runtime.checkpoint import load_model
+
+        model = load_model(args.model, args.device, dtype)
+    else:
+        with torch.device(args.device):
+            model = CoLMModel(ModelConfig(**SIZES[args.size]))
+        model.init_weights(seed=0)
+        model = model.to(dtype).eval()
+    cfg = model.cfg
     sync = torch.cuda.synchronize if torch.device(args.device).type == "cuda" else (lambda: None)
     peak = copy_bandwidth(args.device, dtype, sync)
     elem = torch.empty((), dtype=dtype).element_size()
-    out: dict = {"size": args.size, "params": sum(p.numel() for p in model.parameters()), "device": args.device,
+    out: dict = {"size": args.model or args.size, "params": sum(p.numel() for p in model.parameters()), "device": args.device,
                  "dtype": args.dtype, "context": args.context, "copy_bandwidth_gb_s": round(peak / 1e9, 1),
                  "steps": []}
     for b in args.batch:
@@ -98,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
         for k in steps:
             nbytes = weight_bytes(model, k) + kv_bytes(cfg, k, b, args.context + 1, elem)
             sec = t[str(k)]
-            out["steps"].append({"batch": b, "chains": k, "step_ms": round(sec * 1e3, 4), "bytes": nbytes,
+            out["steps"].append({"batch": b, "chains": k, "step_ms": round(sec * 1e3, 4),
+                                 "decode_tok_s": round(b / sec, 1), "bytes": nbytes,
                                  "bound_ms": round(nbytes / peak * 1e3, 4), "gb_s": round(nbytes / sec / 1e9, 1),
                                  "fraction_of_copy_bw": round(nbytes / sec / peak, 3)})
         del steps

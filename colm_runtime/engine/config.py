@@ -30,6 +30,36 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return _DTYPES[name]
 
 
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tiles for bf16 (oneDNN then runs bf16 matmuls on them)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if probe is not None:
+        return bool(probe())
+    try:
+        with open("/proc/cpuinfo") as f:  # older torch: the kernel's flags
+            return " amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def fastest_dtype(device: str) -> tuple[str, str]:
+    """The fastest correct dtype on `device`, and why: bfloat16 on a CUDA device that supports it and
+    on a CPU with AMX (bf16 matmuls at several times the fp32 rate), else float32 (a CPU without AMX
+    computes bf16 through fp32 conversions: slower than fp32 itself)."""
+    if torch.device(device).type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bfloat16", "CUDA device with bf16"
+        return "float32", "CUDA device without bf16"
+    if cpu_has_amx():
+        return "bfloat16", "CPU with AMX bf16"
+    return "float32", "CPU without AMX"
+
+
+def fastest_device() -> str:
+    """'cuda' when a CUDA device is present, else 'cpu'."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def default_kv_cache_memory(device: str) -> int:
     """A budget that fits the machine: CUDA: half of the free device memory; CPU: an eighth of RAM,
     at most 4 GiB (the CPU is shared with the tokenizer, the server and other processes)."""

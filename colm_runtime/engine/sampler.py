@@ -4,8 +4,9 @@ Penalties (repetition over prompt + output, presence and frequency over the outp
 semantics), then greedy rows take the argmax and the others are sampled after temperature, top-k,
 top-p and min-p. Sampling draws exponential noise E and takes argmax(p / E) (equivalent to drawing
 from p); a row with a seed draws its noise from its own torch.Generator, so its samples depend on its
-seed and its own history only, never on the other rows of the batch. Logprobs are the model's
-(before penalties and temperature), as vLLM returns them by default.
+seed and its own history only, never on the other rows of the batch. Work no row needs is skipped: the
+vocabulary sort of top-k/top-p runs only on the rows that set them. Logprobs are the model's (before
+penalties and temperature), as vLLM returns them by default.
 
 Constraints come after the penalties (`constrain`): a row's logit_bias is added, and a structured-output
 row's grammar mask (a packed bitmask of allowed tokens, engine/grammar.py) sets every other token to
@@ -107,7 +108,20 @@ def constrain(logits: torch.Tensor, biases: Sequence[tuple[tuple[int, float], ..
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
-    """Mask (to -inf) all but each row's top_k tokens and its top_p nucleus (at least one kept)."""
+    """Mask (to -inf) all but each row's top_k tokens and its top_p nucleus (at least one kept).
+    Only the rows that set top_k or top_p are sorted (a [B, V] sort is the sampler's costliest op)."""
+    V = logits.shape[1]
+    need = [i for i, (k, p) in enumerate(zip(top_k, top_p)) if 0 < k < V or p < 1]
+    if not need:
+        return logits
+    if len(need) == len(top_k):
+        return _mask_top_k_top_p(logits, top_k, top_p)
+    idx = torch.tensor(need, device=logits.device)
+    masked = _mask_top_k_top_p(logits.index_select(0, idx), [top_k[i] for i in need], [top_p[i] for i in need])
+    return logits.index_copy(0, idx, masked)
+
+
+def _mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
     B, V = logits.shape
     srt, idx = logits.sort(dim=-1, descending=False)  # ascending: the best token is last
     mask = torch.zeros_like(srt, dtype=torch.bool)
@@ -157,7 +171,8 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generat
     tokens = logits.argmax(dim=-1)
     rand = [i for i, p in enumerate(ps) if not p.greedy]
     if rand:
-        probs = processed_probs(logits[rand], [ps[i] for i in rand])
+        sub = logits if len(rand) == len(ps) else logits[rand]
+        probs = processed_probs(sub, [ps[i] for i in rand])
         q = _noise([rows[i] for i in rand], logits.shape[1], logits.device, default)
         tokens[rand] = (probs / q).argmax(dim=-1)
     token_list = tokens.tolist()

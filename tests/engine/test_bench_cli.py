@@ -32,6 +32,29 @@ def test_bench_bandwidth_reports_every_chain_count(capsys):
     assert bytes_ == sorted(bytes_) and all(s["step_ms"] > 0 for s in r["steps"])
 
 
+def test_bench_model_reports_the_chain_dividend(capsys, tmp_path):
+    from colm_runtime.bench.model import equal_mix, step_flops
+    from colm_runtime.checkpoint import load_config
+
+    r = run_json(capsys, "model", "--random", "tiny", "--dividend-only", "--batch", "6", "--context", "16",
+                 "--rounds", "2")
+    d = r["dividend"]["6"]
+    assert set(d["share"]) == set(d["flop_share"]) == set(d["dividend"]) == {"1", "2", "3", "mix"}
+    steps = r["step_ms"]["6"]
+    for k in ("1", "2", "3", "mix"):  # share = step time / the all-chains step; dividend = share / FLOP share
+        assert abs(d["share"][k] - steps[k] / steps["4"]) < 2e-3 + 1e-3 * d["share"][k]
+        assert abs(d["dividend"][k] - d["share"][k] / d["flop_share"][k]) < 0.01 * d["dividend"][k] + 2e-3
+    assert equal_mix(4, 6) == [1, 1, 2, 3, 3, 4] and equal_mix(3, 6) == [1, 1, 2, 2, 3, 3]
+    assert main(["bench", "model", "--random", "tiny", "--save", str(tmp_path / "m")]) == 0
+    capsys.readouterr()
+    cfg = load_config(tmp_path / "m")
+    mix = sum(step_flops(cfg, k, 16) for k in equal_mix(4, 6)) / (6 * step_flops(cfg, 4, 16))
+    assert abs(d["flop_share"]["mix"] - mix) < 1e-3
+    r = run_json(capsys, "bandwidth", "--model", str(tmp_path / "m"), "--device", "cpu", "--dtype", "float32",
+                 "--batch", "2", "--context", "16", "--rounds", "1")
+    assert [s["chains"] for s in r["steps"]] == [1, 2, 3, 4] and all(s["decode_tok_s"] > 0 for s in r["steps"])
+
+
 def test_bench_prefill_reports_speedup_and_flop_ratio_per_length(capsys):
     r = run_json(capsys, "prefill", "--random-shape", "none", "--lengths", "16", "40", "--rounds", "1",
                  "--max-num-batched-tokens", "16")

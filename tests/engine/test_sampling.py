@@ -7,7 +7,7 @@ import random
 
 import torch
 
-from colm_runtime.engine.sampler import SamplingRow, apply_penalties, sample
+from colm_runtime.engine.sampler import SamplingRow, apply_penalties, apply_top_k_top_p, sample
 from colm_runtime.engine.types import SamplingParams
 from tests.engine._helpers import diverse_model, make_engine, prompt, req
 
@@ -46,6 +46,24 @@ def test_sampling_follows_the_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
     counts = torch.bincount(draw(logits, SamplingParams(temperature=1.0), n=20000), minlength=4).float()
     assert torch.allclose(counts / counts.sum(), logits.softmax(-1)[0], atol=0.02)
+    # Beside rows with top_k in the same batch, a plain row still samples the whole distribution.
+    n = 20000
+    rows = [SamplingRow(SamplingParams(top_k=1 if i % 2 else 0), None, (), ()) for i in range(n)]
+    out = torch.tensor(sample(logits.expand(n, -1).clone(), rows, torch.Generator().manual_seed(3)).token_ids)
+    assert set(out[1::2].tolist()) == {0}
+    counts = torch.bincount(out[0::2], minlength=4).float()
+    assert torch.allclose(counts / counts.sum(), logits.softmax(-1)[0], atol=0.02)
+
+
+def test_top_k_top_p_touch_only_the_rows_that_set_them():
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1))
+    out = apply_top_k_top_p(logits.clone(), [0, 3, V, 0], [1.0, 1.0, 1.0, 0.5])
+    torch.testing.assert_close(out[[0, 2]], logits[[0, 2]], rtol=0, atol=0)  # no top_k/top_p: unchanged
+    assert (out[1] > float("-inf")).sum() == 3 and set(out[1].topk(3).indices.tolist()) == set(logits[1].topk(3).indices.tolist())
+    kept = out[3] > float("-inf")
+    probs = logits[3].softmax(-1)
+    assert probs[kept].sum() >= 0.5 and probs[kept].sum() - probs[kept].min() < 0.5  # the smallest nucleus
+    assert apply_top_k_top_p(logits, [0] * 4, [1.0] * 4) is logits  # nothing to do: no sort, no copy
 
 
 def test_penalties_follow_the_openai_and_vllm_formulas():

@@ -60,7 +60,8 @@ def hf(smol):
 def server(smol, tmp_path_factory):
     root = smol[0]
     log = tmp_path_factory.mktemp("smol-server") / "server.log"
-    proc = ServerProcess("smollm2", log, ("--kv-cache-memory", "256MiB", "--max-model-len", "2048"),
+    # fp32 like the reference (the default, --dtype auto, is bf16 on an AMX CPU or a GPU).
+    proc = ServerProcess("smollm2", log, ("--kv-cache-memory", "256MiB", "--max-model-len", "2048", "--dtype", "float32"),
                          env={"COLM_CACHE_DIR": str(root)})
     try:
         yield proc.wait_ready(timeout=300)

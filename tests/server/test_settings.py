@@ -26,6 +26,25 @@ def test_defaults(model_dir, monkeypatch):
     assert s.all_api_keys == () and s.hard_queue_limit == 256 + 128
 
 
+def test_device_defaults_to_auto_and_dtype_auto_is_the_fastest_here(model_dir, monkeypatch):
+    import torch
+
+    from colm_runtime.engine.config import cpu_has_amx
+
+    for var in ("COLM_DEVICE", "COLM_DTYPE"):
+        monkeypatch.delenv(var, raising=False)
+    s = settings_from(["--model", str(model_dir)])
+    assert (s.device, s.dtype) == ("auto", "checkpoint") and s.resolved_dtype == (None, "the checkpoint's")
+    assert s.resolved_device == ("cuda" if torch.cuda.is_available() else "cpu")
+    s = settings_from(["--model", str(model_dir), "--dtype", "auto"])
+    fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported() or not torch.cuda.is_available() and cpu_has_amx()
+    assert s.resolved_dtype[0] == ("bfloat16" if fast else "float32") and s.resolved_dtype[1].startswith("auto: ")
+    with open("/proc/cpuinfo") as f:  # the kernel's flags agree with torch's probe
+        assert cpu_has_amx() == (" amx_bf16" in f.read())
+    assert settings_from(["--model", str(model_dir), "--dtype", "checkpoint"]).resolved_dtype[0] is None
+    assert settings_from(["--model", str(model_dir), "--device", "cpu", "--dtype", "float32"]).resolved_dtype[0] == "float32"
+
+
 def test_flags_beat_environment(model_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("COLM_PORT", "9000")
     monkeypatch.setenv("COLM_MAX_WAITING", "7")

@@ -97,9 +97,9 @@ async def build_state(settings: ServerSettings, metrics: ServerMetrics) -> Serve
     state.start_watchdog()
     state.ready = True
     dtype, why = settings.resolved_dtype
-    log.info("serving %s (%d chains, max_model_len %d, chat template: %s) on %s in %s (%s) after %.1fs",
+    log.info("serving %s (%d chains, max_model_len %d, chat template: %s) on %s in %s after %.1fs",
              settings.model_name, cfg.n_chains, max_len, origin, settings.resolved_device,
-             dtype or "the checkpoint's dtype", why, time.monotonic() - t0)
+             f"{dtype} ({why})" if dtype else "the checkpoint's dtype", time.monotonic() - t0)
     return state
 
 

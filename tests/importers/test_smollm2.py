@@ -60,7 +60,7 @@ def hf(smol):
 def server(smol, tmp_path_factory):
     root = smol[0]
     log = tmp_path_factory.mktemp("smol-server") / "server.log"
-    # fp32 like the reference (the default, --dtype auto, is bf16 on an AMX CPU or a GPU).
+    # fp32 like the reference, whatever dtype a default or --dtype auto would pick on this machine.
     proc = ServerProcess("smollm2", log, ("--kv-cache-memory", "256MiB", "--max-model-len", "2048", "--dtype", "float32"),
                          env={"COLM_CACHE_DIR": str(root)})
     try:
@@ -156,3 +156,26 @@ def test_perplexity_within_one_percent_of_transformers(smol, hf):
           f"transformers {ref_ppl:.4f}")
     assert abs(ours_ppl / ref_ppl - 1) < 0.01
     assert 5 < ref_ppl < 30  # a real model on English prose (about 11), not a broken mapping (hundreds)
+
+
+def test_json_schema_answer_is_a_valid_sensible_object(server):
+    """Structured outputs on the real model (the docs/api.md example): a valid instance, and sensible."""
+    import json
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{server.url}/v1", api_key="x")
+    schema = {"type": "object",
+              "properties": {"city": {"type": "string", "maxLength": 32},
+                             "country": {"type": "string", "maxLength": 32},
+                             "population_millions": {"type": "number", "minimum": 0, "maximum": 50}},
+              "required": ["city", "country", "population_millions"], "additionalProperties": False}
+    r = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Describe the capital of France as JSON."}],
+        temperature=0, max_tokens=64,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    assert r.choices[0].finish_reason == "stop"
+    obj = json.loads(r.choices[0].message.content)
+    assert set(obj) == {"city", "country", "population_millions"}
+    assert obj["city"] == "Paris" and obj["country"].lower() == "france"
+    assert 0 <= obj["population_millions"] <= 50

@@ -80,10 +80,20 @@ def apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tens
     return logits - freq * out_counts - pres * (out_counts > 0).float()
 
 
+NEG_INF_BITS = -8388608  # 0xFF800000 as int32: the bits of float32 -inf
+
+
 def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[R, W] int32 packed -> [R, vocab] bool (True: allowed)."""
+    """[R, W] int32 packed -> [R, vocab] int32, 1 where allowed, 0 elsewhere."""
     bits = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    return ((bitmask[:, :, None] >> bits) & 1).view(bitmask.shape[0], -1)[:, :vocab].bool()
+    return ((bitmask[:, :, None] >> bits) & 1).view(bitmask.shape[0], -1)[:, :vocab]
+
+
+def mask_penalty(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, W] int32 packed -> [R, vocab] float32: 0 where allowed, -inf elsewhere, built with integer
+    ops (allowed - 1 is 0 or all ones; & with -inf's bits). Adding it masks exactly (x + 0 == x) and
+    without a branch per element: masked_fill with a grammar's irregular mask ran ~6x slower on CPU."""
+    return ((unpack_bitmask(bitmask, vocab) - 1) & NEG_INF_BITS).view(torch.float32)
 
 
 def constrain(logits: torch.Tensor, biases: Sequence[tuple[tuple[int, float], ...]],
@@ -102,8 +112,8 @@ def constrain(logits: torch.Tensor, biases: Sequence[tuple[tuple[int, float], ..
         logits.index_put_((r, t), v, accumulate=True)
     if masks is not None:
         rows = torch.tensor(masks.rows, device=dev)
-        allowed = unpack_bitmask(masks.bitmask.to(dev, non_blocking=True), logits.shape[1])  # [R, V]
-        logits[rows] = logits[rows].masked_fill_(~allowed, float("-inf"))
+        penalty = mask_penalty(masks.bitmask.to(dev, non_blocking=True), logits.shape[1])  # [R, V]
+        logits.index_add_(0, rows, penalty.to(logits.dtype))
     return logits
 
 

@@ -192,12 +192,15 @@ def test_forked_completions_each_follow_the_grammar(engine, grammars):
 
 def test_a_grammar_that_allows_nothing_more_allows_only_eos(engine):
     from colm_runtime.engine.grammar import fill_bitmask
-    from colm_runtime.engine.sampler import unpack_bitmask
+    from colm_runtime.engine.sampler import mask_penalty, unpack_bitmask
 
     g = GrammarCompiler(engine.tokenizer, engine.cfg.vocab_size).compile(GrammarSpec("choice", '["yes"]'))
     done, broken = g.matcher(), g.matcher()
     for t in engine.tokenizer.encode("yes"):
         done.consume(t)
     broken.ll.consume_token(engine.tokenizer.encode("no")[0])  # a token outside the grammar: error state
-    allowed = unpack_bitmask(fill_bitmask([done, broken], engine.cfg.vocab_size), engine.cfg.vocab_size)
+    packed = fill_bitmask([done, broken], engine.cfg.vocab_size)
+    allowed = unpack_bitmask(packed, engine.cfg.vocab_size)
     assert allowed.nonzero()[:, 1].tolist() == [engine.tokenizer.eos_token_id] * 2
+    penalty = mask_penalty(packed, engine.cfg.vocab_size)  # what the sampler adds: 0 allowed, -inf not
+    assert torch.equal(penalty == 0, allowed == 1) and torch.isneginf(penalty[allowed == 0]).all()

@@ -44,9 +44,9 @@ def route_hints(req: _Sampling, headers) -> RouteHints:
 
 
 def engine_extras(req: _Sampling) -> dict:
-    """EngineRequest fields taken from the body as they are (chain schedule, speculation)."""
+    """EngineRequest fields taken from the body as they are (chain schedule, speculation, cache salt)."""
     schedule = tuple(tuple(e) for e in req.chain_schedule) if req.chain_schedule else None
-    return {"chain_schedule": schedule, "speculative": req.speculative}
+    return {"chain_schedule": schedule, "speculative": req.speculative, "cache_salt": req.cache_salt}
 
 
 def warn_unknown_fields(req: _Sampling) -> None:
@@ -170,7 +170,8 @@ class RequestRun:
 
     def __init__(self, state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams,
                  choice: ChainChoice, arrival: float, chain_schedule: tuple | None = None,
-                 speculative: bool | None = None, stream: bool = False, grammar=None):
+                 speculative: bool | None = None, stream: bool = False, grammar=None,
+                 cache_salt: str | None = None):
         self.state, self.choice, self.arrival = state, choice, arrival
         # A stream's outputs wait for a network client: bounded. A collected answer is read in-process.
         self.buffer_limit = state.settings.max_stream_buffer if stream else None
@@ -180,7 +181,8 @@ class RequestRun:
             floor = min(c for _, c in chain_schedule)
         self.requests = [EngineRequest(f"{request_id}-{i}", p, params, chains=choice.chains,
                                        min_chains=floor, priority=choice.priority, arrival_time=arrival,
-                                       chain_schedule=chain_schedule, speculative=speculative, grammar=grammar)
+                                       chain_schedule=chain_schedule, speculative=speculative, grammar=grammar,
+                                       cache_salt=cache_salt)
                          for i, p in enumerate(prompts)]
         self.tracks = [_Track(len(p)) for p in prompts]
         self._queue: asyncio.Queue = asyncio.Queue()

@@ -96,6 +96,8 @@ class EngineConfig:
     speculative_default: whether requests that do not say (EngineRequest.speculative None) speculate.
     step_time_target: load policy: when the average decode step takes longer (seconds), unpinned
       running sequences step down a chain, and back up when it falls (None: off; chain_switch.py).
+    enable_prefix_caching: reuse the K/V of full blocks whose prefix was computed before, in every pool
+      a request uses, whatever chain count computed it (prefix_cache.py).
     """
 
     block_size: int = 16
@@ -114,6 +116,7 @@ class EngineConfig:
     speculative_draft_chains: int = 1
     speculative_default: bool = True
     step_time_target: float | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         assert self.block_size >= 1 and self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1

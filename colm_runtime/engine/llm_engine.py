@@ -60,7 +60,7 @@ class LLMEngine:
         param = next(model.parameters())
         self.num_blocks = config.num_blocks(self.cfg, param.dtype)
         cache = ChainKVCache(self.cfg, self.num_blocks, config.block_size, param.dtype, param.device)
-        self.blocks = BlockManager(self.cfg, self.num_blocks, config.block_size)
+        self.blocks = BlockManager(self.cfg, self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks)
         self.runner = ModelRunner(model, cache, config.seed, config.air_prefill_one_chain)
         self.model_len = config.model_len(self.cfg)
@@ -267,6 +267,9 @@ class LLMEngine:
                     failed[seq.request.request_id] = (seq, e)
         for seq, e in failed.values():
             outputs.extend(self.fail_request(seq.request, e, seq))
+        for seq, _ in so.scheduled:  # full blocks computed this step become findable (finished ones were)
+            if not seq.is_finished:
+                self.blocks.cache_computed(seq)
         seconds = time.perf_counter() - t0
         decode_only = so.num_tokens - so.num_lookahead == len(so.scheduled)
         if spec:
@@ -391,4 +394,6 @@ class LLMEngine:
             steps_total=self.metrics.steps, alive=True,
             spec_proposed_total=self.spec.proposed_total, spec_accepted_total=self.spec.accepted_total,
             chain_switches=dict(self.switcher.switches),
-            recomputed_tokens_total=self.switcher.recomputed_tokens_total)
+            recomputed_tokens_total=self.switcher.recomputed_tokens_total,
+            prefix_cache_queries=tuple(self.blocks.cache_stats.queries),
+            prefix_cache_hits=tuple(self.blocks.cache_stats.hits), kv_blocks_cached_free=self.blocks.num_cached_free())

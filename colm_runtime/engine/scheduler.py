@@ -153,12 +153,13 @@ class Scheduler:
         seats = sum(map(_seats, self.running))
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
+            hit = self.blocks.find_prefix(seq)  # cached blocks it can start from (prefix caching)
+            n = min(seq.num_tokens - (seq.num_computed_tokens if hit is None else hit.start), budget)
             fits = seats + _seats(seq) <= self.config.max_num_seqs
-            copies = self.blocks.allocate_slots(seq, n) if fits else None
+            copies = self.blocks.allocate_slots(seq, n, hit) if fits else None
             if copies is None:
                 lower = [r for r in self.running if r.priority < seq.priority]
-                if fits and self.relief.shrink_one(self.blocks.shortage(seq, n), lower) is not None:
+                if fits and self.relief.shrink_one(self.blocks.shortage(seq, n, hit), lower) is not None:
                     out.num_shrunk += 1
                     self.shrinks_total += 1
                     continue

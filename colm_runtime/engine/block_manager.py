@@ -63,7 +63,7 @@ class BlockManager:
         start = seq.num_computed_tokens
         nb = -(-(start + num_tokens) // self.block_size)
         need = [0] * len(self.pools)
-        for p in range(self.cfg.pools_for(seq.chains)):
+        for p in range(self.cfg.pools_for(seq.num_chains)):
             table = seq.block_tables[p]
             need[p] = max(0, nb - len(table))
             if num_tokens and self._shared_tail(p, table, start):
@@ -109,7 +109,7 @@ class BlockManager:
             return None
         copies: list[BlockCopy] = []
         start = seq.num_computed_tokens
-        for p in range(self.cfg.pools_for(seq.chains)):
+        for p in range(self.cfg.pools_for(seq.num_chains)):
             pool, table = self.pools[p], seq.block_tables[p]
             if num_tokens and self._shared_tail(p, table, start):
                 (fresh,) = pool.take(1)
@@ -126,8 +126,8 @@ class BlockManager:
             self.pools[p].release(table)
             table.clear()
 
-    def resize(self, seq: Sequence, chains: int) -> int | None:
-        """Move seq's blocks to `chains` chains. Returns the tokens it must recompute: 0 going down (its
+    def resize(self, seq: Sequence, num_chains: int) -> int | None:
+        """Move seq's blocks to `num_chains` chains. Returns the tokens it must recompute: 0 going down (its
         upper pools' blocks are released: lower chains never read them) and going up when its pools
         already hold every chain's KV (CoLM-Air, or nothing computed yet); None (no change) when going
         up lacks blocks.
@@ -135,14 +135,14 @@ class BlockManager:
         Plain CoLM going up: the new pools' KV needs the lower chains' hidden states, so the sequence
         recomputes all its tokens (num_computed_tokens = 0) at the new chain count. Every position is
         rewritten before it is read, so shared lower blocks are swapped for private ones without a copy."""
-        assert 1 <= chains <= self.cfg.n_chains
-        lo, hi = self.cfg.pools_for(seq.chains), self.cfg.pools_for(chains)
+        assert 1 <= num_chains <= self.cfg.n_chains
+        lo, hi = self.cfg.pools_for(seq.num_chains), self.cfg.pools_for(num_chains)
         done = seq.num_computed_tokens
-        if chains <= seq.chains or lo == hi or done == 0:
-            for p in range(self.cfg.pools_for(chains), self.cfg.pools_for(seq.chains)):
+        if num_chains <= seq.num_chains or lo == hi or done == 0:
+            for p in range(self.cfg.pools_for(num_chains), self.cfg.pools_for(seq.num_chains)):
                 self.pools[p].release(seq.block_tables[p])
                 seq.block_tables[p].clear()
-            seq.chains = chains
+            seq.num_chains = num_chains
             return 0
         nb = self.blocks_for_tokens(seq.num_tokens)
         shared = [[i for i, b in enumerate(seq.block_tables[p]) if self.pools[p].ref[b] > 1] for p in range(lo)]
@@ -154,7 +154,7 @@ class BlockManager:
             for i in shared[p]:
                 self.pools[p].release([table[i]])
                 (table[i],) = self.pools[p].take(1)
-        seq.chains = chains
+        seq.num_chains = num_chains
         seq.num_computed_tokens = 0
         return done
 
@@ -173,4 +173,4 @@ class BlockManager:
             self.pools[p].share(table)
             child.block_tables[p] = list(table)
         child.num_computed_tokens = parent.num_computed_tokens
-        child.chains = parent.chains
+        child.num_chains = parent.num_chains

@@ -22,7 +22,6 @@ from __future__ import annotations
 from collections import Counter
 
 from colm_runtime.engine.block_manager import BlockManager
-from colm_runtime.engine.chain_state import schedule_at  # noqa: F401  (re-exported: the tests use it here)
 from colm_runtime.engine.sequence import Sequence
 
 COOLDOWN_STEPS = 8
@@ -43,7 +42,7 @@ class ChainSwitcher:
         """Move every sequence to its target chain count (schedule, capped by load and memory)."""
         for seq in seqs:
             want = seq.chain_state.target(seq.num_generated)
-            if want != seq.chains:
+            if want != seq.num_chains:
                 self.switch(seq, want, seq.chain_state.reason)
 
     @staticmethod
@@ -51,10 +50,10 @@ class ChainSwitcher:
         """Generated-token index of seq's next scheduled change (None: none)."""
         return seq.chain_state.next_switch(seq.num_generated)
 
-    def switch(self, seq: Sequence, chains: int, reason: str) -> bool:
-        """Run seq at `chains` from its next token; False (no change) if going up lacks blocks."""
-        up = chains > seq.chains
-        recompute = self.blocks.resize(seq, chains)
+    def switch(self, seq: Sequence, num_chains: int, reason: str) -> bool:
+        """Run seq at `num_chains` from its next token; False (no change) if going up lacks blocks."""
+        up = num_chains > seq.num_chains
+        recompute = self.blocks.resize(seq, num_chains)
         if recompute is None:
             return False  # retried next step
         self.recomputed_tokens_total += recompute
@@ -68,10 +67,10 @@ class ChainSwitcher:
         if self.target is None or step_time is None or self._cooldown:
             return
         if step_time > self.target:
-            cands = [s for s in running if s.chain_state.load_elastic(s.chains)]
+            cands = [s for s in running if s.chain_state.load_elastic(s.num_chains)]
             if cands:
                 seq = cands[-1]  # lowest priority, latest arrival
-                seq.chain_state.lower_load(seq.chains)
+                seq.chain_state.lower_load(seq.num_chains)
                 self._cooldown = COOLDOWN_STEPS
         elif step_time < LOW_WATER * self.target:
             cands = [s for s in running if s.chain_state.load_cap is not None]
@@ -94,11 +93,11 @@ class MemoryRelief:
         if not low or low[0] == 0:
             return None  # pool 0 is held by every sequence: shrinking never frees it
         for seq in reversed(candidates):
-            lo, hi = cfg.pools_for(seq.min_chains), cfg.pools_for(seq.chains)
+            lo, hi = cfg.pools_for(seq.min_chains), cfg.pools_for(seq.num_chains)
             targets = [p for p in low if lo <= p < hi and seq.block_tables[p]]
             if targets:
                 # The fewest chains dropped that free every short pool this sequence holds.
-                c = max(c for c in range(seq.min_chains, seq.chains) if cfg.pools_for(c) <= min(targets))
+                c = max(c for c in range(seq.min_chains, seq.num_chains) if cfg.pools_for(c) <= min(targets))
                 seq.chain_state.cap_memory(c)
                 self.blocks.resize(seq, c)
                 return seq

@@ -45,7 +45,7 @@ class Completion:
     text: str = ""
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    chains: list[int] = field(default_factory=list)  # chain count of each generated token
+    token_chains: list[int] = field(default_factory=list)  # chain count of each generated token
     logprobs: list = field(default_factory=list)
 
 
@@ -259,7 +259,7 @@ class LLMEngine:
                 c = done[out.request_id][out.index]
                 c.token_ids.extend(out.token_ids)
                 c.text += out.text
-                c.chains.extend([out.chains] * len(out.token_ids))
+                c.token_chains.extend([out.chains] * len(out.token_ids))
                 c.logprobs.extend(out.logprobs)
                 c.finish_reason, c.stop_reason = out.finish_reason, out.stop_reason
         return done

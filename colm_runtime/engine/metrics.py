@@ -26,7 +26,7 @@ class StepMetrics:
 
     def record(self, so: SchedulerOutput, seconds: float) -> None:
         self.steps += 1
-        k = max(seq.chains for seq, _ in so.scheduled)
+        k = max(seq.num_chains for seq, _ in so.scheduled)
         if so.decode_only:
             self.decode[k] = ema(self.decode.get(k), seconds, ALPHA)
             self._last_decode = k

@@ -43,7 +43,7 @@ class ModelRunner:
         the batched work fails (the step's requests fail); one request's failure is in out.failed."""
         out = RunnerOutput()
         spec = [(i, seq, n - 1) for i, (seq, n) in enumerate(so.scheduled)
-                if seq.num_uncomputed == 1 and n > 1 and seq.chains > self.spec.draft_chains]
+                if seq.num_uncomputed == 1 and n > 1 and seq.num_chains > self.spec.draft_chains]
         try:
             self.copy_blocks(so)
             self.masks.start(self._will_sample(so, spec))
@@ -164,23 +164,23 @@ class ModelRunner:
         specs, pick = [], []
         for i, (seq, n) in enumerate(so.scheduled):
             start = seq.num_computed_tokens
-            tables = seq.block_tables[: self.cfg.pools_for(seq.chains)]
+            tables = seq.block_tables[: self.cfg.pools_for(seq.num_chains)]
             if i in drafts:
                 ids = seq.token_ids[start:] + drafts[i].tokens
-                specs.append(SeqSpec(ids, start, seq.chains, tables, num_logits=len(ids)))
+                specs.append(SeqSpec(ids, start, seq.num_chains, tables, num_logits=len(ids)))
                 pick.append(len(specs) - 1)
                 continue
             n = min(n, seq.num_uncomputed)  # a lookahead whose draft was dropped (shrunk to the draft's chains)
             ids = seq.token_ids[start : start + n]
             if i in scored:
-                specs.append(SeqSpec(ids, start, seq.chains, tables, num_logits=scored[i]))
-            elif self.air_prefill and seq.chains > 1 and n > 1:
+                specs.append(SeqSpec(ids, start, seq.num_chains, tables, num_logits=scored[i]))
+            elif self.air_prefill and seq.num_chains > 1 and n > 1:
                 last = start + n == seq.num_tokens
                 specs.append(SeqSpec(ids[:-1] if last else ids, start, 1, tables))
                 if last:
-                    specs.append(SeqSpec(ids[-1:], start + n - 1, seq.chains, tables))
+                    specs.append(SeqSpec(ids[-1:], start + n - 1, seq.num_chains, tables))
             else:
-                specs.append(SeqSpec(ids, start, seq.chains, tables))
+                specs.append(SeqSpec(ids, start, seq.num_chains, tables))
             pick.append(len(specs) - 1)
         return specs, pick
 

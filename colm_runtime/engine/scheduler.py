@@ -109,7 +109,7 @@ class Scheduler:
             if not seq.is_finished:
                 self.finish(seq)
             seq.finish_reason = seq.finish_reason or "error"
-        chains = {s.index: s.chains for s in r.seqs}
+        chains = {s.index: s.num_chains for s in r.seqs}
         return [RequestOutput(r.request_id, i, "", (), "error", chains.get(i, r.req.chains), r.num_prompt_tokens,
                               0, error=f"engine error: {type(error).__name__}") for i in indices]
 

@@ -40,7 +40,7 @@ class Sequence:
         self.index = index
         self.token_ids = list(token_ids)
         self.num_computed_tokens = 0
-        self.chains = request.req.chains
+        self.num_chains = request.req.chains
         self.block_tables: list[list[int]] = [[] for _ in range(n_pools)]
         self.status = SequenceStatus.WAITING
         self.generator = generator
@@ -48,7 +48,7 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
         self.preempted = 0  # times preempted (recomputed)
-        # Who wants which chain count (chain_state.py); self.chains is the count its blocks are at.
+        # Who wants which chain count (chain_state.py); self.num_chains is the count its blocks are at.
         self.chain_state = ChainState(request.req.chains, self.min_chains, request.req.chain_schedule)
         # Speculative decoding (speculative.py): whether it may speculate, the tokens it drafts this
         # step (set before scheduling; the scheduler reserves them), its acceptance-rate average.
@@ -123,7 +123,7 @@ class Sequence:
         return (-self.priority, self.request.req.arrival_time, self.request.seq_no, self.index)
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request.request_id}#{self.index}, chains={self.chains}, "
+        return (f"Sequence({self.request.request_id}#{self.index}, chains={self.num_chains}, "
                 f"computed={self.num_computed_tokens}/{self.num_tokens}, {self.status.value})")
 
 

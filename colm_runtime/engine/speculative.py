@@ -68,7 +68,7 @@ def eligible(seq: Sequence, draft_chains: int) -> bool:
     """Whether seq may speculate this step: it opted in, decodes above the draft's chain count, and has
     no penalty (a penalty depends on the tokens before each position, which drafting would change)."""
     p = seq.params
-    return (seq.speculative and seq.chains > draft_chains and seq.num_uncomputed == 1
+    return (seq.speculative and seq.num_chains > draft_chains and seq.num_uncomputed == 1
             and p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1)
 
 
@@ -102,7 +102,7 @@ class SpeculativeDecoder:
         if next_switch is not None:
             room = min(room, next_switch - done - 1)
         alpha = ALPHA_PRIOR if seq.spec_alpha is None else seq.spec_alpha
-        cost = self.cost_ratio(seq.chains)
+        cost = self.cost_ratio(seq.num_chains)
         if alpha < cost and done % PROBE_EVERY:
             return 0  # even gamma 1 loses ((1 + alpha) / (1 + cost) < 1): decode plainly, probe now and then
         return max(0, min(room, best_gamma(alpha, self.max_gamma, cost)))

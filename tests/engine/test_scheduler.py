@@ -81,7 +81,7 @@ def test_pressure_shrinks_a_shrinkable_request_before_preempting_anyone():
     assert bm.num_free[3] == 0
     so = sched.schedule()  # position 8 needs a 3rd block in every pool the sequences use
     assert {s.seq_id for s, _ in so.scheduled} == {elastic.seq_id, pinned.seq_id}
-    assert pinned.chains == 4 and elastic.chains == 3 and elastic.shrunk
+    assert pinned.num_chains == 4 and elastic.num_chains == 3 and elastic.shrunk
     assert elastic.block_tables[3] == [] and len(pinned.block_tables[3]) == 3
     assert sched.shrinks_total == 1 and sched.preemptions_total == 0
     assert so.num_shrunk == 1
@@ -133,7 +133,7 @@ def test_a_higher_priority_arrival_shrinks_an_elastic_running_sequence_before_pr
     sched.add(urgent)
     so = sched.schedule()
     assert urgent.status is SequenceStatus.RUNNING and elastic.status is SequenceStatus.RUNNING
-    assert elastic.chains == 3 and so.num_shrunk == 1 and so.num_preempted == 0
+    assert elastic.num_chains == 3 and so.num_shrunk == 1 and so.num_preempted == 0
 
 
 def test_a_request_that_can_never_fit_is_rejected():

@@ -207,6 +207,10 @@ class EngineStats:
     prefix_cache_queries: tuple[int, ...] = ()
     prefix_cache_hits: tuple[int, ...] = ()
     kv_blocks_cached_free: tuple[int, ...] = ()
+    # Steps whose batched work raised (each failed its requests), and whether the engine is still
+    # healthy: False for good after EngineConfig.max_step_failures such steps in a row (/health: 503).
+    step_failures_total: int = 0
+    healthy: bool = True
 
 
 class EngineClient(ABC):

@@ -126,13 +126,13 @@ def test_random_operations_with_shared_prefixes_leave_every_block_free_or_cached
                         s.num_computed_tokens += 1
                     else:
                         s.token_ids.pop()
-                elif op < 0.65 and s.chains > s.min_chains:
-                    bm.shrink(s, rng.randint(s.min_chains, s.chains - 1))
-                elif op < 0.7 and s.chains < 4:
-                    if bm.grow(s, s.chains + 1) and bm.allocate_slots(s, s.num_tokens) is not None:
+                elif op < 0.65 and s.num_chains > s.min_chains:
+                    bm.resize(s, rng.randint(s.min_chains, s.num_chains - 1))  # shrink or step down
+                elif op < 0.7 and s.num_chains < 4:
+                    if bm.resize(s, s.num_chains + 1) and bm.allocate_slots(s, s.num_tokens) is not None:
                         s.num_computed_tokens = s.num_tokens  # the recompute at more chains
                 elif op < 0.8:  # fork (n > 1)
-                    child = make_seq(bm.cfg, 1, s.chains)
+                    child = make_seq(bm.cfg, 1, s.num_chains)
                     child.token_ids = list(s.token_ids)
                     bm.fork(s, child)
                     live.append(child)

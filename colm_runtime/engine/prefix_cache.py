@@ -30,12 +30,20 @@ BlockHash = bytes
 
 def root_hash(salt: str | None) -> BlockHash:
     """The parent of a sequence's first block: requests with different salts share nothing."""
-    return hashlib.blake2b(b"colm-prefix" + (salt or "").encode(), digest_size=16).digest()
+    return _hash(b"colm-prefix" + (salt or "").encode())
 
 
 def hash_block(parent: BlockHash, tokens: list[int]) -> BlockHash:
     """The name of a full block holding `tokens` after the prefix named `parent`."""
-    return hashlib.blake2b(parent + array("q", tokens).tobytes(), digest_size=16).digest()
+    return _hash(parent + _token_bytes(tokens))
+
+
+def _token_bytes(tokens: list[int]) -> bytes:
+    return array("q", tokens).tobytes()  # 8 bytes a token
+
+
+def _hash(data: bytes) -> BlockHash:
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 @dataclass
@@ -56,9 +64,13 @@ class SeqPrefix:
 
     def extend(self, token_ids: list[int], block_size: int) -> list[BlockHash]:
         """The names of every full block of token_ids (token_ids only grow, so earlier names stay)."""
-        for i in range(len(self.hashes), len(token_ids) // block_size):
+        done, full = len(self.hashes), len(token_ids) // block_size
+        if full > done:  # one conversion for all new blocks: a 1,024-token prompt names 64 blocks at once
+            data, step = _token_bytes(token_ids[done * block_size : full * block_size]), 8 * block_size
             parent = self.hashes[-1] if self.hashes else self.root
-            self.hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size]))
+            for i in range(full - done):
+                parent = _hash(parent + data[i * step : (i + 1) * step])
+                self.hashes.append(parent)
         return self.hashes
 
     def forget(self, pools: range | list[int]) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 from colm_runtime.engine.block_manager import BlockPool
-from colm_runtime.engine.prefix_cache import hash_block, root_hash
+from colm_runtime.engine.prefix_cache import SeqPrefix, hash_block, root_hash
 from tests.engine._helpers import assert_blocks_free, block_manager, make_seq, prompt
 
 
@@ -34,6 +34,15 @@ def test_a_block_name_says_its_whole_prefix_and_salt():
     assert a == hash_block(root_hash(None), [1, 2, 3, 4])
     assert a != hash_block(r, [1, 2, 3, 5]) and a != hash_block(root_hash("tenant-b"), [1, 2, 3, 4])
     assert hash_block(a, [5, 6, 7, 8]) != hash_block(hash_block(r, [9, 2, 3, 4]), [5, 6, 7, 8])
+    # A sequence names its blocks incrementally as tokens come, with the same names.
+    named = SeqPrefix(r, [], [0], [0])
+    tokens = prompt(30)
+    named.extend(tokens[:9], 4)
+    assert len(named.extend(tokens, 4)) == 7
+    chain = [r]
+    for i in range(7):
+        chain.append(hash_block(chain[-1], tokens[4 * i : 4 * i + 4]))
+    assert named.hashes == chain[1:]
 
 
 def test_idle_cached_blocks_count_as_free_and_are_evicted_least_recently_used_last_resort():

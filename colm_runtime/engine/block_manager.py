@@ -1,4 +1,5 @@
-"""Who owns which KV block: one free list per pool, refcounts for blocks shared by forked sequences.
+"""Who owns which KV block: one free list per pool, refcounts for blocks shared by forked sequences
+and by sequences that found a cached prefix (prefix_cache.py: find_prefix, cache_computed).
 
 A sequence at k chains holds blocks in pools 0..cfg.pools_for(k)-1 only. Resizing it to fewer chains
 frees its upper pools' blocks (exact: lower chains never read upper chains' K/V). The block manager
@@ -6,6 +7,7 @@ moves blocks only: which chain count a sequence should run at is its ChainState'
 are shared by the n completions forked from it; a shared block that a sequence is about to write into
 (the prompt's partial last block) is copied first (copy-on-write), so shared blocks are never written.
 Shortage is an expected outcome: allocate_slots returns None and the scheduler relieves pressure.
+Cached blocks nobody references count as free: taking a block evicts one before anything is short.
 """
 
 from __future__ import annotations

@@ -228,9 +228,10 @@ class BlockManager:
         already hold every chain's KV (CoLM-Air, or nothing computed yet); None (no change) when going
         up lacks blocks.
 
-        Plain CoLM going up: the new pools' KV needs the lower chains' hidden states, so the sequence
-        recomputes all its tokens (num_computed_tokens = 0) at the new chain count. Every position is
-        rewritten before it is read, so shared lower blocks are swapped for private ones without a copy."""
+        Plain CoLM going up: the new pools' K/V needs the lower chains' hidden states, so the sequence
+        recomputes all its tokens (num_computed_tokens = 0) at the new chain count. Its lower pools keep
+        their blocks and K/V (shared and cached blocks included): the recompute writes the new pools
+        only (prefix.kv_valid: the rows' lower-pool writes go to the cache's sink block)."""
         assert 1 <= num_chains <= self.cfg.n_chains
         lo, hi = self.cfg.pools_for(seq.num_chains), self.cfg.pools_for(num_chains)
         done = seq.num_computed_tokens
@@ -241,21 +242,13 @@ class BlockManager:
             seq.prefix.forget(range(self.cfg.pools_for(num_chains), self.cfg.pools_for(seq.num_chains)))
             seq.num_chains = num_chains
             return 0
-        nb = self.blocks_for_tokens(seq.num_tokens)
-        # Shared or cached blocks are swapped for private ones: what others read is never rewritten.
-        shared = [[i for i, b in enumerate(seq.block_tables[p]) if self.pools[p].ref[b] > 1
-                   or self.pools[p].cached.named(b)] for p in range(lo)]
-        if any(self.pools[p].num_free < nb for p in range(lo, hi)) or \
-                any(self.pools[p].num_free < len(shared[p]) for p in range(lo)):
+        if any(self.pools[p].num_free < self.blocks_for_tokens(seq.num_tokens) for p in range(lo, hi)):
             return None
         for p in range(lo):
-            table = seq.block_tables[p]
-            for i in shared[p]:
-                self.pools[p].release([table[i]])
-                (table[i],) = self.pools[p].take(1)
+            seq.prefix.kv_valid[p] = max(seq.prefix.kv_valid[p], done)
+        seq.prefix.forget(range(lo, hi))
         seq.num_chains = num_chains
         seq.num_computed_tokens = 0
-        seq.prefix.forget(range(hi))
         return done
 
     def trim(self, seq: Sequence) -> None:

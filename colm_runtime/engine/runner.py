@@ -173,7 +173,8 @@ class ModelRunner:
             n = min(n, seq.num_uncomputed)  # a lookahead whose draft was dropped (shrunk to the draft's chains)
             ids = seq.token_ids[start : start + n]
             if i in scored:
-                specs.append(SeqSpec(ids, start, seq.num_chains, tables, num_logits=scored[i]))
+                specs.append(SeqSpec(ids, start, seq.num_chains, tables, num_logits=scored[i],
+                                     kv_from=_kv_from(seq, len(tables))))
             elif self.air_prefill and seq.num_chains > 1 and n > 1:
                 last = start + n == seq.num_tokens
                 specs.append(SeqSpec(ids[:-1] if last else ids, start, 1, tables))
@@ -222,7 +223,7 @@ class ModelRunner:
 
 def _kv_from(seq: Sequence, pools: int) -> tuple[int, ...] | None:
     """Per pool, where seq's writes start (None: at its computed tokens in every pool). A prefix-cache
-    hit that reached further in some pools (plain CoLM, cached at fewer chains) recomputes those
-    positions for the other pools only."""
+    hit that reached further in some pools (plain CoLM, cached at fewer chains) and a chain up-switch
+    recompute those positions for the other pools only."""
     start, valid = seq.num_computed_tokens, seq.prefix.kv_valid[:pools]
     return tuple(max(start, v) for v in valid) if any(v > start for v in valid) else None

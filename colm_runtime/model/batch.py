@@ -122,7 +122,8 @@ class ForwardBatch:
                 lens.append(c + 1)
                 for p in range(P):
                     bt = s.block_tables[p]
-                    slots[p].append(bt[c // bs] * bs + c % bs)
+                    held = s.kv_from is not None and s.kv_from[p] > c  # a one-token chunk of a recompute
+                    slots[p].append(sink_slots[p] if held else bt[c // bs] * bs + c % bs)
                     tables[p].extend(_padded(bt, nb_max))
                     users[p] += 1
                 continue
@@ -132,7 +133,8 @@ class ForwardBatch:
             logit_rows.extend(range(last - s.num_logits + 1, last + 1))
             for p in range(P):
                 bt, lo = s.block_tables[p], c if s.kv_from is None else min(max(c, s.kv_from[p]), c + n)
-                slots[p].extend([sink_slots[p]] * (lo - c) if lo > c else ())  # held already: not rewritten
+                if lo > c:  # positions the pool holds already: not rewritten
+                    slots[p].extend([sink_slots[p]] * (lo - c))
                 slots[p].extend(bt[q // bs] * bs + q % bs for q in range(lo, c + n))
             nb = -(-(c + n) // bs)
             pre.append((i, [_padded(s.block_tables[p], nb) for p in range(P)]))

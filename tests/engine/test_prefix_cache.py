@@ -160,3 +160,17 @@ def test_random_operations_with_shared_prefixes_leave_every_block_free_or_cached
             bm.free(s)
         assert hits > 10, "shared prefixes were not reused"
         assert_blocks_free(bm)
+
+
+def test_an_up_switch_keeps_the_lower_pools_blocks_shared_and_recomputes_for_the_new_pools_only():
+    bm = block_manager(blocks=(16, 16, 16, 16), block_size=4)
+    tokens = prompt(10)
+    first = seq_with(bm, tokens, chains=2)
+    compute(bm, first)
+    second = seq_with(bm, tokens + [5], chains=2)
+    compute(bm, second)  # shares first's 2 full blocks in pools 0 and 1
+    lower = [list(t) for t in second.block_tables[:2]]
+    assert bm.resize(second, 4) == 11 and second.num_computed_tokens == 0
+    assert second.block_tables[:2] == lower, "no private copies of the lower pools"
+    assert second.prefix.kv_valid == [11, 11, 0, 0]
+    assert bm.allocate_slots(second, 11) == [] and [len(t) for t in second.block_tables] == [3, 3, 3, 3]

@@ -53,9 +53,21 @@ def test_tokens_per_minute_window():
 
 
 def test_no_keys_no_limits():
-    rl = RateLimiter(RateLimits(1, 1))
+    """Without API keys (key None) nothing is limited or recorded; the same limits bind a key, and no
+    limits at all let a key through."""
+    rl = RateLimiter(RateLimits(requests_per_minute=1, tokens_per_minute=100))
     for _ in range(5):
-        rl.charge(None, 10**6)
+        rl.charge(None, 10**6)  # neither limit applies
+    assert rl._windows == {}  # and nothing was recorded against anyone
+    rl.charge("k", 10)
+    with pytest.raises(RateLimited):
+        rl.charge("k", 10)  # the second request of a minute for a key
+    with pytest.raises(InvalidRequest):
+        rl.charge("k", 10**6)
+    unlimited = RateLimiter(RateLimits())
+    for _ in range(5):
+        unlimited.charge("k", 10**6)
+    assert unlimited._windows == {}
 
 
 def test_rate_limits_live(tight):

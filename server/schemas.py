@@ -3,6 +3,9 @@ and the `colm` report object that says which chain count served a request and wh
 
 Unknown request fields are ignored (logged by name), as vLLM does, so OpenAI clients that send newer
 fields keep working. Values the server cannot honour are rejected with 400, never silently dropped.
+
+Over 300 lines on purpose: this is the whole wire format, one declarative class per object, read side
+by side with docs/api.md; split, a field's request and response forms would sit in different files.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from server.settings import ServerSettings
 from server.structured import GrammarCache
 
 log = logging.getLogger("colm.server")
+WATCHDOG_PERIOD_S = 0.5  # how often the watchdog looks at the engine loop
 
 
 class ServerState:
@@ -43,7 +44,7 @@ class ServerState:
         self.runs: set = set()  # the RequestRuns in flight (engine watchdog, chain counts in flight)
         self._watchdog: asyncio.Task | None = None
 
-    def start_watchdog(self, period: float = 0.5) -> None:
+    def start_watchdog(self) -> None:
         """Fail in-flight requests if the engine loop dies (instead of leaving them waiting forever);
         /health then answers 503 so that the orchestrator restarts the process."""
         async def watch() -> None:
@@ -54,7 +55,7 @@ class ServerState:
                         run.fail(Unavailable("the engine loop stopped; retry on another replica",
                                              code="engine_dead"))
                     return
-                await asyncio.sleep(period)
+                await asyncio.sleep(WATCHDOG_PERIOD_S)
 
         self._watchdog = asyncio.ensure_future(watch())
 

@@ -121,9 +121,9 @@ class GrammarCache:
     """Compiled grammars by spec (LRU), compiled in the default executor: neither the event loop nor the
     engine thread waits for a compilation."""
 
-    def __init__(self, tokenizer, vocab_size: int, metrics: ServerMetrics, size: int = CACHE_SIZE):
+    def __init__(self, tokenizer, vocab_size: int, metrics: ServerMetrics):
         self.compiler = GrammarCompiler(tokenizer, vocab_size)
-        self.metrics, self.size = metrics, size
+        self.metrics = metrics
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
 
     async def get(self, req: _Sampling) -> CompiledGrammar | None:
@@ -142,7 +142,7 @@ class GrammarCache:
                                      param=param, code="invalid_grammar") from None
             self.metrics.grammar_compile.observe(time.perf_counter() - t0)
             self._cache[spec.key] = grammar
-            while len(self._cache) > self.size:
+            while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(spec.key)
         self.metrics.structured.labels(spec.kind).inc()

@@ -100,4 +100,4 @@ def _check_constraints(req: EngineRequest, vocab_size: int) -> None:
 def check_queue(waiting: int, max_waiting: int) -> None:
     """The waiting-queue bound: EngineOverloaded when `waiting` requests already fill it."""
     if waiting >= max_waiting:
-        raise EngineOverloaded(f"the waiting queue is full ({waiting} waiting, limit {max_waiting}); retry later")
+        raise EngineOverloaded(f"{waiting} requests are waiting; retry later")

@@ -70,7 +70,7 @@ class Admission:
         predictor = self.predictor(stats, now)
         choice = self.router.route(hints, predictor, prompt_tokens, max_tokens)
         choice = self.policy.apply(choice, stats, predictor, prompt_tokens, max_tokens)
-        self.limiter.charge(api_key, prompt_tokens + max_tokens)
+        self.limiter.charge(api_key, prompt_tokens + max_tokens, now)
         for why in choice.degrade_reasons:
             self.metrics.downgrades.labels(why).inc()
         self.metrics.routed.labels(choice.reason, str(choice.chains)).inc()

@@ -5,7 +5,7 @@ learns from how admitted requests went.
 request's chains or refuse it (degradation.py), charges the API key's rate limit and counts the
 decision; `on_started()` and `on_finished()` feed back what the requests then did (the chain counts in
 flight, queue times, how far the latency predictions were off). What it measures lives in signals.py,
-the latency model in predictor.py. A package rather than one file: together these are ~450 lines,
+the latency model in predictor.py. A package rather than one file: together these are ~500 lines,
 and each part is read (and unit-tested) on its own.
 """
 

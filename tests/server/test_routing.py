@@ -16,12 +16,13 @@ from server.admission.predictor import LatencyPredictor
 from server.errors import InvalidRequest, ModelNotFound, Overloaded
 from server.routing import ChainRouter, RouteHints
 from server.tiers import TierError, default_tiers, load_tiers
+from tests.server import helpers
 from tests.server.helpers import engine_stats as stats
 
 
 def post(app, body: dict, headers: dict | None = None, path: str = "/v1/completions") -> httpx.Response:
-    body = {"prompt": "Route me", "max_tokens": 4, "ignore_eos": True, **body}
-    return app.client.post(path, json=body, headers=headers or {})
+    """helpers.post with this file's defaults: a short prompt, 4 tokens."""
+    return helpers.post(app, {"prompt": "Route me", "max_tokens": 4, "ignore_eos": True, **body}, headers, path)
 
 
 def colm_of(r: httpx.Response) -> dict:

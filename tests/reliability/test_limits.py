@@ -10,7 +10,7 @@ from server.errors import InvalidRequest
 from server.ratelimit import WINDOW_S, RateLimited, RateLimiter, RateLimits
 from server.settings import ServerSettings
 from tests.reliability.conftest import KEYS, RATE_RPM, RATE_TPM, auth
-from tests.server.conftest import assert_error, metric, scrape
+from tests.server.helpers import assert_error, metric, scrape
 
 
 def test_requests_per_minute_window():

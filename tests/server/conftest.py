@@ -9,7 +9,6 @@ that is printed when a test using it fails to start.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -20,8 +19,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+# The HTTP helpers live in helpers.py; re-exported for the test packages that import them from here.
+from tests.server.helpers import assert_error, metric, scrape, sse_events  # noqa: F401
 from tests.server.inprocess import InProcessServer
 
 
@@ -142,43 +142,3 @@ def model_info(app) -> dict:
     data = app.client.get("/v1/models").json()["data"]
     base = data[0]
     return {"base": base["id"], "n_chains": base["chains"], "max_model_len": base["max_model_len"], "data": data}
-
-
-def scrape(target: str | httpx.Client, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
-    """/metrics of a server (its URL, or a client) as {(sample name, sorted labels): value}."""
-    if isinstance(target, httpx.Client):
-        r = target.get("/metrics", headers=headers or {})
-    else:
-        r = httpx.get(f"{target}/metrics", headers=headers or {})
-    r.raise_for_status()
-    out = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def metric(samples: dict, name: str, **labels) -> float:
-    """The value of one series (0 when absent)."""
-    return samples.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)
-
-
-def sse_events(response: httpx.Response):
-    """Parsed `data:` payloads of a server-sent-event stream (the final [DONE] as the string)."""
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            payload = line[len("data: "):]
-            yield payload if payload == "[DONE]" else json.loads(payload)
-
-
-def assert_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
-    """OpenAI's error shape with the expected status (and code/param when given)."""
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    if code is not None:
-        assert body["error"]["code"] == code, body
-    if param is not None:
-        assert body["error"]["param"] == param, body
-    return body["error"]

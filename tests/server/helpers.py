@@ -1,9 +1,13 @@
-"""Helpers the server tests share: EngineStats snapshots for the admission objects, and one way to
-post a request (to a subprocess server's URL or an in-process client)."""
+"""Helpers the server tests share (and tests/reliability, through conftest): EngineStats snapshots for
+the admission objects, one way to post a request (to a subprocess server's URL or an in-process app),
+/metrics scrapes, SSE events and OpenAI's error shape."""
 
 from __future__ import annotations
 
+import json
+
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from colm_runtime.engine.types import EngineStats
 
@@ -27,3 +31,43 @@ def post(target, body: dict, headers: dict | None = None, path: str = "/v1/compl
     if isinstance(client, httpx.Client):
         return client.post(path, json=body, headers=headers or {})
     return httpx.post(f"{target.url}{path}", json=body, headers=headers or {}, timeout=60)
+
+
+def scrape(target: str | httpx.Client, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
+    """/metrics of a server (its URL, or a client) as {(sample name, sorted labels): value}."""
+    if isinstance(target, httpx.Client):
+        r = target.get("/metrics", headers=headers or {})
+    else:
+        r = httpx.get(f"{target}/metrics", headers=headers or {})
+    r.raise_for_status()
+    out = {}
+    for family in text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def metric(samples: dict, name: str, **labels) -> float:
+    """The value of one series (0 when absent)."""
+    return samples.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)
+
+
+def sse_events(response: httpx.Response):
+    """Parsed `data:` payloads of a server-sent-event stream (the final [DONE] as the string)."""
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            payload = line[len("data: "):]
+            yield payload if payload == "[DONE]" else json.loads(payload)
+
+
+def assert_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
+    """OpenAI's error shape with the expected status (and code/param when given)."""
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if param is not None:
+        assert body["error"]["param"] == param, body
+    return body["error"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.server.conftest import sse_events
+from tests.server.helpers import sse_events
 from tests.server.inprocess import BASE_URL
 
 

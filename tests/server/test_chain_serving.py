@@ -7,8 +7,7 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import assert_error, metric, scrape
-from tests.server.helpers import post
+from tests.server.helpers import assert_error, metric, post, scrape
 from tests.server.inprocess import BASE_URL, InProcessServer
 
 

@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from tests.server.conftest import API_KEYS, assert_error
-from tests.server.helpers import post
+from tests.server.conftest import API_KEYS
+from tests.server.helpers import assert_error, post
 from tests.server.inprocess import BASE_URL
 
 

@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.server.conftest import metric, scrape, sse_events
+from tests.server.helpers import metric, scrape, sse_events
 
 REQUIRED = [
     "colm_requests_running", "colm_requests_waiting", "colm_kv_cache_usage_ratio",

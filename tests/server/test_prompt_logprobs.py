@@ -9,8 +9,7 @@ import pytest
 
 from colm_runtime.checkpoint import load_model
 from colm_runtime.training.evaluate import token_logprobs
-from tests.server.conftest import assert_error, sse_events
-from tests.server.helpers import post
+from tests.server.helpers import assert_error, post, sse_events
 
 TEXT = "The list type is a mutable sequence of items."
 

@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from colm_runtime.tokenizer import Tokenizer
-from tests.server.conftest import metric, scrape
+from tests.server.helpers import metric, scrape
 from tests.server.inprocess import BASE_URL
 
 PERSON = {"type": "object", "properties": {

@@ -156,14 +156,21 @@ def test_kv_exhaustion_shrinks_and_preempts(tight):
     assert count_5xx(url, h) == 0 and tight.proc.poll() is None
 
 
+def _wait_admitted(url: str, n: int, timeout: float = 60.0) -> None:
+    """Until the server has admitted n requests (colm_routed_requests_total over every label)."""
+    deadline = time.monotonic() + timeout
+    while sum(v for (name, _), v in scrape(url).items() if name == "colm_routed_requests_total") < n:
+        assert time.monotonic() < deadline, f"fewer than {n} requests admitted in {timeout} s"
+        time.sleep(0.01)
+
+
 def test_sigterm_drains_every_request(tmp_path_factory, model_dir):
     """SIGTERM with six requests in flight (streams and not): all six finish in full, exit status 0."""
     server = start(tmp_path_factory, model_dir, "sigterm", ["--drain-timeout", "60"])
     url = server.url
     model = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
     try:
-        started = threading.Barrier(4)
-        routed = sum(v for (n, _), v in scrape(url).items() if n == "colm_routed_requests_total")
+        started = threading.Barrier(7)
 
         def stream_one() -> list:
             body = {"model": model, "prompt": "drain me", "max_tokens": 60, "ignore_eos": True, "stream": True}
@@ -174,17 +181,13 @@ def test_sigterm_drains_every_request(tmp_path_factory, model_dir):
                 return first + list(events)
 
         def plain_one() -> httpx.Response:
+            started.wait()
             return _completion(url, model, {}, max_tokens=60)
 
         with ThreadPoolExecutor(6) as pool:
             futs = [pool.submit(stream_one) for _ in range(3)] + [pool.submit(plain_one) for _ in range(3)]
-            started.wait(timeout=60)  # the streams have their first chunk
-            # and the plain requests were admitted: SIGTERM closes the listening socket, so one still
-            # connecting (a loaded machine) would be refused, which is not what this test is about
-            deadline = time.monotonic() + 60
-            while sum(v for (n, _), v in scrape(url).items() if n == "colm_routed_requests_total") < routed + 6:
-                assert time.monotonic() < deadline, "the six requests were never all admitted"
-                time.sleep(0.01)
+            started.wait(timeout=60)
+            _wait_admitted(url, 6)  # SIGTERM before a request reaches the server would (rightly) refuse it
             server.signal(signal.SIGTERM)
             results = [f.result(timeout=120) for f in futs]
         for res in results[:3]:

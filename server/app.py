@@ -15,16 +15,18 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from colm_runtime.engine.types import EngineClient, EngineRequest, SamplingParams
+from colm_runtime.engine.validation import RequestLimits
 
 from server.chat_template import ChatTemplate, find_template
-from server.degradation import DegradationConfig, DegradationPolicy
+from server.admission import DegradationConfig, DegradationPolicy
 from server.errors import install_error_handlers
 from server.metrics import ServerMetrics
 from server.middleware import AccessLogMiddleware, BodyLimitMiddleware
 from server.routes import completions, health, models, tokenize
-from server.routing import ChainRouter, load_tiers
+from server.routing import ChainRouter
 from server.settings import ServerSettings
 from server.state import ServerState
+from server.tiers import load_tiers
 
 log = logging.getLogger("colm.server")
 
@@ -82,16 +84,15 @@ async def build_state(settings: ServerSettings, metrics: ServerMetrics) -> Serve
     cfg = engine.config
     tiers = load_tiers(settings.tiers_file, cfg.n_chains)
     router = ChainRouter(cfg, settings.model_name, tiers, settings.default_tier)
-    policy = DegradationPolicy(cfg, DegradationConfig(settings.max_waiting, settings.hard_queue_limit,
-                                                      settings.degrade_queue_fraction,
+    policy = DegradationPolicy(cfg, DegradationConfig(settings.max_waiting, settings.degrade_queue_fraction,
                                                       settings.degrade_kv_watermark, settings.max_num_seqs,
                                                       settings.degrade_utilization,
                                                       settings.refuse_unreachable_budgets))
     source, origin = find_template(settings.model, settings.chat_template)
     tok = engine.tokenizer
     template = ChatTemplate(source, origin, eos_token=tok.eos_token, bos_token=tok.bos_token or "")
-    max_len = engine_config(settings).model_len(cfg)
-    state = ServerState(settings, engine, router, policy, metrics, template, max_len)
+    limits = RequestLimits.of(cfg, engine_config(settings), settings.max_prompt_tokens)
+    state = ServerState(settings, engine, router, policy, metrics, template, limits)
     state.loop = asyncio.get_running_loop()
     if settings.warmup:
         await while_alive(engine, warm_up(engine))
@@ -99,7 +100,7 @@ async def build_state(settings: ServerSettings, metrics: ServerMetrics) -> Serve
     state.ready = True
     dtype, why = settings.resolved_dtype
     log.info("serving %s (%d chains, max_model_len %d, chat template: %s) on %s in %s after %.1fs",
-             settings.model_name, cfg.n_chains, max_len, origin, settings.resolved_device,
+             settings.model_name, cfg.n_chains, limits.model_len, origin, settings.resolved_device,
              f"{dtype} ({why})" if dtype else "the checkpoint's dtype", time.monotonic() - t0)
     return state
 

@@ -110,7 +110,8 @@ def check_model(settings) -> None:
     from colm_runtime.checkpoint import load_config
     from colm_runtime.tokenizer import Tokenizer
     from server.chat_template import ChatTemplate, ChatTemplateError, find_template
-    from server.routing import ChainRouter, TierError, load_tiers
+    from server.routing import ChainRouter
+    from server.tiers import TierError, load_tiers
 
     try:
         cfg = load_config(settings.model)

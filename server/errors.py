@@ -98,11 +98,11 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 def from_engine_error(e: EngineError) -> APIError:
     """The API error an engine refusal maps to."""
     if isinstance(e, RequestTooLong):
-        return ContextTooLong(str(e), param="max_tokens")
+        return ContextTooLong(str(e), param=e.param or "max_tokens")
     if isinstance(e, EngineOverloaded):
         return Overloaded(str(e) or "the waiting queue is full; retry later")
     if isinstance(e, EngineInvalidRequest):
-        return InvalidRequest(str(e))
+        return InvalidRequest(str(e), param=e.param)
     if isinstance(e, EngineStopped):
         return Unavailable(str(e) or "the server is shutting down", code="draining")
     return InternalError(str(e))

@@ -15,6 +15,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from colm_runtime.engine.types import EngineStats
 
+from server.admission.degradation import DegradeReason
 from server.gateway_metrics import GatewayCollector, RecentDegradation
 
 disable_created_metrics()  # no *_created series: they double the output and no dashboard reads them
@@ -119,7 +120,7 @@ class ServerMetrics:
         for reason in ("invalid", "too_long", "unauthorized", "not_found", "body_too_large", "queue_full",
                        "budget_unreachable", "draining", "not_ready"):
             self.rejected.labels(reason)  # export zeros, so alerts and dashboards see the series
-        for reason in ("capacity", "budget", "queue", "kv_cache"):
+        for reason in DegradeReason:
             self.downgrades.labels(reason)
 
         # --- Gateway API Inference Extension: what its endpoint picker reads (server/gateway_metrics.py).

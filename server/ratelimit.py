@@ -13,7 +13,6 @@ import contextvars
 import hashlib
 import math
 import threading
-import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -70,13 +69,14 @@ class _Window:
 class RateLimiter:
     """Sliding-window limits per key; thread-safe (one lock, O(requests in the window) per call)."""
 
-    def __init__(self, limits: RateLimits, clock=time.monotonic):
-        self.limits, self._clock = limits, clock
+    def __init__(self, limits: RateLimits):
+        self.limits = limits
         self._windows: dict[bytes, _Window] = {}
         self._lock = threading.Lock()
 
-    def charge(self, key: str | None, tokens: int) -> None:
-        """Admit one request of `tokens` for `key`, or raise RateLimited / InvalidRequest."""
+    def charge(self, key: str | None, tokens: int, now: float) -> None:
+        """Admit one request of `tokens` for `key` at monotonic time `now`, or raise RateLimited /
+        InvalidRequest."""
         if key is None or not self.limits.enabled:
             return
         rpm, tpm = self.limits.requests_per_minute, self.limits.tokens_per_minute
@@ -85,7 +85,6 @@ class RateLimiter:
                                  f"limit of {tpm} tokens per minute; lower max_tokens", param="max_tokens")
         digest = hashlib.sha256(key.encode()).digest()
         with self._lock:
-            now = self._clock()
             w = self._windows.setdefault(digest, _Window())
             w.expire(now)
             if rpm is not None and len(w.events) >= rpm:

@@ -1,34 +1,96 @@
-"""The part shared by /v1/completions and /v1/chat/completions: request validation into
-SamplingParams and RouteHints, the engine streams of one HTTP request (RequestRun), per-request metrics,
-SSE framing and the client-disconnect race.
+"""The request pipeline /v1/completions and /v1/chat/completions share: each endpoint parses its body
+into a Generation (prompt ids, SamplingParams); generate() validates it once (engine/validation.py, 400
+naming the field), admits it (server/admission), starts its RequestRun and streams or collects the
+answer with the endpoint's formatter. Also: SSE framing and the client-disconnect race.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
-import time
-from collections.abc import AsyncIterator, Awaitable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import Request, Response
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
-from colm_runtime.engine.types import EngineError, EngineRequest, RequestOutput, SamplingParams, TokenLogprob
+from colm_runtime.engine.types import EngineRequest, SamplingParams, TokenLogprob
 
-from server.errors import (APIError, InternalError, InvalidRequest, SlowClient, Unavailable, error_body,
-                           from_engine_error)
+from server.errors import APIError, InvalidRequest, error_body
+from server.request_run import RequestRun
 from server.routing import ChainChoice, RouteHints, parse_header_number
-from server.schemas import ColmReport, PromptLogprob, PromptLogprobs, Usage, _Sampling
+from server.schemas import ColmReport, PromptLogprob, PromptLogprobs, _Sampling
 from server.state import ServerState
 from server.structured import logit_bias
 
 log = logging.getLogger("colm.server")
 
 
+@dataclass(frozen=True)
+class Generation:
+    """One generation request as its endpoint parsed it; what generate() runs."""
+
+    arrival: float  # monotonic time the request arrived (latencies are measured from here)
+    prompts: list[list[int]]  # token ids, one list per prompt
+    params: SamplingParams
+    prompt_param: str  # the body field that holds the prompt ("prompt", "messages"), for errors
+    id_prefix: str  # of the response id: "cmpl", "chatcmpl"
+
+
+Stream = Callable[[RequestRun, str], AsyncIterator[str]]  # (run, response id) -> SSE events
+Collect = Callable[[RequestRun, str], Awaitable[BaseModel]]  # (run, response id) -> the response body
+
+
+async def generate(state: ServerState, req: _Sampling, raw: Request, gen: Generation, stream: Stream,
+                   collect: Collect) -> Response:
+    """Validate, admit, start the engine requests; then stream (SSE) or collect the answer."""
+    hints = route_hints(req, raw.headers)
+    chains = hints.chains if hints.chains is not None else state.cfg.n_chains  # routing may lower it later
+    drafts = engine_requests("draft", gen, req, chains, floor=1)
+    state.validate(drafts, gen.prompt_param)  # before admission: a 400 is never counted as routed
+    grammar = await state.grammars.get(req)
+    choice = state.admit(hints, max(len(p) for p in gen.prompts), gen.params.max_tokens)
+    request_id = new_id(gen.id_prefix)
+    # Prompt logprobs are scored at one chain count: such a request is never shrunk.
+    floor = choice.chains if choice.pinned or gen.params.prompt_logprobs is not None else 1
+    run = RequestRun(state, engine_requests(request_id, gen, req, choice.chains, floor, choice.priority, grammar),
+                     choice, gen.arrival, stream=req.stream)
+    await run.start()
+    headers = colm_headers(request_id, choice)
+    if req.stream:
+        return StreamingResponse(guarded_sse(stream(run, request_id), run), headers=headers,
+                                 media_type="text/event-stream")
+    try:
+        body = await collect(run, request_id)
+    finally:
+        await run.close()
+    # pydantic's JSON, not json.dumps: a -inf logprob becomes null instead of failing the response
+    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
+
+
+def engine_requests(request_id: str, gen: Generation, req: _Sampling, chains: int, floor: int,
+                    priority: int = 0, grammar=None) -> list[EngineRequest]:
+    """One EngineRequest per prompt at `chains`, never shrunk below `floor` (a chain schedule's
+    lowest count instead, when it has one)."""
+    schedule = tuple(tuple(e) for e in req.chain_schedule) if req.chain_schedule is not None else None
+    if schedule:
+        floor = max(1, min(c for _, c in schedule))
+    return [EngineRequest(f"{request_id}-{i}", p, gen.params, chains=chains, min_chains=floor, priority=priority,
+                          arrival_time=gen.arrival, chain_schedule=schedule, speculative=req.speculative,
+                          grammar=grammar, cache_salt=req.cache_salt)
+            for i, p in enumerate(gen.prompts)]
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(12)}"
+
+
+def default_max_tokens(state: ServerState, requested: int | None, prompts: list[list[int]]) -> int:
+    """max_tokens as asked, else the room the context leaves after the longest prompt (at least 1)."""
+    return requested if requested is not None else max(1, state.max_model_len - max(len(p) for p in prompts))
 
 
 def route_hints(req: _Sampling, headers) -> RouteHints:
@@ -43,26 +105,24 @@ def route_hints(req: _Sampling, headers) -> RouteHints:
     return RouteHints(model=req.model, chains=chains, tier=tier, latency_budget_ms=budget, priority=req.priority)
 
 
-def engine_extras(req: _Sampling) -> dict:
-    """EngineRequest fields taken from the body as they are (chain schedule, speculation, cache salt)."""
-    schedule = tuple(tuple(e) for e in req.chain_schedule) if req.chain_schedule else None
-    return {"chain_schedule": schedule, "speculative": req.speculative, "cache_salt": req.cache_salt}
-
-
 def warn_unknown_fields(req: _Sampling) -> None:
     """Unknown fields are ignored, as vLLM does; their names (never values) are logged."""
     if req.model_extra:
         log.warning("ignoring unknown request fields: %s", ", ".join(sorted(k[:40] for k in req.model_extra)[:10]))
 
 
+def include_usage(req: _Sampling) -> bool:
+    """stream_options.include_usage: a final chunk with the usage."""
+    return req.stream_options is not None and req.stream_options.include_usage
+
+
 def continuous_usage(req: _Sampling) -> bool:
     """vLLM's stream_options.continuous_usage_stats: usage so far in every chunk (with include_usage)."""
-    o = req.stream_options
-    return o is not None and o.include_usage and o.continuous_usage_stats
+    return include_usage(req) and req.stream_options.continuous_usage_stats
 
 
-def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab_size: int,
-                    n: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
+def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, n: int | None = None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """SamplingParams from the shared OpenAI/vLLM fields; 400 naming the field if invalid. n: the
     completions the engine runs (best_of), default req.n."""
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
@@ -74,7 +134,7 @@ def sampling_params(req: _Sampling, max_tokens: int, logprobs: int | None, vocab
                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                               repetition_penalty=req.repetition_penalty, stop=stop,
                               stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-                              logprobs=logprobs, n=n or req.n, logit_bias=logit_bias(req, vocab_size),
+                              logprobs=logprobs, n=n or req.n, logit_bias=logit_bias(req),
                               prompt_logprobs=prompt_logprobs)
     except ValueError as e:
         raise InvalidRequest(str(e), param=str(e).split(" ", 1)[0]) from None
@@ -115,8 +175,6 @@ def colm_headers(request_id: str, choice: ChainChoice) -> dict[str, str]:
 
 
 def sse(obj: BaseModel | dict) -> str:
-    import json
-
     data = obj.model_dump_json() if isinstance(obj, BaseModel) else json.dumps(obj)
     return f"data: {data}\n\n"
 
@@ -141,214 +199,6 @@ async def guarded_sse(events: AsyncIterator[str], run: "RequestRun") -> AsyncIte
     finally:
         await run.close()
     yield SSE_DONE
-
-
-@dataclass
-class _Track:
-    """Timing and counts of one engine request, for its metrics."""
-
-    prompt_tokens: int
-    tokens: dict[int, int] = field(default_factory=dict)
-    finish: dict[int, str] = field(default_factory=dict)
-    first_token_s: float | None = None
-    queue_s: float | None = None
-    chains: int | None = None
-    end: float | None = None
-
-
-_END = object()
-ADMIT_WAIT_S = 0.25  # how long admission may take before a stream starts anyway
-
-
-class RequestRun:
-    """The engine streams of one HTTP request (one EngineRequest per prompt), merged in arrival order.
-
-    start() admits every prompt (engine refusals become API errors before any byte is sent); iterating
-    yields (prompt index, RequestOutput); close() aborts whatever has not finished (client gone) and
-    records the metrics of every engine request exactly once.
-    """
-
-    def __init__(self, state: ServerState, request_id: str, prompts: list[list[int]], params: SamplingParams,
-                 choice: ChainChoice, arrival: float, chain_schedule: tuple | None = None,
-                 speculative: bool | None = None, stream: bool = False, grammar=None,
-                 cache_salt: str | None = None):
-        self.state, self.choice, self.arrival = state, choice, arrival
-        # A stream's outputs wait for a network client: bounded. A collected answer is read in-process.
-        self.buffer_limit = state.settings.max_stream_buffer if stream else None
-        # Prompt logprobs are scored at one chain count: such a request is never shrunk.
-        floor = choice.chains if choice.pinned or params.prompt_logprobs is not None else 1
-        if chain_schedule:
-            floor = min(c for _, c in chain_schedule)
-        self.requests = [EngineRequest(f"{request_id}-{i}", p, params, chains=choice.chains,
-                                       min_chains=floor, priority=choice.priority, arrival_time=arrival,
-                                       chain_schedule=chain_schedule, speculative=speculative, grammar=grammar,
-                                       cache_salt=cache_salt)
-                         for i, p in enumerate(prompts)]
-        self.tracks = [_Track(len(p)) for p in prompts]
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._tasks: list[asyncio.Task] = []
-        self._closed = False
-        self._overflowed = False
-        self.end: float | None = None
-
-    async def start(self) -> None:
-        """Submit every prompt; wait up to ADMIT_WAIT_S for the engine to accept or refuse them.
-
-        A refusal then (queue full, too long, draining) is an HTTP error status; a request still queued
-        after the wait streams on, so headers (X-CoLM-Chains) and the first chunk go out at once."""
-        iters = [self.state.engine.generate(r) for r in self.requests]
-        firsts = [asyncio.ensure_future(anext(it)) for it in iters]
-        try:
-            await asyncio.wait(firsts, timeout=ADMIT_WAIT_S)
-        except BaseException:  # cancelled (client gone) while being admitted
-            await self._discard(firsts)
-            raise
-        failure = next((f.exception() for f in firsts if f.done() and not f.cancelled() and f.exception()), None)
-        if failure is not None:
-            await self._discard(firsts)
-            raise self._api_error(failure)
-        self._tasks = [asyncio.create_task(self._pump(i, it, first))
-                       for i, (it, first) in enumerate(zip(iters, firsts))]
-        self.state.track(self)
-
-    async def _discard(self, firsts: list[asyncio.Future]) -> None:
-        self._closed = True
-        for f in firsts:
-            f.cancel()  # closes the engine stream, which aborts the request
-        await asyncio.gather(*firsts, return_exceptions=True)
-        for r in self.requests:
-            await self.state.engine.abort(r.request_id)
-
-    def fail(self, err: APIError) -> None:
-        """End this request with an error (the engine loop died): iteration raises it."""
-        self._queue.put_nowait((-1, err))
-
-    def _api_error(self, e: BaseException) -> APIError:
-        if isinstance(e, APIError):
-            return e
-        if isinstance(e, EngineError):
-            return from_engine_error(e)
-        log.error("engine stream failed: %r", e)
-        return InternalError(f"generation failed: {type(e).__name__}")
-
-    def _buffer(self, i: int, out: RequestOutput) -> bool:
-        """Queue one output; False (and an error queued instead) once a stream's client has left
-        max_stream_buffer outputs unread (the socket and uvicorn's write buffer are full, so the response
-        loop is blocked): its request is then aborted, so a stalled stream holds bounded memory. A client
-        that reads keeps this queue near empty (one step adds at most n x (1 + speculative tokens))."""
-        if self.buffer_limit is None or self._queue.qsize() < self.buffer_limit:
-            self._queue.put_nowait((i, out))
-            return True
-        if not self._overflowed:
-            self._overflowed = True
-            self.state.metrics.rejected.labels("slow_client").inc()
-            log.warning("request %s aborted: its client stopped reading (%d chunks buffered)",
-                        self.requests[i].request_id, self._queue.qsize())
-            self._queue.put_nowait((i, SlowClient("the client stopped reading this stream; the request was "
-                                                  "aborted (max_stream_buffer)")))
-        return False
-
-    async def _pump(self, i: int, it: AsyncIterator[RequestOutput], first: asyncio.Future) -> None:
-        try:
-            if self._buffer(i, await first):
-                async for out in it:
-                    if not self._buffer(i, out):
-                        break
-            await it.aclose()  # after an overflow: closing the engine stream aborts the request
-        except Exception as e:  # an engine fault fails this request only
-            await self._queue.put((i, e))
-        finally:
-            await self._queue.put((i, _END))
-
-    async def __aiter__(self) -> AsyncIterator[tuple[int, RequestOutput]]:
-        ended = 0
-        while ended < len(self._tasks):
-            i, item = await self._queue.get()
-            if item is _END:
-                ended += 1
-                continue
-            if isinstance(item, BaseException):
-                raise self._api_error(item)
-            self._observe(i, item)
-            if item.finish_reason == "error":
-                raise InternalError(f"generation failed: {item.error or 'engine error'}")
-            if item.finish_reason == "abort" and not self._closed:  # the engine stopped under us
-                raise Unavailable("the server shut down before this request finished", code="draining")
-            yield i, item
-        self.end = time.monotonic()
-
-    def _observe(self, i: int, out: RequestOutput) -> None:
-        t, now = self.tracks[i], time.monotonic()
-        t.tokens[out.index] = out.completion_tokens
-        t.chains = out.chains
-        if t.first_token_s is None and out.token_ids:
-            t.first_token_s = out.first_token_time if out.first_token_time is not None else now - self.arrival
-        if t.queue_s is None and out.queue_time is not None:
-            t.queue_s = out.queue_time
-        if out.finish_reason is not None:
-            t.finish[out.index] = out.finish_reason
-        t.end = now
-
-    @property
-    def measured_s(self) -> float:
-        return (self.end or time.monotonic()) - self.arrival
-
-    @property
-    def final_chains(self) -> int | None:
-        chains = [t.chains for t in self.tracks if t.chains is not None]
-        return min(chains) if chains else None
-
-    def usage(self) -> Usage:
-        prompt = sum(t.prompt_tokens for t in self.tracks)
-        completion = sum(sum(t.tokens.values()) for t in self.tracks)
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-    async def close(self) -> None:
-        """Abort the unfinished engine requests and record metrics (idempotent).
-
-        Everything that must happen is synchronous and comes first: under a cancelled anyio scope (the
-        client went away mid-stream) every later await raises CancelledError again."""
-        if self._closed:
-            return
-        self._closed = True
-        self.state.untrack(self)
-        for task in self._tasks:
-            task.cancel()  # closes the engine stream, which aborts the request in the engine
-        for t, r in zip(self.tracks, self.requests):
-            record_metrics(self.state, self.choice, t, r.params.n, self.arrival)
-        for r, t in zip(self.requests, self.tracks):
-            if len(t.finish) < r.params.n:
-                await self.state.engine.abort(r.request_id)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-
-def record_metrics(state: ServerState, choice: ChainChoice, t: _Track, n: int, arrival: float) -> None:
-    """Observe one engine request's latencies and counts, labelled by its admitted chain count.
-
-    Completions that never finished count as finish_reason "abort"; end-to-end latency, time per output
-    token and budget misses are observed for complete requests only."""
-    m, k = state.metrics, str(choice.chains)
-    for index in range(n):
-        m.requests.labels(k, t.finish.get(index, "abort")).inc()
-    m.prompt_tokens.labels(k).inc(t.prompt_tokens)
-    m.generation_tokens.labels(k).inc(sum(t.tokens.values()))
-    if t.queue_s is not None:
-        m.queue.labels(k).observe(t.queue_s)
-        state.queue_time.observe(t.queue_s, left_at=arrival + t.queue_s)
-    if t.first_token_s is not None:
-        m.ttft.labels(k).observe(t.first_token_s)
-    complete = len(t.finish) == n and "abort" not in t.finish.values() and t.end is not None
-    if not complete:
-        return
-    e2e = t.end - arrival
-    m.e2e.labels(k).observe(e2e)
-    if choice.predicted_s:
-        state.correction.observe(e2e, choice.predicted_s / choice.correction)
-    longest = max(t.tokens.values(), default=0)
-    if t.first_token_s is not None and longest > 1:
-        m.tpot.labels(k).observe(max(0.0, e2e - t.first_token_s) / (longest - 1))
-    if choice.latency_budget_ms is not None and e2e * 1000 > choice.latency_budget_ms:
-        m.budget_misses.inc()
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -5,18 +5,20 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from functools import partial
+
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from colm_runtime.engine.types import RequestOutput, TokenLogprob
 
 from server.errors import InvalidRequest
+from server.request_run import RequestRun
 from server.schemas import (ChatChoice, ChatChunkChoice, ChatCompletionChunk, ChatCompletionRequest,
                             ChatCompletionResponse, ChatLogprobs, ChatTokenLogprob, DeltaMessage,
                             ResponseMessage, TokenizeRequest, TopLogprob)
-from server.serving import (RequestRun, guarded_sse, check_prompt_logprobs, colm_headers, colm_report, continuous_usage,
-                            engine_extras, new_id, route_hints, sampling_params, sse, vllm_prompt_logprobs,
-                            warn_unknown_fields)
+from server.serving import (Generation, check_prompt_logprobs, colm_report, continuous_usage, default_max_tokens,
+                            generate, include_usage, sampling_params, sse, vllm_prompt_logprobs, warn_unknown_fields)
 from server.state import ServerState
 
 
@@ -52,38 +54,20 @@ def _logprobs(entries: tuple[TokenLogprob, ...]) -> ChatLogprobs:
         for lp in entries])
 
 
-async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request):
-    """Validate, render, admit, start; then stream or collect the answer."""
+async def create_chat_completion(state: ServerState, req: ChatCompletionRequest, raw: Request) -> Response:
+    """Render the messages, parse the sampling fields, then run the shared pipeline (serving.generate)."""
     arrival = time.monotonic()
     _check_unsupported(req)
     warn_unknown_fields(req)
-    state.check_n(req.n)
     ids = _prompt_ids(state, req)
-    requested = req.max_completion_tokens or req.max_tokens
-    max_tokens = requested or max(1, state.max_model_len - len(ids))
-    state.check_length(len(ids), max_tokens, "messages")
+    max_tokens = default_max_tokens(state, req.max_completion_tokens or req.max_tokens or None, [ids])
     params = sampling_params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                             state.cfg.vocab_size, prompt_logprobs=req.prompt_logprobs)
-    grammar = await state.grammars.get(req)
-    choice = state.admit(route_hints(req, raw.headers), len(ids), max_tokens)
-    request_id = new_id("chatcmpl")
-    run = RequestRun(state, request_id, [ids], params, choice, arrival, stream=req.stream, grammar=grammar,
-                     **engine_extras(req))
-    await run.start()
-    headers = colm_headers(request_id, choice)
-    if req.stream:
-        usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(guarded_sse(_stream(run, req, request_id, usage), run), headers=headers,
-                                 media_type="text/event-stream")
-    try:
-        body = await _collect(run, req, request_id)
-    finally:
-        await run.close()
-    # pydantic's JSON, not json.dumps: a -inf logprob becomes null instead of failing the response
-    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
+                             prompt_logprobs=req.prompt_logprobs)
+    return await generate(state, req, raw, Generation(arrival, [ids], params, "messages", "chatcmpl"),
+                          stream=partial(_stream, req=req), collect=partial(_collect, req=req))
 
 
-async def _collect(run: RequestRun, req: ChatCompletionRequest, request_id: str) -> ChatCompletionResponse:
+async def _collect(run: RequestRun, request_id: str, *, req: ChatCompletionRequest) -> ChatCompletionResponse:
     texts = {j: "" for j in range(req.n)}
     lps: dict[int, list[TokenLogprob]] = {j: [] for j in range(req.n)}
     finals: dict[int, RequestOutput] = {}
@@ -109,22 +93,21 @@ def _chunk(request_id: str, model: str, choice: ChatChunkChoice, **kw) -> str:
     return sse(ChatCompletionChunk(id=request_id, model=model, choices=[choice], **kw))
 
 
-async def _stream(run: RequestRun, req: ChatCompletionRequest, request_id: str,
-                  include_usage: bool) -> AsyncIterator[str]:
+async def _stream(run: RequestRun, request_id: str, *, req: ChatCompletionRequest) -> AsyncIterator[str]:
     """OpenAI's chunk sequence: a role chunk per choice (the first carries `colm`), content deltas, the
     finish_reason on each choice's last delta, then the usage chunk if asked, then [DONE]."""
-    model, done = req.model, 0
+    model, done, usage = req.model, 0, include_usage(req)
     for j in range(req.n):
         role = ChatChunkChoice(index=j, delta=DeltaMessage(role="assistant", content=""))
         yield _chunk(request_id, model, role, colm=colm_report(run.choice) if j == 0 else None)
     async for _, out in run:
         done += out.finished
-        last = done == req.n and not include_usage
+        last = done == req.n and not usage
         delta = ChatChunkChoice(index=out.index, delta=DeltaMessage(content=out.text),
                                 logprobs=_logprobs(out.logprobs) if req.logprobs else None,
                                 finish_reason=out.finish_reason, stop_reason=out.stop_reason)
         report = colm_report(run.choice, run.measured_s, run.final_chains) if last else None
         yield _chunk(request_id, model, delta, colm=report, usage=run.usage() if continuous_usage(req) else None)
-    if include_usage:
+    if usage:
         yield sse(ChatCompletionChunk(id=request_id, model=model, choices=[], usage=run.usage(),
                                       colm=colm_report(run.choice, run.measured_s, run.final_chains)))

@@ -5,41 +5,31 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
+from functools import partial
+
 from fastapi import Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from colm_runtime.engine.types import RequestOutput, TokenLogprob
 
 from server.errors import InvalidRequest
+from server.request_run import RequestRun
 from server.schemas import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.serving import (RequestRun, guarded_sse, check_prompt_logprobs, colm_headers, colm_report,
-                            continuous_usage as _continuous, engine_extras, new_id, route_hints, sampling_params, sse,
-                            vllm_prompt_logprobs, warn_unknown_fields)
+from server.serving import (Generation, check_prompt_logprobs, colm_report, continuous_usage, default_max_tokens,
+                            generate, include_usage, sampling_params, sse, vllm_prompt_logprobs, warn_unknown_fields)
 from server.state import ServerState
 
 
 def _prompts(state: ServerState, prompt) -> tuple[list[list[int]], list[str | None]]:
-    """Token ids and text of each prompt; 400 for empty prompts and ids outside the vocabulary."""
+    """Token ids and text of each prompt (their ids are checked with the rest: engine/validation.py)."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if not prompt:
         raise InvalidRequest("prompt must not be empty", param="prompt")
     if isinstance(prompt[0], int):
         prompt = [prompt]
-    vocab = state.cfg.vocab_size
-    ids, texts = [], []
-    for p in prompt:
-        if isinstance(p, str):
-            ids.append(state.encode(p, "prompt"))
-            texts.append(p)
-        else:
-            if any(t < 0 or t >= vocab for t in p):
-                raise InvalidRequest(f"prompt token ids must be in 0..{vocab - 1}", param="prompt")
-            ids.append(list(p))
-            texts.append(None)
-        if not ids[-1]:
-            raise InvalidRequest("prompt must not be empty", param="prompt")
-    return ids, texts
+    texts = [p if isinstance(p, str) else None for p in prompt]
+    return [state.encode(p, "prompt") if isinstance(p, str) else list(p) for p in prompt], texts
 
 
 def _check_unsupported(req: CompletionRequest) -> None:
@@ -88,41 +78,26 @@ def _echoed(state: ServerState, ids: list[int], entries: tuple[TokenLogprob | No
     return [state.tokenizer.decode(ids[:1], skip_special_tokens=False)] + list(entries[1:])
 
 
-async def create_completion(state: ServerState, req: CompletionRequest, raw: Request):
-    """Validate, admit, start the engine requests; then stream or collect the answer."""
+async def create_completion(state: ServerState, req: CompletionRequest, raw: Request) -> Response:
+    """Parse the prompts and sampling fields, then run the shared pipeline (serving.generate)."""
     arrival = time.monotonic()
     _check_unsupported(req)
     warn_unknown_fields(req)
     n = req.best_of or req.n  # candidates per prompt the engine runs
-    state.check_n(n)
     ids, texts = _prompts(state, req.prompt)
-    longest = max(len(p) for p in ids)
-    max_tokens = req.max_tokens if req.max_tokens is not None else max(1, state.max_model_len - longest)
-    for p in ids:
-        state.check_length(len(p), max_tokens, "prompt")
     # best_of ranks candidates by cumulative logprob: the engine reports each chosen token's (logprobs 0)
     logprobs = req.logprobs if req.logprobs is not None or n == req.n else 0
-    params = sampling_params(req, max_tokens, logprobs, state.cfg.vocab_size, n, _prompt_top(req))
-    grammar = await state.grammars.get(req)
-    choice = state.admit(route_hints(req, raw.headers), longest, max_tokens)
-    request_id = new_id("cmpl")
-    run = RequestRun(state, request_id, ids, params, choice, arrival, stream=req.stream, grammar=grammar,
-                     **engine_extras(req))
-    await run.start()
-    # token-id prompts echo every token's text, special ones included (as their logprob entries do)
-    echo = [(t if t is not None else state.tokenizer.decode(p, skip_special_tokens=False)) if req.echo else ""
+    params = sampling_params(req, default_max_tokens(state, req.max_tokens, ids), logprobs, n, _prompt_top(req))
+    return await generate(state, req, raw, Generation(arrival, ids, params, "prompt", "cmpl"),
+                          stream=partial(_stream, state, req=req, prompt_texts=texts, ids=ids),
+                          collect=partial(_collect, state, req=req, prompt_texts=texts, ids=ids))
+
+
+def _echo(state: ServerState, req: CompletionRequest, ids: list[list[int]], texts: list[str | None]) -> list[str]:
+    """The text each prompt's completions start with: the prompt with echo, else "". Token-id prompts
+    echo every token's text, special ones included (as their logprob entries do)."""
+    return [(t if t is not None else state.tokenizer.decode(p, skip_special_tokens=False)) if req.echo else ""
             for p, t in zip(ids, texts)]
-    headers = colm_headers(request_id, choice)
-    if req.stream:
-        usage = req.stream_options is not None and req.stream_options.include_usage
-        return StreamingResponse(guarded_sse(_stream(state, run, req, request_id, echo, ids, usage), run), headers=headers,
-                                 media_type="text/event-stream")
-    try:
-        body = await _collect(state, run, req, request_id, echo, ids)
-    finally:
-        await run.close()
-    # pydantic's JSON, not json.dumps: a -inf logprob becomes null instead of failing the response
-    return Response(body.model_dump_json(), media_type="application/json", headers=headers)
 
 
 def best_of(lps: dict[int, list[TokenLogprob]], prompts: int, candidates: int, n: int) -> list[int]:
@@ -137,8 +112,9 @@ def best_of(lps: dict[int, list[TokenLogprob]], prompts: int, candidates: int, n
     return keep
 
 
-async def _collect(state: ServerState, run: RequestRun, req: CompletionRequest, request_id: str,
-                   echo: list[str], ids: list[list[int]]) -> CompletionResponse:
+async def _collect(state: ServerState, run: RequestRun, request_id: str, *, req: CompletionRequest,
+                   prompt_texts: list[str | None], ids: list[list[int]]) -> CompletionResponse:
+    echo = _echo(state, req, ids, prompt_texts)
     n = req.best_of or req.n
     texts = {i * n + j: echo[i] for i in range(len(echo)) for j in range(n)}
     lps: dict[int, list[TokenLogprob]] = {k: [] for k in texts}
@@ -168,9 +144,10 @@ async def _collect(state: ServerState, run: RequestRun, req: CompletionRequest, 
                               colm=colm_report(run.choice, run.measured_s, run.final_chains))
 
 
-async def _stream(state: ServerState, run: RequestRun, req: CompletionRequest, request_id: str,
-                  echo: list[str], ids: list[list[int]], include_usage: bool) -> AsyncIterator[str]:
-    n, total, done = req.n, len(echo) * req.n, 0
+async def _stream(state: ServerState, run: RequestRun, request_id: str, *, req: CompletionRequest,
+                  prompt_texts: list[str | None], ids: list[list[int]]) -> AsyncIterator[str]:
+    echo = _echo(state, req, ids, prompt_texts)
+    n, total, done, usage = req.n, len(echo) * req.n, 0, include_usage(req)
     started: set[int] = set()
     offsets: dict[int, int] = {}
     first = True
@@ -183,7 +160,7 @@ async def _stream(state: ServerState, run: RequestRun, req: CompletionRequest, r
             echoed = _echoed(state, ids[i], out.prompt_logprobs)
         started.add(idx)
         done += out.finished
-        if done == total and not include_usage:  # the last chunk carries the measured report
+        if done == total and not usage:  # the last chunk carries the measured report
             report = colm_report(run.choice, run.measured_s, run.final_chains)
         else:
             report = colm_report(run.choice) if first else None
@@ -191,12 +168,12 @@ async def _stream(state: ServerState, run: RequestRun, req: CompletionRequest, r
         start = 0 if echoed else offsets.get(idx, 0) + len(text) - len(out.text)
         offsets[idx] = offsets.get(idx, 0) + len(text)
         chunk = CompletionResponse(
-            id=request_id, model=req.model, colm=report, usage=run.usage() if _continuous(req) else None,
+            id=request_id, model=req.model, colm=report, usage=run.usage() if continuous_usage(req) else None,
             choices=[CompletionChoice(index=idx, text=text, finish_reason=out.finish_reason,
                                       stop_reason=out.stop_reason,
                                       logprobs=_logprobs(out.logprobs, start, echoed, req.logprobs or 0)
                                       if req.logprobs is not None else None)])
         yield sse(chunk)
-    if include_usage:
+    if usage:
         yield sse(CompletionResponse(id=request_id, model=req.model, choices=[], usage=run.usage(),
                                      colm=colm_report(run.choice, run.measured_s, run.final_chains)))

@@ -1,78 +1,42 @@
-"""ServerState: what a running server holds (engine, router, degradation policy, metrics, template),
-and the admission step every generation request goes through.
+"""ServerState: what a running server holds (engine, admission, metrics, template, limits) and its
+lifecycle (ready, draining, the engine watchdog, the requests in flight).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections import deque
-from dataclasses import dataclass, field
 
-from colm_runtime.engine.types import EngineClient, EngineStats
+from colm_runtime.engine.types import EngineClient, EngineRequest, EngineStats
+from colm_runtime.engine.validation import RequestLimits, validate
 
+from server.admission import Admission, DegradationPolicy, Finished
 from server.auth import APIKeyChecker
 from server.chat_template import ChatTemplate
-from server.degradation import DegradationPolicy
-from server.errors import ContextTooLong, InvalidRequest, Unavailable
-from server.load import Demand, InFlightChains, PredictionCorrection
+from server.errors import InvalidRequest, Unavailable
 from server.metrics import ServerMetrics
 from server.ratelimit import RateLimiter, RateLimits, current_api_key
-from server.routing import ChainChoice, ChainRouter, LatencyPredictor, RouteHints
+from server.routing import ChainChoice, ChainRouter, RouteHints
 from server.settings import ServerSettings
 from server.structured import GrammarCache
 
 log = logging.getLogger("colm.server")
-
-
-@dataclass
-class QueueTimeAverage:
-    """The queue wait a new request can expect, from recent requests' queue times.
-
-    observe() takes each finished request's queue time and when it left the queue. estimate() is
-    Little's law on the live queue, the requests waiting now divided by the rate the queue drained at
-    over the last `window` seconds, so it follows a queue that grows; before two departures are known
-    it is the moving average of observed queue times (which lags a growing queue by a request's
-    lifetime)."""
-
-    value: float = 0.0
-    alpha: float = 0.2
-    window: float = 10.0
-    departures: deque = field(default_factory=deque)  # monotonic times requests left the queue
-
-    def observe(self, seconds: float, left_at: float | None = None) -> None:
-        self.value = seconds if self.value == 0.0 else self.alpha * seconds + (1 - self.alpha) * self.value
-        if left_at is not None:
-            self.departures.append(left_at)
-
-    def estimate(self, waiting: int, now: float) -> float:
-        while self.departures and self.departures[0] < now - self.window:
-            self.departures.popleft()
-        if waiting <= 0:
-            return 0.0
-        if len(self.departures) < 2:
-            return self.value
-        rate = len(self.departures) / max(now - self.departures[0], 1e-3)
-        return waiting / rate
+WATCHDOG_PERIOD_S = 0.5  # how often the watchdog looks at the engine loop
 
 
 class ServerState:
     """One per app, built in the lifespan once the engine is up (app.state.colm)."""
 
     def __init__(self, settings: ServerSettings, engine: EngineClient, router: ChainRouter,
-                 policy: DegradationPolicy, metrics: ServerMetrics, template: ChatTemplate, max_model_len: int):
-        self.settings, self.engine, self.router, self.policy = settings, engine, router, policy
-        self.metrics, self.template, self.max_model_len = metrics, template, max_model_len
+                 policy: DegradationPolicy, metrics: ServerMetrics, template: ChatTemplate, limits: RequestLimits):
+        self.settings, self.engine, self.router = settings, engine, router
+        self.metrics, self.template, self.limits = metrics, template, limits
         self.cfg, self.tokenizer = engine.config, engine.tokenizer
-        self.base_name = router.base_name
+        self.base_name, self.max_model_len = router.base_name, limits.model_len
         self.grammars = GrammarCache(self.tokenizer, self.cfg.vocab_size, metrics)  # structured outputs
         self.auth = APIKeyChecker(settings.all_api_keys)
-        self.limiter = RateLimiter(RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm))
-        self.queue_time = QueueTimeAverage()
-        self.offered = Demand()
-        self.inflight = InFlightChains()
-        self.correction = PredictionCorrection()
+        limiter = RateLimiter(RateLimits(settings.rate_limit_rpm, settings.rate_limit_tpm))
+        self.admission = Admission(self.cfg, router, policy, limiter, metrics)
         self.ready = False
         self.draining = False
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -80,7 +44,7 @@ class ServerState:
         self.runs: set = set()  # the RequestRuns in flight (engine watchdog, chain counts in flight)
         self._watchdog: asyncio.Task | None = None
 
-    def start_watchdog(self, period: float = 0.5) -> None:
+    def start_watchdog(self) -> None:
         """Fail in-flight requests if the engine loop dies (instead of leaving them waiting forever);
         /health then answers 503 so that the orchestrator restarts the process."""
         async def watch() -> None:
@@ -91,7 +55,7 @@ class ServerState:
                         run.fail(Unavailable("the engine loop stopped; retry on another replica",
                                              code="engine_dead"))
                     return
-                await asyncio.sleep(period)
+                await asyncio.sleep(WATCHDOG_PERIOD_S)
 
         self._watchdog = asyncio.ensure_future(watch())
 
@@ -117,21 +81,16 @@ class ServerState:
     def stats(self) -> EngineStats:
         return self.engine.stats()
 
-    def predictor(self, stats: EngineStats) -> LatencyPredictor:
-        now = time.monotonic()
-        return LatencyPredictor(self.cfg, stats, self.queue_time.estimate(stats.waiting, now),
-                                widest=self.inflight.widest, correction=self.correction.factor,
-                                offered=self.offered.snapshot(now))
-
     def track(self, run) -> None:
         """A RequestRun the engine accepted: in flight until untrack()."""
         self.runs.add(run)
-        self.inflight.add(run.choice.chains)
+        self.admission.on_started(run.choice)
 
-    def untrack(self, run) -> None:
+    def untrack(self, run, finished: list[Finished]) -> None:
+        """A tracked run ended: admission learns how its engine requests went (once per run)."""
         if run in self.runs:
             self.runs.discard(run)
-            self.inflight.remove(run.choice.chains)
+            self.admission.on_finished(run.choice, finished)
 
     def encode(self, text: str, param: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of client text; 400 for text that is not valid Unicode (lone surrogates). add_bos
@@ -143,44 +102,17 @@ class ServerState:
         # A raw prompt gets the model's BOS token if it wants one; a chat template writes its own.
         return self.tokenizer.encode(text, add_bos=param == "prompt" if add_bos is None else add_bos)
 
-    def check_n(self, n: int) -> None:
-        """n completions run side by side: more than max_num_seqs could never be scheduled."""
-        if n > self.settings.max_num_seqs:
-            raise InvalidRequest(f"n must be at most {self.settings.max_num_seqs} on this server "
-                                 "(max_num_seqs)", param="n")
-
-    def check_length(self, prompt_tokens: int, max_tokens: int, what: str) -> None:
-        """400 naming the limit when a prompt (+ max_tokens) cannot fit."""
-        limit = self.settings.max_prompt_tokens
-        if limit is not None and prompt_tokens > limit:
-            raise ContextTooLong(f"The prompt is {prompt_tokens} tokens; this server accepts at most {limit} "
-                                 f"prompt tokens (max_prompt_tokens).", param=what)
-        total = prompt_tokens + max_tokens
-        if total > self.max_model_len:
-            raise ContextTooLong(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({prompt_tokens} in the {what}, {max_tokens} in the completion). Please reduce "
-                f"the length of the {what} or max_tokens.", param=what if prompt_tokens >= self.max_model_len
-                else "max_tokens")
+    def validate(self, requests: list[EngineRequest], prompt_param: str) -> None:
+        """The engine's checks (engine/validation.py), once, before admission: 400 naming the field."""
+        for r in requests:
+            validate(r, self.limits, prompt_param)
 
     def admit(self, hints: RouteHints, prompt_tokens: int, max_tokens: int) -> ChainChoice:
-        """Route, then degrade under overload; counts rejections and downgrades."""
+        """The chain count to run a request at (Admission.admit), while the server is open."""
         if self.draining or not self.ready:
             raise Unavailable("the server is shutting down" if self.draining else "the model is not loaded yet",
                               code="draining" if self.draining else "not_ready")
         stats = self.stats()
         if not stats.alive:
             raise Unavailable("the engine has stopped; the server needs a restart", code="engine_dead")
-        # The demand, refused requests included: counting only admissions would read a load that is being
-        # refused as spare capacity, and widen the batch that made the queue overflow.
-        self.offered.observe(time.monotonic(), prompt_tokens, max_tokens)
-        predictor = self.predictor(stats)
-        choice = self.router.route(hints, predictor, prompt_tokens, max_tokens)
-        choice = self.policy.apply(choice, stats, predictor, prompt_tokens, max_tokens)
-        self.limiter.charge(current_api_key.get(), prompt_tokens + max_tokens)
-        for why in choice.degrade_reasons:
-            self.metrics.downgrades.labels(why).inc()
-        self.metrics.routed.labels(choice.reason, str(choice.chains)).inc()
-        if not choice.pinned:
-            self.metrics.recent_degradation.observe(time.monotonic(), bool(choice.degrade_reasons))
-        return choice
+        return self.admission.admit(hints, stats, prompt_tokens, max_tokens, current_api_key.get())

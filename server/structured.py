@@ -100,8 +100,9 @@ def grammar_spec(req: _Sampling) -> tuple[GrammarSpec, str] | None:
     return found[0] if found else None
 
 
-def logit_bias(req: _Sampling, vocab_size: int) -> tuple[tuple[int, float], ...]:
-    """OpenAI's {"token id": bias} as (id, bias) pairs; 400 for ids that are not tokens of this model."""
+def logit_bias(req: _Sampling) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs; 400 for keys that are not integers (the ids'
+    range is checked with the rest of the request: engine/validation.py)."""
     if not req.logit_bias:
         return ()
     if len(req.logit_bias) > MAX_LOGIT_BIAS:
@@ -112,8 +113,6 @@ def logit_bias(req: _Sampling, vocab_size: int) -> tuple[tuple[int, float], ...]
             token = int(key)
         except ValueError:
             raise InvalidRequest(f"logit_bias keys must be token ids, got {key[:20]!r}", param="logit_bias") from None
-        if not 0 <= token < vocab_size:
-            raise InvalidRequest(f"logit_bias token id {token} is not in 0..{vocab_size - 1}", param="logit_bias")
         pairs.append((token, float(bias)))
     return tuple(pairs)
 
@@ -122,9 +121,9 @@ class GrammarCache:
     """Compiled grammars by spec (LRU), compiled in the default executor: neither the event loop nor the
     engine thread waits for a compilation."""
 
-    def __init__(self, tokenizer, vocab_size: int, metrics: ServerMetrics, size: int = CACHE_SIZE):
+    def __init__(self, tokenizer, vocab_size: int, metrics: ServerMetrics):
         self.compiler = GrammarCompiler(tokenizer, vocab_size)
-        self.metrics, self.size = metrics, size
+        self.metrics = metrics
         self._cache: OrderedDict[str, CompiledGrammar] = OrderedDict()
 
     async def get(self, req: _Sampling) -> CompiledGrammar | None:
@@ -143,7 +142,7 @@ class GrammarCache:
                                      param=param, code="invalid_grammar") from None
             self.metrics.grammar_compile.observe(time.perf_counter() - t0)
             self._cache[spec.key] = grammar
-            while len(self._cache) > self.size:
+            while len(self._cache) > CACHE_SIZE:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(spec.key)
         self.metrics.structured.labels(spec.kind).inc()

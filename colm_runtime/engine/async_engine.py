@@ -17,8 +17,9 @@ from pathlib import Path
 
 from colm_runtime.engine.config import EngineConfig
 from colm_runtime.engine.llm_engine import LLMEngine
-from colm_runtime.engine.types import (EngineClient, EngineError, EngineOverloaded, EngineRequest, EngineStats,
-                                       EngineStopped, InvalidRequest, RequestOutput)
+from colm_runtime.engine.types import (EngineClient, EngineError, EngineRequest, EngineStats, EngineStopped,
+                                       InvalidRequest, RequestOutput)
+from colm_runtime.engine.validation import check_queue
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +78,7 @@ class AsyncEngine(EngineClient):
             # fails). Adds not yet taken by the thread, and those it took during the step whose stats
             # are not out yet, count as waiting.
             queued = self._stats.waiting + self._taken + sum(1 for c in self._commands if c[0] == "add")
-            if queued >= self.engine.config.max_waiting:
-                raise EngineOverloaded(f"{queued} requests are waiting; retry later")
+            check_queue(queued, self.engine.config.max_waiting)
             self._streams[rid] = stream
             self._commands.append(("add", request))
         self._wake.set()

@@ -12,6 +12,7 @@ the engine goes on; EngineConfig.max_step_failures such steps in a row make it u
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from colm_runtime.engine import validation
 from colm_runtime.engine.block_manager import BlockManager
 from colm_runtime.engine.chain_switch import ChainSwitcher
 from colm_runtime.engine.config import EngineConfig
@@ -29,8 +31,8 @@ from colm_runtime.engine.scheduler import Scheduler
 from colm_runtime.engine.sequence import Request, Sequence
 from colm_runtime.engine.speculative import SpeculativeDecoder
 from colm_runtime.engine.step_types import RunnerOutput, SchedulerOutput
-from colm_runtime.engine.types import (EngineOverloaded, EngineRequest, EngineStats, InvalidRequest,
-                                       RequestOutput, RequestTooLong)
+from colm_runtime.engine.types import EngineRequest, EngineStats, InvalidRequest, RequestOutput, RequestTooLong
+from colm_runtime.engine.validation import RequestLimits
 from colm_runtime.model import ChainKVCache, CoLMModel
 from colm_runtime.tokenizer import Tokenizer
 
@@ -90,52 +92,19 @@ class LLMEngine:
         return self.scheduler.requests
 
     # ---- requests ---------------------------------------------------------------------------------
+    @functools.cached_property
+    def limits(self) -> RequestLimits:
+        """What every request is checked against (engine/validation.py)."""
+        return RequestLimits.of(self.cfg, self.config)
+
     def validate(self, req: EngineRequest) -> None:
         """Raise InvalidRequest / RequestTooLong for a request that can never run (pure: no state change)."""
-        n = self.cfg.n_chains
-        if not isinstance(req.chains, int) or not 1 <= req.chains <= n:
-            raise InvalidRequest(f"chains must be an integer in 1..{n}, got {req.chains!r}")
-        if not isinstance(req.min_chains, int) or not 1 <= req.min_chains <= req.chains:
-            raise InvalidRequest(f"min_chains must be in 1..chains ({req.chains}), got {req.min_chains!r}")
-        if req.params.n > self.config.max_num_seqs:
-            raise InvalidRequest(f"n = {req.params.n} exceeds max_num_seqs ({self.config.max_num_seqs})")
-        if not req.prompt_token_ids:
-            raise InvalidRequest("the prompt is empty")
-        if min(req.prompt_token_ids) < 0 or max(req.prompt_token_ids) >= self.cfg.vocab_size:
-            raise InvalidRequest(f"prompt token ids must be in 0..{self.cfg.vocab_size - 1}")
+        validation.validate(req, self.limits)
         total = len(req.prompt_token_ids) + req.params.max_tokens
-        if total > self.model_len:
-            raise RequestTooLong(f"prompt ({len(req.prompt_token_ids)} tokens) + max_tokens "
-                                 f"({req.params.max_tokens}) = {total} exceeds the maximum context of "
-                                 f"{self.model_len} tokens")
-        if req.chain_schedule is not None:
-            self._validate_schedule(req)
-        self._validate_constraints(req)
-        if req.speculative and not self.config.num_speculative_tokens:
-            raise InvalidRequest("speculative decoding is not enabled on this server")
         if not self.blocks.fits_ever(total, req.min_chains):
             raise RequestTooLong(f"prompt + max_tokens = {total} tokens do not fit the KV cache "
-                                 f"({min(self.num_blocks) * self.config.block_size} tokens per pool)")
-
-    def _validate_schedule(self, req: EngineRequest) -> None:
-        sched, n = req.chain_schedule, self.cfg.n_chains
-        ok = bool(sched) and all(isinstance(e, tuple) and len(e) == 2 for e in sched)
-        if not ok or sched[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(sched, sched[1:])):
-            raise InvalidRequest("chain_schedule must be [[0, chains], [generated_tokens, chains], ...] "
-                                 "with strictly increasing token indices")
-        if any(not isinstance(c, int) or not 1 <= c <= n for _, c in sched):
-            raise InvalidRequest(f"chain_schedule chain counts must be integers in 1..{n}")
-        if sched[0][1] != req.chains or req.min_chains > min(c for _, c in sched):
-            raise InvalidRequest("chain_schedule must start at the request's chain count, and min_chains "
-                                 "may not exceed any scheduled chain count")
-
-    def _validate_constraints(self, req: EngineRequest) -> None:
-        V = self.cfg.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < V for t, _ in req.params.logit_bias):
-            raise InvalidRequest(f"logit_bias token ids must be in 0..{V - 1}")
-        if req.grammar is not None and req.grammar.vocab_size != V:
-            raise InvalidRequest(f"the grammar was compiled for a vocabulary of {req.grammar.vocab_size} "
-                                 f"tokens, the model has {V}")
+                                 f"({min(self.num_blocks) * self.config.block_size} tokens per pool)",
+                                 param="max_tokens")
 
     def add_request(self, req: EngineRequest, check_queue: bool = True) -> None:
         """Queue a request; raises InvalidRequest, RequestTooLong or EngineOverloaded (the latter only
@@ -143,8 +112,8 @@ class LLMEngine:
         self.validate(req)
         if req.request_id in self.requests:
             raise InvalidRequest(f"request id {req.request_id!r} is already in flight")
-        if check_queue and len(self.scheduler.waiting) >= self.config.max_waiting:
-            raise EngineOverloaded(f"{len(self.scheduler.waiting)} requests are waiting; retry later")
+        if check_queue:
+            validation.check_queue(len(self.scheduler.waiting), self.config.max_waiting)
         r = Request(req)
         r.fault_marked = self.faults.marked(req.prompt_token_ids, self.tokenizer)
         self.scheduler.add_request(r)

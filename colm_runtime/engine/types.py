@@ -22,7 +22,12 @@ FinishReason = Literal["stop", "length", "abort", "error"]
 
 
 class EngineError(Exception):
-    """Base class of errors the engine reports about a request (mapped to HTTP by the server)."""
+    """Base class of errors the engine reports about a request (mapped to HTTP by the server).
+    param: the request field the error concerns (None: the request as a whole)."""
+
+    def __init__(self, message: str = "", param: str | None = None):
+        super().__init__(message)
+        self.param = param
 
 
 class RequestTooLong(EngineError):

@@ -109,7 +109,7 @@ def test_picker_flags_and_plugin_config_agree():
 
 def test_objectives_are_the_default_tiers():
     """One objective per default tier, same name and priority, all on the pool."""
-    from server.routing import default_tiers
+    from server.tiers import default_tiers
 
     objectives = {d["metadata"]["name"]: d["spec"] for d in GATEWAY if d["kind"] == "InferenceObjective"}
     tiers = default_tiers(4)

@@ -14,7 +14,8 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import ServerProcess, scrape  # noqa: F401
+from tests.server.conftest import ServerProcess
+from tests.server.helpers import scrape  # noqa: F401
 
 KEYS = ("rel-key-env-7f3a", "rel-key-file-91c2")
 FAULT_MARKER = "qx-inject-fault-qx"

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from tests.reliability.conftest import assert_healthy, auth, count_5xx
-from tests.server.conftest import assert_error
+from tests.server.helpers import assert_error
 
 C, CHAT = "/v1/completions", "/v1/chat/completions"
 M = "{model}"  # replaced by the served base model id

@@ -16,7 +16,7 @@ import httpx
 
 from tests.reliability.conftest import (FAULT_MARKER, KEYS, assert_healthy, auth, count_5xx, start,
                                         wait_idle)
-from tests.server.conftest import metric, scrape, sse_events
+from tests.server.helpers import metric, scrape, sse_events
 
 
 def _completion(url: str, model: str, headers: dict, **kw) -> httpx.Response:

@@ -10,52 +10,56 @@ from server.errors import InvalidRequest
 from server.ratelimit import WINDOW_S, RateLimited, RateLimiter, RateLimits
 from server.settings import ServerSettings
 from tests.reliability.conftest import KEYS, RATE_RPM, RATE_TPM, auth
-from tests.server.conftest import assert_error, metric, scrape
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.server.helpers import assert_error, metric, scrape
 
 
 def test_requests_per_minute_window():
-    clock = Clock()
-    rl = RateLimiter(RateLimits(requests_per_minute=3), clock)
+    t = 1000.0  # monotonic seconds
+    rl = RateLimiter(RateLimits(requests_per_minute=3))
     for _ in range(3):
-        rl.charge("k", 10)
-        clock.t += 10
+        rl.charge("k", 10, t)
+        t += 10
     with pytest.raises(RateLimited) as e:
-        rl.charge("k", 10)
+        rl.charge("k", 10, t)
     assert e.value.headers["Retry-After"] == "30"  # the first request leaves the window at t0 + 60
-    rl.charge("other-key", 10)  # per key
-    clock.t += 30
-    rl.charge("k", 10)  # the first one expired
+    rl.charge("other-key", 10, t)  # per key
+    t += 30
+    rl.charge("k", 10, t)  # the first one expired
 
 
 def test_tokens_per_minute_window():
-    clock = Clock()
-    rl = RateLimiter(RateLimits(tokens_per_minute=100), clock)
-    rl.charge("k", 60)
-    clock.t += 20
-    rl.charge("k", 30)
+    t = 1000.0  # monotonic seconds
+    rl = RateLimiter(RateLimits(tokens_per_minute=100))
+    rl.charge("k", 60, t)
+    t += 20
+    rl.charge("k", 30, t)
     with pytest.raises(RateLimited) as e:
-        rl.charge("k", 20)
+        rl.charge("k", 20, t)
     assert e.value.headers["Retry-After"] == "40" and e.value.status == 429
     with pytest.raises(InvalidRequest):
-        rl.charge("k", 101)  # could never pass: 400, not 429
-    clock.t += 40
-    rl.charge("k", 20)
-    clock.t += WINDOW_S
-    rl.charge("k", 100)
+        rl.charge("k", 101, t)  # could never pass: 400, not 429
+    t += 40
+    rl.charge("k", 20, t)
+    t += WINDOW_S
+    rl.charge("k", 100, t)
 
 
 def test_no_keys_no_limits():
-    rl = RateLimiter(RateLimits(1, 1))
+    """Without API keys (key None) nothing is limited or recorded; the same limits bind a key, and no
+    limits at all let a key through."""
+    rl, t = RateLimiter(RateLimits(requests_per_minute=1, tokens_per_minute=100)), 0.0
     for _ in range(5):
-        rl.charge(None, 10**6)
+        rl.charge(None, 10**6, t)  # neither limit applies
+    assert rl._windows == {}  # and nothing was recorded against anyone
+    rl.charge("k", 10, t)
+    with pytest.raises(RateLimited):
+        rl.charge("k", 10, t)  # the second request of a minute for a key
+    with pytest.raises(InvalidRequest):
+        rl.charge("k", 10**6, t)
+    unlimited = RateLimiter(RateLimits())
+    for _ in range(5):
+        unlimited.charge("k", 10**6, t)
+    assert unlimited._windows == {}
 
 
 def test_rate_limits_live(tight):

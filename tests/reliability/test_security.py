@@ -13,7 +13,8 @@ import httpx
 
 from server.auth import APIKeyChecker
 from tests.reliability.conftest import KEYS, auth
-from tests.server.conftest import REPO, assert_error
+from tests.server.conftest import REPO
+from tests.server.helpers import assert_error
 
 SECRET_MARKER = "zx-private-prompt-5d1e9c-zx"
 

@@ -1,13 +1,14 @@
-"""Real servers for the HTTP tests: `colm serve` subprocesses on free loopback ports.
+"""Real servers for the HTTP tests: the app in this process (`app`, tests/server/inprocess.py) wherever
+a separate process is not the point, and `colm serve` subprocesses on free loopback ports for client
+disconnects, overload with held streams, signals and logs.
 
 The model is the default one (models/colm-tiny) when it exists, else a random model directory from
-colm_runtime.testing, so the tests run on a fresh checkout too. Each server's log goes to a file that
-is printed when a test using it fails to start.
+colm_runtime.testing, so the tests run on a fresh checkout too. Each subprocess's log goes to a file
+that is printed when a test using it fails to start.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
@@ -18,7 +19,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
+
+# The HTTP helpers live in helpers.py; re-exported for the test packages that import them from here.
+from tests.server.helpers import assert_error, metric, scrape, sse_events  # noqa: F401
+from tests.server.inprocess import InProcessServer
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,6 +30,7 @@ REPO = Path(__file__).resolve().parents[2]
 # module twice (as __main__ and by name), and its CLIError would not be caught.
 COLM = [sys.executable, "-c", "import sys; from colm_runtime.cli import main; sys.exit(main())"]
 API_KEYS = ("test-key-1", "test-key-2")
+TIERS_YAML = "tiers:\n  bronze: {chains: 1, priority: -5}\n  gold: {chains: all, priority: 5, latency_budget_ms: 60000}\n"
 
 
 def free_port() -> int:
@@ -87,8 +92,29 @@ def start_server(tmp_path_factory, model_dir: Path, name: str, args=(), env=None
 
 
 @pytest.fixture(scope="session")
+def app(model_dir):
+    """The default server in this process: no API keys, default tiers."""
+    s = InProcessServer(model_dir)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
+def auth_app(tmp_path_factory, model_dir):
+    """In this process: API keys (two), /metrics protected, a small body limit, a prompt limit and a
+    custom tier file (`auth_server`'s settings)."""
+    d = tmp_path_factory.mktemp("auth-app-config")
+    (d / "keys.txt").write_text(f"# API keys\n{API_KEYS[1]}\n")
+    (d / "tiers.yaml").write_text(TIERS_YAML)
+    s = InProcessServer(model_dir, api_keys=API_KEYS[:1], api_key_file=d / "keys.txt", metrics_auth=True, max_body_bytes=4096, max_prompt_tokens=64,
+                        tiers_file=d / "tiers.yaml", default_tier="bronze")
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="session")
 def server(tmp_path_factory, model_dir):
-    """The default server: no API keys, default tiers."""
+    """The default server as a subprocess: no API keys, default tiers."""
     s = start_server(tmp_path_factory, model_dir, "main")
     yield s
     s.stop()
@@ -100,8 +126,7 @@ def auth_server(tmp_path_factory, model_dir):
     a prompt limit and a custom tier file."""
     d = tmp_path_factory.mktemp("auth-config")
     (d / "keys.txt").write_text(f"# API keys\n{API_KEYS[1]}\n")
-    (d / "tiers.yaml").write_text("tiers:\n  bronze: {chains: 1, priority: -5}\n"
-                                  "  gold: {chains: all, priority: 5, latency_budget_ms: 60000}\n")
+    (d / "tiers.yaml").write_text(TIERS_YAML)
     s = start_server(tmp_path_factory, model_dir, "auth",
                      args=["--api-key-file", str(d / "keys.txt"), "--metrics-auth", "--max-body-bytes", "4KiB",
                            "--max-prompt-tokens", "64", "--tiers-file", str(d / "tiers.yaml"),
@@ -112,45 +137,8 @@ def auth_server(tmp_path_factory, model_dir):
 
 
 @pytest.fixture(scope="session")
-def model_info(server) -> dict:
+def model_info(app) -> dict:
     """The /v1/models listing of the default server: base id, chain count, context length."""
-    data = httpx.get(f"{server.url}/v1/models").json()["data"]
+    data = app.client.get("/v1/models").json()["data"]
     base = data[0]
     return {"base": base["id"], "n_chains": base["chains"], "max_model_len": base["max_model_len"], "data": data}
-
-
-def scrape(url: str, headers: dict | None = None) -> dict[tuple[str, tuple], float]:
-    """/metrics as {(sample name, sorted labels): value}."""
-    r = httpx.get(f"{url}/metrics", headers=headers or {})
-    r.raise_for_status()
-    out = {}
-    for family in text_string_to_metric_families(r.text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
-def metric(samples: dict, name: str, **labels) -> float:
-    """The value of one series (0 when absent)."""
-    return samples.get((name, tuple(sorted((k, str(v)) for k, v in labels.items()))), 0.0)
-
-
-def sse_events(response: httpx.Response):
-    """Parsed `data:` payloads of a server-sent-event stream (the final [DONE] as the string)."""
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            payload = line[len("data: "):]
-            yield payload if payload == "[DONE]" else json.loads(payload)
-
-
-def assert_error(r: httpx.Response, status: int, code: str | None = None, param: str | None = None) -> dict:
-    """OpenAI's error shape with the expected status (and code/param when given)."""
-    assert r.status_code == status, r.text
-    body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}, body
-    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
-    if code is not None:
-        assert body["error"]["code"] == code, body
-    if param is not None:
-        assert body["error"]["param"] == param, body
-    return body["error"]

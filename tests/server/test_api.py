@@ -1,17 +1,17 @@
-"""The OpenAI-compatible endpoints, through the official openai client and httpx."""
+"""The OpenAI-compatible endpoints, through the official openai client and httpx (the app in process)."""
 
 from __future__ import annotations
 
-import httpx
 import openai
 import pytest
 
-from tests.server.conftest import sse_events
+from tests.server.helpers import sse_events
+from tests.server.inprocess import BASE_URL
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=60)
+def client(app):
+    return openai.OpenAI(base_url=f"{BASE_URL}/v1", http_client=app.client, api_key="unused", max_retries=0, timeout=60)
 
 
 def test_completion(client, model_info):
@@ -39,10 +39,10 @@ def test_greedy_is_deterministic_and_prompts_batch(client, model_info):
     assert many.usage.completion_tokens == 10
 
 
-def test_completion_token_ids_and_echo(server, model_info):
+def test_completion_token_ids_and_echo(app, model_info):
     body = {"model": model_info["base"], "prompt": [[5, 6, 7], [8, 9]], "max_tokens": 3, "temperature": 0,
             "echo": True, "ignore_eos": True}
-    r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+    r = app.client.post("/v1/completions", json=body, timeout=60).json()
     assert [c["index"] for c in r["choices"]] == [0, 1]
     assert r["usage"]["prompt_tokens"] == 5 and r["usage"]["completion_tokens"] == 6
 
@@ -76,9 +76,9 @@ def test_completion_stream(client, model_info):
     assert text == whole.choices[0].text  # the deltas add up to the non-streamed text
 
 
-def test_stream_ends_with_done(server, model_info):
+def test_stream_ends_with_done(app, model_info):
     body = {"model": model_info["base"], "prompt": "x", "max_tokens": 3, "stream": True}
-    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+    with app.client.stream("POST", "/v1/completions", json=body, timeout=60) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-colm-chains"] == str(model_info["n_chains"])
         events = list(sse_events(r))
@@ -115,7 +115,7 @@ def test_chat_logprobs(client, model_info):
     assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
 
 
-def test_models(server, model_info):
+def test_models(app, model_info):
     data = model_info["data"]
     n, base = model_info["n_chains"], model_info["base"]
     assert [m["id"] for m in data] == [base] + [f"{base}:c{k}" for k in range(1, n + 1)]
@@ -125,10 +125,10 @@ def test_models(server, model_info):
     assert all(m["object"] == "model" and m["max_model_len"] > 0 for m in data)
 
 
-def test_health_ready_docs(server):
-    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
-    assert httpx.get(f"{server.url}/ready").status_code == 200
-    assert httpx.get(f"{server.url}/docs").status_code == 200
-    spec = httpx.get(f"{server.url}/openapi.json").json()
+def test_health_ready_docs(app):
+    assert app.client.get("/health").json() == {"status": "ok"}
+    assert app.client.get("/ready").status_code == 200
+    assert app.client.get("/docs").status_code == 200
+    spec = app.client.get("/openapi.json").json()
     assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/ready",
             "/metrics"} <= set(spec["paths"])

@@ -10,7 +10,7 @@ import time
 
 import httpx
 
-from tests.server.conftest import metric, scrape
+from tests.server.helpers import metric, scrape
 
 
 async def _one(client: httpx.AsyncClient, body: dict, hang_up: bool) -> tuple[int, str | None]:

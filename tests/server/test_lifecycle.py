@@ -10,7 +10,8 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import COLM, REPO, sse_events, start_server
+from tests.server.conftest import COLM, REPO, start_server
+from tests.server.helpers import sse_events
 
 
 def _stream_after_sigterm(server, max_tokens: int) -> tuple[list, list[str]]:

@@ -1,5 +1,6 @@
-"""/metrics: every documented series appears and moves; a client that disconnects (streaming or not)
-has its request aborted and its KV blocks freed, as the engine's own gauges show."""
+"""/metrics: every documented series appears and moves (the app in process); a client that disconnects
+(streaming or not) has its request aborted and its KV blocks freed, as the engine's own gauges show (a
+`colm serve` subprocess: the disconnect is the point)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import time
 
 import httpx
 
-from tests.server.conftest import metric, scrape, sse_events
+from tests.server.helpers import metric, scrape, sse_events
 
 REQUIRED = [
     "colm_requests_running", "colm_requests_waiting", "colm_kv_cache_usage_ratio",
@@ -21,15 +22,15 @@ REQUIRED = [
 ]
 
 
-def test_metrics_appear_and_move(server, model_info):
+def test_metrics_appear_and_move(app, model_info):
     base = model_info["base"]
-    before = scrape(server.url)
+    before = scrape(app.client)
     body = {"model": f"{base}:c2", "prompt": [1, 2, 3, 4, 5], "max_tokens": 5, "ignore_eos": True}
-    assert httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code == 200
+    assert app.client.post("/v1/completions", json=body).status_code == 200
     tight = {"model": base, "prompt": "hi", "max_tokens": 3, "latency_budget_ms": 0.001}
-    assert httpx.post(f"{server.url}/v1/completions", json=tight, timeout=60).status_code == 200
-    assert httpx.post(f"{server.url}/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
-    after = scrape(server.url)
+    assert app.client.post("/v1/completions", json=tight).status_code == 200
+    assert app.client.post("/v1/completions", json={"model": "nope", "prompt": "x"}).status_code == 404
+    after = scrape(app.client)
     present = {name for name, _ in after}
     assert not [n for n in REQUIRED if n not in present]
 

@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import assert_error, metric, scrape, start_server
+from tests.server.conftest import start_server
+from tests.server.helpers import assert_error, metric, scrape
 
 
 @pytest.fixture(scope="module")

@@ -1,33 +1,31 @@
-"""Prefix caching over HTTP: a repeated prompt is served from the cache (the per-pool counters move by
-the cached tokens) with the same answer; a different cache_salt shares nothing; both endpoints take
-cache_salt; `--no-enable-prefix-caching` turns it off."""
+"""Prefix caching over HTTP (the app in process): a repeated prompt is served from the cache (the
+per-pool counters move by the cached tokens) with the same answer; a different cache_salt shares
+nothing; both endpoints take cache_salt; `--no-enable-prefix-caching` turns it off."""
 
 from __future__ import annotations
 
 import random
 
-import httpx
-
-from tests.server.conftest import metric, scrape
+from tests.server.helpers import assert_error, metric, post, scrape
 from tests.server.test_settings import settings_from
 
 
-def _complete(url: str, body: dict) -> dict:
-    r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+def _complete(app, body: dict) -> dict:
+    r = post(app, body)
     assert r.status_code == 200, r.text
     return r.json()
 
 
-def test_a_repeated_prompt_hits_the_cache_in_each_pool_it_uses_and_salts_isolate(server, model_info):
+def test_a_repeated_prompt_hits_the_cache_in_each_pool_it_uses_and_salts_isolate(app, model_info):
     base = model_info["base"]
     ids = [random.Random(16).randrange(1, 4000) for _ in range(40)]  # 2 full blocks of 16 before the last token
     body = {"model": f"{base}:c2", "prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
             "cache_salt": "tenant-a"}
-    first = _complete(server.url, body)
-    before = scrape(server.url)
-    again = _complete(server.url, body)
-    other = _complete(server.url, {**body, "cache_salt": "tenant-b"})
-    after = scrape(server.url)
+    first = _complete(app, body)
+    before = scrape(app.client)
+    again = _complete(app, body)
+    other = _complete(app, {**body, "cache_salt": "tenant-b"})
+    after = scrape(app.client)
 
     def moved(name, chain):
         return metric(after, name, chain=chain) - metric(before, name, chain=chain)
@@ -43,12 +41,11 @@ def test_a_repeated_prompt_hits_the_cache_in_each_pool_it_uses_and_salts_isolate
         assert 0 <= metric(after, "colm_kv_cache_cached_free_blocks", chain=chain) <= free
 
 
-def test_chat_takes_cache_salt_and_an_empty_salt_is_refused(server, model_info):
+def test_chat_takes_cache_salt_and_an_empty_salt_is_refused(app, model_info):
     body = {"model": model_info["base"], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
             "cache_salt": "tenant-a"}
-    assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
-    r = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "cache_salt": ""}, timeout=60)
-    assert r.status_code == 400 and "cache_salt" in r.text
+    assert post(app, body, path="/v1/chat/completions").status_code == 200
+    assert_error(post(app, {**body, "cache_salt": ""}, path="/v1/chat/completions"), 400, param="cache_salt")
 
 
 def test_prefix_caching_flags(model_dir):

@@ -1,17 +1,18 @@
-"""Structured outputs, logit_bias and best_of through the real server and the official openai client."""
+"""Structured outputs, logit_bias and best_of through the real app (in process) and the official openai
+client."""
 
 from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import jsonschema
 import openai
 import pytest
 
 from colm_runtime.tokenizer import Tokenizer
-from tests.server.conftest import metric, scrape
+from tests.server.helpers import metric, scrape
+from tests.server.inprocess import BASE_URL
 
 PERSON = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 16},
@@ -26,8 +27,8 @@ MESSAGES = [{"role": "user", "content": "Give a JSON object"}]
 
 
 @pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+def client(app):
+    return openai.OpenAI(base_url=f"{BASE_URL}/v1", http_client=app.client, api_key="unused", max_retries=0, timeout=120)
 
 
 def _models(model_info) -> list[str]:
@@ -95,16 +96,16 @@ def test_mixed_batch_leaves_unconstrained_requests_unchanged(client, model_info)
         jsonschema.validate(json.loads(c.text), PERSON)
 
 
-def test_schema_errors_name_the_reason(server, model_info):
+def test_schema_errors_name_the_reason(app, model_info):
     body = {"model": model_info["base"], "messages": MESSAGES,
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
                 "type": "object", "properties": {"a": {"type": "integr"}}}}}}  # a typo
-    r = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=30)
+    r = app.client.post("/v1/chat/completions", json=body, timeout=30)
     assert r.status_code == 400
     err = r.json()["error"]
     assert err["param"] == "response_format" and err["code"] == "invalid_grammar"
     assert "does not compile" in err["message"] and "integr" in err["message"]
-    assert httpx.get(f"{server.url}/health").status_code == 200
+    assert app.client.get("/health").status_code == 200
 
 
 def test_logit_bias_removes_and_forces_a_token(client, model_info, model_dir):
@@ -133,13 +134,13 @@ def test_best_of_returns_the_highest_scoring_candidates(client, model_info):
     assert best.usage.completion_tokens == 5 * 8  # every candidate was generated (and is billed, as OpenAI does)
 
 
-def test_structured_metrics(server, client, model_info):
-    before = scrape(server.url)
+def test_structured_metrics(app, client, model_info):
+    before = scrape(app.client)
     choices = ["alpha", "beta", f"gamma-{metric(before, 'colm_structured_requests_total', kind='choice')}"]
     for _ in range(2):  # a new spec: compiled once, then served from the cache
         client.completions.create(model=model_info["base"], prompt="x", max_tokens=4,
                                   extra_body={"guided_choice": choices})
-    after = scrape(server.url)
+    after = scrape(app.client)
     for name, labels, delta in [("colm_structured_requests_total", {"kind": "choice"}, 2),
                                 ("colm_grammar_compile_seconds_count", {}, 1)]:
         assert metric(after, name, **labels) - metric(before, name, **labels) == delta

@@ -1,38 +1,24 @@
-"""Admission under load: the batch-level time per token, the online prediction correction, the offered
-load and the capacity signal, on real EngineStats snapshots and the server's own objects."""
+"""Admission (server/admission): the batch-level time per token, the online prediction correction, the
+offered load and the capacity signal, and the Admission object's decisions and feedback, on EngineStats
+snapshots and the server's own objects."""
 
 from __future__ import annotations
 
 import pytest
 
-from colm_runtime.engine.types import EngineStats
 from colm_runtime.testing import small_config
-from server.degradation import DegradationConfig, DegradationPolicy
+from server.admission import Admission, DegradationConfig, DegradationPolicy, DegradeReason, Finished
+from server.admission.predictor import DRAIN_S, LatencyPredictor
+from server.admission.signals import Demand, InFlightChains, Offered, OfferedLoad, PredictionCorrection
 from server.errors import Overloaded
-from server.load import (
-    Demand,
-    InFlightChains,
-    Offered,
-    OfferedLoad,
-    PredictionCorrection,
-)
-from server.routing import (
-    DRAIN_S,
-    ChainRouter,
-    LatencyPredictor,
-    RouteHints,
-    default_tiers,
-)
+from server.metrics import ServerMetrics
+from server.ratelimit import RateLimited, RateLimiter, RateLimits
+from server.routing import ChainRouter, RouteHints
+from server.tiers import default_tiers
+from tests.server.helpers import STEP
+from tests.server.helpers import engine_stats as stats
 
 CFG = small_config()  # 4 chains of 2 heads
-STEP = {1: 0.01, 2: 0.02, 3: 0.03, 4: 0.04}  # seconds per decode step whose widest request has k chains
-
-
-def stats(waiting=0, decode=None, prefill=None) -> EngineStats:
-    return EngineStats(running=0, waiting=waiting, kv_usage=(0.0,) * 4, kv_blocks_total=(100,) * 4,
-                       kv_blocks_free=(100,) * 4, step_time_per_chains=dict(STEP) if decode is None else decode,
-                       prefill_time_per_token={4: 0.001} if prefill is None else prefill,
-                       preemptions_total=0, shrinks_total=0, steps_total=10, alive=True)
 
 
 def predictor(widest=0, correction=1.0, offered: Offered | None = None, waiting=0,
@@ -43,7 +29,7 @@ def predictor(widest=0, correction=1.0, offered: Offered | None = None, waiting=
 
 def admit(hints: RouteHints, p: LatencyPredictor, utilization=0.85, prompt=10, max_tokens=10, refuse=False):
     router = ChainRouter(CFG, "m", default_tiers(4), "premium")
-    policy = DegradationPolicy(CFG, DegradationConfig(100, 150, 0.5, 0.9, max_num_seqs=8, utilization=utilization,
+    policy = DegradationPolicy(CFG, DegradationConfig(100, 0.5, 0.9, max_num_seqs=8, utilization=utilization,
                                                       refuse_unreachable=refuse))
     return policy.apply(router.route(hints, p, prompt, max_tokens), p.stats, p, prompt, max_tokens)
 
@@ -176,3 +162,43 @@ def test_capacity_keeps_the_batch_narrow_enough(rate):
     assert choice.degrade_reasons == (() if expect == 4 else ("capacity",))
     assert admit(RouteHints("m:c4"), p).chains == 4
     assert admit(RouteHints("m"), p, utilization=100.0).chains == 4  # off: every count fits
+
+
+def make_admission(max_waiting: int = 100, rpm: int | None = None) -> tuple[Admission, ServerMetrics]:
+    router = ChainRouter(CFG, "m", default_tiers(4), "premium")
+    policy = DegradationPolicy(CFG, DegradationConfig(max_waiting, 0.5, 0.9, max_num_seqs=8))
+    metrics = ServerMetrics(lambda: None)
+    return Admission(CFG, router, policy, RateLimiter(RateLimits(requests_per_minute=rpm)), metrics), metrics
+
+
+def test_admission_decides_counts_and_charges():
+    """admit(): the routed choice, degraded with its reason counted, the key charged; a refusal
+    counts nothing as routed."""
+    adm, m = make_admission(max_waiting=10, rpm=2)
+    choice = adm.admit(RouteHints("m"), stats(waiting=7), 10, 10, api_key="k")
+    assert (choice.chains, choice.degrade_reasons) == (2, (DegradeReason.QUEUE,))
+    assert choice.degrade_reasons == ("queue",)  # the enum's values are the metric labels
+    assert m.downgrades.labels("queue")._value.get() == 1
+    assert m.routed.labels("degraded", "2")._value.get() == 1
+    with pytest.raises(Overloaded):  # pinned, full queue
+        adm.admit(RouteHints("m:c4"), stats(waiting=10), 10, 10, api_key="k")
+    adm.admit(RouteHints("m"), stats(), 10, 10, api_key="k")
+    with pytest.raises(RateLimited):  # the third request of the minute for this key
+        adm.admit(RouteHints("m"), stats(), 10, 10, api_key="k")
+    assert sum(s.value for s in m.routed.collect()[0].samples if s.name.endswith("_total")) == 2
+
+
+def test_admission_learns_from_finished_requests():
+    """on_started / on_finished: the chain counts in flight set the batch width the next prediction uses;
+    queue times feed the queue estimate; measured / predicted latency feeds the correction."""
+    adm, _ = make_admission()
+    first = adm.admit(RouteHints("m:c4"), stats(), 0, 10, api_key=None)
+    adm.on_started(first)
+    narrow = adm.admit(RouteHints("m:c1"), stats(), 0, 10, api_key=None)
+    assert narrow.predicted_s == pytest.approx(10 * STEP[4])  # it joins a 4-chain batch
+    adm.on_finished(first, [Finished(arrival=100.0, queue_s=0.3, e2e_s=2 * first.predicted_s)])
+    assert adm.inflight.widest == 0 and adm.queue_time.value == 0.3
+    assert list(adm.correction.ratios) == [pytest.approx(2.0)]
+    adm.on_started(narrow)
+    adm.on_finished(narrow, [Finished(arrival=100.0, queue_s=None, e2e_s=None)])  # aborted in the queue
+    assert len(adm.correction.ratios) == 1 and adm.queue_time.value == 0.3

@@ -5,9 +5,9 @@ A request is unpinned when the client did not fix its chain count (by model id o
 budget and default requests. At admission, four signals can lower its chain count, each counted
 with its reason:
 
-- "capacity": the recent demand (server.load.Demand, refused requests included) plus the waiting queue
+- "capacity": the recent demand (signals.Demand, refused requests included) plus the waiting queue
   would take more than `utilization` of the engine's time at its chain count
-  (LatencyPredictor.utilization): it gets the largest chain count at which that load fits, else 1
+  (predictor.LatencyPredictor.utilization): it gets the largest chain count at which that load fits, else 1
   chain. A batch costs what its widest rows cost, so this keeps the whole batch narrow enough to keep
   up with the arrivals instead of letting a queue grow.
 
@@ -15,7 +15,8 @@ with its reason:
   count misses: it gets the largest chain count that fits, else 1 chain.
 - "queue": the waiting queue is past `degrade_queue_fraction` of `max_waiting`: chains shrink linearly
   with the queue's fill, down to 1 chain at a full queue. Past `max_waiting`, pinned requests are
-  refused (429) while unpinned ones are still admitted at 1 chain, up to the headroom.
+  refused (429) while unpinned ones are still admitted at 1 chain, up to the headroom (the engine's
+  queue bound, hard_queue_limit, which the engine enforces: a 429 from there).
 - "kv_cache": (plain CoLM) the pool of its top chain is above `degrade_kv_watermark`: it drops the
   chains whose pools are that full, so it does not wait for blocks there.
 
@@ -30,12 +31,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from enum import StrEnum
 
 from colm_runtime.config import ModelConfig
 from colm_runtime.engine.types import EngineStats
 
+from server.admission.predictor import LatencyPredictor
 from server.errors import Overloaded
-from server.routing import ChainChoice, LatencyPredictor
+from server.routing import ChainChoice
+
+
+class DegradeReason(StrEnum):
+    """Why an unpinned request got fewer chains; the value is the colm_downgrades_total{reason} label
+    and the body's colm.degrade_reasons entry (dashboards read both: keep the values)."""
+
+    CAPACITY = "capacity"
+    BUDGET = "budget"
+    QUEUE = "queue"
+    KV_CACHE = "kv_cache"
 
 
 @dataclass(frozen=True)
@@ -43,7 +56,6 @@ class DegradationConfig:
     """Thresholds (from ServerSettings)."""
 
     max_waiting: int
-    hard_queue_limit: int
     queue_fraction: float = 0.5
     kv_watermark: float = 0.9
     max_num_seqs: int = 64
@@ -60,13 +72,14 @@ class DegradationPolicy:
     def apply(self, choice: ChainChoice, stats: EngineStats, predictor: LatencyPredictor,
               prompt_tokens: int, max_tokens: int) -> ChainChoice:
         """The choice to admit with (possibly fewer chains), or Overloaded."""
-        self._admit_or_refuse(choice, stats)
+        self._refuse_pinned(choice, stats)
         if choice.pinned:
             return choice
-        for signal in (self._capacity, self._budget, self._queue, self._kv_cache):
+        signals = ((DegradeReason.CAPACITY, self._capacity), (DegradeReason.BUDGET, self._budget),
+                   (DegradeReason.QUEUE, self._queue), (DegradeReason.KV_CACHE, self._kv_cache))
+        for why, signal in signals:
             k = signal(choice, stats, predictor, prompt_tokens, max_tokens)
             if k is not None and k < choice.chains:
-                why = signal.__name__.lstrip("_")
                 choice = choice.degraded(k, why, predictor.predict(k, prompt_tokens, max_tokens))
         if self.config.refuse_unreachable:
             self._refuse_unreachable(choice, predictor, prompt_tokens, max_tokens)
@@ -84,12 +97,13 @@ class DegradationPolicy:
             raise Overloaded(f"the latency budget of {choice.latency_budget_ms:g} ms cannot be met now (predicted "
                              f"{predicted * 1000:.0f} ms at 1 chain); retry later", code="budget_unreachable")
 
-    def _admit_or_refuse(self, choice: ChainChoice, stats: EngineStats) -> None:
-        limit = self.config.max_waiting if choice.pinned else self.config.hard_queue_limit
-        if stats.waiting >= limit:
-            who = "requests that pin a chain count" if choice.pinned else "requests"
-            raise Overloaded(f"the waiting queue is full ({stats.waiting} waiting, limit {limit} for "
-                             f"{who}); retry later or let the server choose the chain count")
+    def _refuse_pinned(self, choice: ChainChoice, stats: EngineStats) -> None:
+        """Past max_waiting only unpinned requests (degraded to fewer chains) may still queue, up to the
+        engine's own bound (hard_queue_limit, which the engine checks: the one queue bound)."""
+        if choice.pinned and stats.waiting >= self.config.max_waiting:
+            raise Overloaded(f"the waiting queue is full ({stats.waiting} waiting, limit {self.config.max_waiting} "
+                             "for requests that pin a chain count); retry later or let the server choose the "
+                             "chain count")
 
     def _capacity(self, choice: ChainChoice, stats, predictor: LatencyPredictor, *_) -> int | None:
         for k in range(choice.chains, 0, -1):

@@ -1,8 +1,8 @@
 """What the server measures about its own traffic for admission: the offered load, the chain counts
-in flight, and how far its latency predictions have been off.
+in flight, the queue wait, and how far its latency predictions have been off.
 
-All three are plain in-process counters (no engine calls), read by ServerState.predictor() at every
-admission and updated when a request reaches admission, starts, or closes.
+All are plain in-process counters (no engine calls), owned by `Admission` (server/admission/__init__.py):
+read at every admission, updated when a request reaches admission, starts, or finishes.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import bisect
 import math
 from collections import Counter, deque
 from dataclasses import dataclass, field, replace
+
+from colm_runtime.stats import ema
 
 
 @dataclass(frozen=True)
@@ -140,3 +142,34 @@ class PredictionCorrection:
             return 1.0
         q = self._sorted[min(n - 1, int(self.quantile * n))]
         return min(self.hi, max(self.lo, q))
+
+
+@dataclass
+class QueueTimeAverage:
+    """The queue wait a new request can expect, from recent requests' queue times.
+
+    observe() takes each finished request's queue time and when it left the queue. estimate() is
+    Little's law on the live queue, the requests waiting now divided by the rate the queue drained at
+    over the last `window` seconds, so it follows a queue that grows; before two departures are known
+    it is the moving average of observed queue times (which lags a growing queue by a request's
+    lifetime)."""
+
+    value: float | None = None  # moving average of observed queue times (None: none observed yet)
+    alpha: float = 0.2
+    window: float = 10.0
+    departures: deque = field(default_factory=deque)  # monotonic times requests left the queue
+
+    def observe(self, seconds: float, left_at: float | None = None) -> None:
+        self.value = ema(self.value, seconds, self.alpha)
+        if left_at is not None:
+            self.departures.append(left_at)
+
+    def estimate(self, waiting: int, now: float) -> float:
+        while self.departures and self.departures[0] < now - self.window:
+            self.departures.popleft()
+        if waiting <= 0:
+            return 0.0
+        if len(self.departures) < 2:
+            return self.value or 0.0
+        rate = len(self.departures) / max(now - self.departures[0], 1e-3)
+        return waiting / rate

@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default). 1 by default: "
-                   "on a shared 2-core machine OpenMP spin-waiting makes 2 threads 5-50x slower and erratic")
+                   "on a shared CPU OpenMP spin-waiting makes more threads slower and erratic (docs/engine.md, Threads on CPU)")
     p.add_argument("--no-transformers", action="store_true", help="skip the Hugging Face comparison")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
 

@@ -128,16 +128,14 @@ class AsyncEngine(EngineClient):
                 self._wake.wait(self._idle_wait)
                 self._wake.clear()
                 continue
-            steps = eng.metrics.steps
             try:
-                outputs = eng.step()
-            except Exception as e:  # a bug or a device error: fail the requests, keep serving
+                outputs = eng.step()  # a failed batch fails its own requests inside step()
+            except Exception as e:  # a bug outside the step's batch: fail every request, keep serving
                 log.exception("engine step failed")
-                self._fail_all(e)
-                continue
+                outputs = eng.fail_all(e)
             self._publish()  # before the outputs: a consumer woken by them sees this step
             self._dispatch(outputs)
-            if eng.metrics.steps == steps and not outputs:  # nothing could run: do not spin
+            if not eng.last_step_ran and not outputs:  # nothing could run: do not spin
                 self._wake.wait(0.005)
                 self._wake.clear()
         self._close()
@@ -160,16 +158,7 @@ class AsyncEngine(EngineClient):
             except EngineError as e:
                 self._send(req.request_id, e)
             except Exception as e:  # a fault in this request's own processing: it alone fails
-                self._dispatch(self._fail_added(req, e))
-
-    def _fail_added(self, req: EngineRequest, error: Exception) -> list[RequestOutput]:
-        """Error outputs for a request whose add_request raised (its blocks freed if it got any)."""
-        r = self.engine.requests.get(req.request_id)
-        if r is not None:
-            return self.engine.fail_request(r, error)
-        log.error("request %s failed while being added: %r", req.request_id, error)
-        return [RequestOutput(req.request_id, i, "", (), "error", req.chains, len(req.prompt_token_ids), 0,
-                              error=f"engine error: {type(error).__name__}") for i in range(req.params.n)]
+                self._dispatch(self.engine.fail(req, e))
 
     def _send(self, rid: str, item: RequestOutput | BaseException) -> None:
         with self._lock:
@@ -191,23 +180,9 @@ class AsyncEngine(EngineClient):
             except RuntimeError:  # that event loop is closed: nobody is listening any more
                 pass
 
-    def _fail_all(self, error: Exception) -> None:
-        eng = self.engine
-        for rid in list(eng.requests):
-            r = eng.requests[rid]
-            open_ = [i for i in range(r.req.params.n) if i >= len(r.seqs) or r.seqs[i].finish_reason is None]
-            eng.abort(rid)
-            for i in open_:
-                self._send(rid, RequestOutput(rid, i, "", (), "error", r.req.chains, r.num_prompt_tokens, 0,
-                                              error=f"engine error: {type(error).__name__}"))
-        eng.take_pending()  # the abort updates: the streams already got their error
-
     def _close(self) -> None:
         """On stop: abort what runs, refuse what was still queued."""
-        eng = self.engine
-        for rid in list(eng.requests):
-            eng.abort(rid)
-        self._dispatch(eng.take_pending())
+        self._dispatch(self.engine.abort_all())
         with self._lock:
             queued, self._commands = list(self._commands), deque()
         for kind, arg in queued:

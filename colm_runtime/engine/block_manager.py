@@ -1,7 +1,8 @@
 """Who owns which KV block: one free list per pool, refcounts for blocks shared by forked sequences.
 
-A sequence at k chains holds blocks in pools 0..cfg.pools_for(k)-1 only. Shrinking it to fewer chains
-frees its upper pools' blocks (exact: lower chains never read upper chains' K/V). Blocks of a prompt
+A sequence at k chains holds blocks in pools 0..cfg.pools_for(k)-1 only. Resizing it to fewer chains
+frees its upper pools' blocks (exact: lower chains never read upper chains' K/V). The block manager
+moves blocks only: which chain count a sequence should run at is its ChainState's business. Blocks of a prompt
 are shared by the n completions forked from it; a shared block that a sequence is about to write into
 (the prompt's partial last block) is copied first (copy-on-write), so shared blocks are never written.
 Shortage is an expected outcome: allocate_slots returns None and the scheduler relieves pressure.
@@ -13,8 +14,7 @@ from collections import deque
 
 from colm_runtime.config import ModelConfig
 from colm_runtime.engine.sequence import Sequence
-
-BlockCopy = tuple[int, int, int]  # (pool, src block, dst block)
+from colm_runtime.engine.step_types import BlockCopy
 
 
 class BlockPool:
@@ -63,7 +63,7 @@ class BlockManager:
         start = seq.num_computed_tokens
         nb = -(-(start + num_tokens) // self.block_size)
         need = [0] * len(self.pools)
-        for p in range(self.cfg.pools_for(seq.chains)):
+        for p in range(self.cfg.pools_for(seq.num_chains)):
             table = seq.block_tables[p]
             need[p] = max(0, nb - len(table))
             if num_tokens and self._shared_tail(p, table, start):
@@ -109,7 +109,7 @@ class BlockManager:
             return None
         copies: list[BlockCopy] = []
         start = seq.num_computed_tokens
-        for p in range(self.cfg.pools_for(seq.chains)):
+        for p in range(self.cfg.pools_for(seq.num_chains)):
             pool, table = self.pools[p], seq.block_tables[p]
             if num_tokens and self._shared_tail(p, table, start):
                 (fresh,) = pool.take(1)
@@ -126,36 +126,23 @@ class BlockManager:
             self.pools[p].release(table)
             table.clear()
 
-    def shrink(self, seq: Sequence, chains: int) -> None:
-        """Run seq at fewer chains from now on, freeing the blocks of the pools it no longer uses."""
-        assert seq.min_chains <= chains < seq.chains
-        for p in range(self.cfg.pools_for(chains), self.cfg.pools_for(seq.chains)):
-            self.pools[p].release(seq.block_tables[p])
-            seq.block_tables[p].clear()
-        seq.chains = chains
-        seq.shrunk = True
-        seq.mem_cap = chains  # the chain switcher does not raise it again
+    def resize(self, seq: Sequence, num_chains: int) -> int | None:
+        """Move seq's blocks to `num_chains` chains. Returns the tokens it must recompute: 0 going down (its
+        upper pools' blocks are released: lower chains never read them) and going up when its pools
+        already hold every chain's KV (CoLM-Air, or nothing computed yet); None (no change) when going
+        up lacks blocks.
 
-    def drop_pools(self, seq: Sequence, chains: int) -> None:
-        """Lower seq to `chains` (a schedule or the load policy), releasing the pools it leaves."""
-        assert 1 <= chains < seq.chains
-        for p in range(self.cfg.pools_for(chains), self.cfg.pools_for(seq.chains)):
-            self.pools[p].release(seq.block_tables[p])
-            seq.block_tables[p].clear()
-        seq.chains = chains
-
-    def grow(self, seq: Sequence, chains: int) -> int | None:
-        """Raise seq to `chains`. Returns the tokens to recompute (0 when its pools already hold every
-        chain's KV: CoLM-Air, or nothing computed yet), None (no change) when blocks are short.
-
-        Plain CoLM: the new pools' KV needs the lower chains' hidden states, so the sequence recomputes
-        all its tokens (num_computed_tokens = 0) at the new chain count. Every position is rewritten
-        before it is read, so shared lower blocks are swapped for private ones without a copy."""
-        assert chains > seq.chains
-        lo, hi = self.cfg.pools_for(seq.chains), self.cfg.pools_for(chains)
+        Plain CoLM going up: the new pools' KV needs the lower chains' hidden states, so the sequence
+        recomputes all its tokens (num_computed_tokens = 0) at the new chain count. Every position is
+        rewritten before it is read, so shared lower blocks are swapped for private ones without a copy."""
+        assert 1 <= num_chains <= self.cfg.n_chains
+        lo, hi = self.cfg.pools_for(seq.num_chains), self.cfg.pools_for(num_chains)
         done = seq.num_computed_tokens
-        if lo == hi or done == 0:
-            seq.chains = chains
+        if num_chains <= seq.num_chains or lo == hi or done == 0:
+            for p in range(self.cfg.pools_for(num_chains), self.cfg.pools_for(seq.num_chains)):
+                self.pools[p].release(seq.block_tables[p])
+                seq.block_tables[p].clear()
+            seq.num_chains = num_chains
             return 0
         nb = self.blocks_for_tokens(seq.num_tokens)
         shared = [[i for i, b in enumerate(seq.block_tables[p]) if self.pools[p].ref[b] > 1] for p in range(lo)]
@@ -167,7 +154,7 @@ class BlockManager:
             for i in shared[p]:
                 self.pools[p].release([table[i]])
                 (table[i],) = self.pools[p].take(1)
-        seq.chains = chains
+        seq.num_chains = num_chains
         seq.num_computed_tokens = 0
         return done
 
@@ -186,5 +173,4 @@ class BlockManager:
             self.pools[p].share(table)
             child.block_tables[p] = list(table)
         child.num_computed_tokens = parent.num_computed_tokens
-        child.chains = parent.chains
-        child.mem_cap, child.load_cap = parent.mem_cap, parent.load_cap  # a shrunk parent's forks stay down
+        child.num_chains = parent.num_chains

@@ -96,6 +96,8 @@ class EngineConfig:
     speculative_default: whether requests that do not say (EngineRequest.speculative None) speculate.
     step_time_target: load policy: when the average decode step takes longer (seconds), unpinned
       running sequences step down a chain, and back up when it falls (None: off; chain_switch.py).
+    max_step_failures: steps in a row whose batched work raises (each fails its requests) before the
+      engine reports itself unhealthy for good (EngineStats.healthy; /health answers 503).
     """
 
     block_size: int = 16
@@ -114,6 +116,7 @@ class EngineConfig:
     speculative_draft_chains: int = 1
     speculative_default: bool = True
     step_time_target: float | None = None
+    max_step_failures: int = 3
 
     def __post_init__(self) -> None:
         assert self.block_size >= 1 and self.max_num_seqs >= 1 and self.max_num_batched_tokens >= 1
@@ -127,6 +130,8 @@ class EngineConfig:
         parse_dtype(self.dtype)
         if self.num_speculative_tokens < 0 or self.speculative_draft_chains < 1:
             raise ValueError("num_speculative_tokens must be >= 0 and speculative_draft_chains >= 1")
+        if self.max_step_failures < 1:
+            raise ValueError("max_step_failures must be >= 1")
         if self.step_time_target is not None and self.step_time_target <= 0:
             raise ValueError("step_time_target must be positive")
 

@@ -1,12 +1,16 @@
-"""Online step-time measurements, per chain count, as exponential moving averages.
+"""Online step-time measurements, per chain count, as exponential moving averages: the engine's one
+step-time signal.
 
 A decode step (every sequence computes one token) is keyed by its largest chain count; steps with
-prompt tokens feed the per-token prefill time instead. The router reads these to predict latency.
+prompt tokens feed the per-token prefill time instead. The server's router reads these (EngineStats)
+to predict latency; the engine's load policy reads the decode average of the latest decode step's
+chain count (decode_step_time).
 """
 
 from __future__ import annotations
 
 from colm_runtime.engine.scheduler import SchedulerOutput
+from colm_runtime.stats import ema
 
 ALPHA = 0.1  # weight of the newest step: about the last 10-20 steps matter
 
@@ -18,19 +22,18 @@ class StepMetrics:
         self.decode: dict[int, float] = {}
         self.prefill: dict[int, float] = {}
         self.steps = 0
-        self.tokens = 0
-
-    @staticmethod
-    def _ema(table: dict[int, float], key: int, value: float) -> None:
-        old = table.get(key)
-        table[key] = value if old is None else old + ALPHA * (value - old)
+        self._last_decode: int | None = None  # the largest chain count of the latest decode step
 
     def record(self, so: SchedulerOutput, seconds: float) -> None:
         self.steps += 1
-        n = so.num_tokens
-        self.tokens += n
-        k = max(seq.chains for seq, _ in so.scheduled)
-        if n - so.num_lookahead == len(so.scheduled):
-            self._ema(self.decode, k, seconds)
+        k = max(seq.num_chains for seq, _ in so.scheduled)
+        if so.decode_only:
+            self.decode[k] = ema(self.decode.get(k), seconds, ALPHA)
+            self._last_decode = k
         else:
-            self._ema(self.prefill, k, seconds / n)
+            self.prefill[k] = ema(self.prefill.get(k), seconds / so.num_tokens, ALPHA)
+
+    @property
+    def decode_step_time(self) -> float | None:
+        """The decode step-time average at the chain count of the latest decode step (None: none yet)."""
+        return None if self._last_decode is None else self.decode[self._last_decode]

@@ -50,7 +50,7 @@ class OutputBuilder:
         queue, first = self._times(r)
         return RequestOutput(
             request_id=r.request_id, index=seq.index, text=seq.detok.delta(final=seq.finish_reason is not None),
-            token_ids=(token,), finish_reason=seq.finish_reason, chains=seq.chains,
+            token_ids=(token,), finish_reason=seq.finish_reason, chains=seq.num_chains,
             prompt_tokens=r.num_prompt_tokens, completion_tokens=seq.num_tokens - r.num_prompt_tokens,
             logprobs=self._logprob(token, lp), stop_reason=seq.stop_reason, queue_time=queue,
             first_token_time=first,
@@ -62,7 +62,7 @@ class OutputBuilder:
         queue, first = self._times(r)
         return RequestOutput(
             request_id=r.request_id, index=seq.index, text="", token_ids=(), finish_reason=seq.finish_reason,
-            chains=seq.chains, prompt_tokens=r.num_prompt_tokens, completion_tokens=0, queue_time=queue,
+            chains=seq.num_chains, prompt_tokens=r.num_prompt_tokens, completion_tokens=0, queue_time=queue,
             first_token_time=first, prompt_logprobs=self.prompt_logprobs(r))
 
     def aborted(self, r: Request, index: int) -> RequestOutput:
@@ -73,6 +73,6 @@ class OutputBuilder:
         queue, first = self._times(r)
         return RequestOutput(
             request_id=r.request_id, index=index, text=text, token_ids=(), finish_reason="abort",
-            chains=r.req.chains if seq is None else seq.chains, prompt_tokens=r.num_prompt_tokens,
+            chains=r.req.chains if seq is None else seq.num_chains, prompt_tokens=r.num_prompt_tokens,
             completion_tokens=0 if seq is None else seq.num_tokens - r.num_prompt_tokens,
             queue_time=queue, first_token_time=first)

@@ -1,31 +1,129 @@
-"""The model runner: turns a SchedulerOutput into one ForwardBatch, runs the model, samples.
+"""The model runner: execute(SchedulerOutput) -> RunnerOutput. It copies blocks, drafts (self-
+speculative decoding), turns the plan into one ForwardBatch, runs the model, samples and verifies.
 
 Every scheduled sequence, whatever its chain count, goes into the same forward pass; ForwardBatch
 sorts rows by chain count so each chain layer computes only the rows that use it. The logits come
-back in that sorted order and are mapped back to the scheduler's order here.
+back in that sorted order and are mapped back to the scheduler's order here. The runner keeps no
+request state: the scheduler applies the RunnerOutput (Scheduler.update_from_output).
 """
 
 from __future__ import annotations
 
 import torch
 
-from colm_runtime.engine.grammar import fill_bitmask
-from colm_runtime.engine.sampler import SamplerOutput, SamplingRow, TokenMasks, sample
-from colm_runtime.engine.scheduler import SchedulerOutput
+import time
+
+from colm_runtime.engine import prompt_logprobs
+from colm_runtime.engine.grammar import MaskPrefetch, fill_bitmask
+from colm_runtime.engine.sampler import SamplerOutput, SamplingRow, TokenMasks, sample, token_logprobs
 from colm_runtime.engine.sequence import Sequence
-from colm_runtime.engine.speculative import Draft
+from colm_runtime.engine.speculative import Draft, SpeculativeDecoder
+from colm_runtime.engine.step_types import RunnerOutput, SchedulerOutput
 from colm_runtime.model import ChainKVCache, CoLMModel, ForwardBatch, SeqSpec
+
+Speculating = list[tuple[int, Sequence, int]]  # (scheduled index, sequence, gamma) of the step's drafts
 
 
 class ModelRunner:
-    """Owns the model and the KV tensors; stateless between steps otherwise."""
+    """Owns the model, the KV tensors, the drafter and the grammar-mask prefetch; no request state."""
 
-    def __init__(self, model: CoLMModel, cache: ChainKVCache, seed: int = 0, air_prefill: bool = True):
+    def __init__(self, model: CoLMModel, cache: ChainKVCache, seed: int = 0, air_prefill: bool = True,
+                 spec: SpeculativeDecoder | None = None):
         self.model, self.cache = model, cache
         self.cfg = model.cfg
         self.device = cache.k[0].device
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.air_prefill = air_prefill and self.cfg.kv_sharing
+        self.spec = spec or SpeculativeDecoder(0, 1, 0)
+        self.masks = MaskPrefetch(self.cfg.vocab_size)  # structured outputs: masks filled during the forward
+
+    # ---- one step -------------------------------------------------------------------------------------
+    def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        """Run the step: block copies, drafts, the forward, then sampling and verification. Raises when
+        the batched work fails (the step's requests fail); one request's failure is in out.failed."""
+        out = RunnerOutput()
+        spec = [(i, seq, n - 1) for i, (seq, n) in enumerate(so.scheduled)
+                if seq.num_uncomputed == 1 and n > 1 and seq.num_chains > self.spec.draft_chains]
+        try:
+            self.copy_blocks(so)
+            self.masks.start(self._will_sample(so, spec))
+            drafts = self._draft(spec, out)
+            scored = self._prompt_rows(so, drafts)
+            logits, multi = self.forward(so, drafts, scored)
+            ready = self.masks.take()
+        except BaseException:
+            self.masks.discard()
+            raise
+        out.prompt_rows = {i: multi[i] for i in scored}
+        self._sample(so, {i for i, _, _ in spec}, logits, ready, out)
+        for i, seq, _ in spec:
+            self._verify(i, seq, multi[i], drafts[i], out)
+        return out
+
+    @staticmethod
+    def _will_sample(so: SchedulerOutput, spec: Speculating) -> list[Sequence]:
+        """The constrained sequences that sample after the forward, not verifying drafts (their grammar
+        state is final now, so their masks can be filled while the forward runs)."""
+        drafting = {i for i, _, _ in spec}
+        return [s for i, seqs in so.samples.items() if i not in drafting for s in seqs if s.matcher is not None]
+
+    def _draft(self, spec: Speculating, out: RunnerOutput) -> dict[int, Draft]:
+        """The step's drafts, by scheduled index (timed for the speculative cost model)."""
+        if not spec:
+            return {}
+        t0 = time.perf_counter()
+        drafts = self.spec.propose(self, [(seq, g) for _, seq, g in spec])
+        out.draft_seconds, out.draft_steps = time.perf_counter() - t0, max(g for _, _, g in spec)
+        return {i: d for (i, _, _), d in zip(spec, drafts)}
+
+    @staticmethod
+    def _prompt_rows(so: SchedulerOutput, drafts: dict[int, Draft]) -> dict[int, int]:
+        """Scheduled index -> logit rows its chunk returns for prompt logprobs (only requests that ask)."""
+        out = {}
+        for i, (seq, n) in enumerate(so.scheduled):
+            if seq.request.prompt_scored is not None and i not in drafts:
+                if rows := prompt_logprobs.rows_needed(seq, min(n, seq.num_uncomputed)):
+                    out[i] = rows
+        return out
+
+    def _sample(self, so: SchedulerOutput, drafting: set[int], logits: torch.Tensor,
+                ready: dict[int, torch.Tensor], out: RunnerOutput) -> None:
+        """One token for each sampling sequence (forks share their parent's row). Batched: if it raises,
+        the requests of its rows fail, the verified ones go on."""
+        rows = [i for i, seqs in so.samples.items() if i not in drafting for _ in seqs]
+        seqs = [s for i, group in so.samples.items() if i not in drafting for s in group]
+        if not seqs:
+            return
+        try:
+            samples = self.sample(logits, rows, seqs, ready)
+        except Exception as e:
+            out.failed.update({s.request.request_id: (s, e) for s in seqs})
+            return
+        for j, s in enumerate(seqs):
+            out.tokens[s.seq_id] = [(samples.token_ids[j], samples.logprobs[j])]
+
+    def _verify(self, i: int, seq: Sequence, target: torch.Tensor, draft: Draft, out: RunnerOutput) -> None:
+        """Accept a prefix of seq's draft against the target logits [gamma + 1, V]."""
+        try:
+            tokens = self.spec.accept(seq, target, draft, self.generator_for(seq))
+            lps = token_logprobs(target[: len(tokens)], tokens, [seq.params] * len(tokens))
+        except Exception as e:  # this request's own processing: it alone fails
+            out.failed[seq.request.request_id] = (seq, e)
+            return
+        out.tokens[seq.seq_id] = list(zip(tokens, lps))
+        out.verified.add(i)
+
+    # ---- what the step and the drafter run --------------------------------------------------------------
+    @torch.inference_mode()
+    def forward_specs(self, specs: list[SeqSpec]) -> torch.Tensor:
+        """A forward of bare SeqSpecs (the drafts): logits [N, V] sorted by chain count, descending
+        (the caller's order when every spec runs at one chain count)."""
+        batch = ForwardBatch.build(self.cfg, specs, self.cache.block_size, self.device)
+        return self.model.forward_step(batch, self.cache)
+
+    def generator_for(self, seq: Sequence) -> torch.Generator:
+        """The generator seq samples with: its own (seeded requests) or the engine's."""
+        return seq.generator if seq.generator is not None else self.generator
 
     @torch.inference_mode()
     def forward(self, so: SchedulerOutput, drafts: dict[int, Draft] | None = None,
@@ -66,23 +164,23 @@ class ModelRunner:
         specs, pick = [], []
         for i, (seq, n) in enumerate(so.scheduled):
             start = seq.num_computed_tokens
-            tables = seq.block_tables[: self.cfg.pools_for(seq.chains)]
+            tables = seq.block_tables[: self.cfg.pools_for(seq.num_chains)]
             if i in drafts:
                 ids = seq.token_ids[start:] + drafts[i].tokens
-                specs.append(SeqSpec(ids, start, seq.chains, tables, num_logits=len(ids)))
+                specs.append(SeqSpec(ids, start, seq.num_chains, tables, num_logits=len(ids)))
                 pick.append(len(specs) - 1)
                 continue
             n = min(n, seq.num_uncomputed)  # a lookahead whose draft was dropped (shrunk to the draft's chains)
             ids = seq.token_ids[start : start + n]
             if i in scored:
-                specs.append(SeqSpec(ids, start, seq.chains, tables, num_logits=scored[i]))
-            elif self.air_prefill and seq.chains > 1 and n > 1:
+                specs.append(SeqSpec(ids, start, seq.num_chains, tables, num_logits=scored[i]))
+            elif self.air_prefill and seq.num_chains > 1 and n > 1:
                 last = start + n == seq.num_tokens
                 specs.append(SeqSpec(ids[:-1] if last else ids, start, 1, tables))
                 if last:
-                    specs.append(SeqSpec(ids[-1:], start + n - 1, seq.chains, tables))
+                    specs.append(SeqSpec(ids[-1:], start + n - 1, seq.num_chains, tables))
             else:
-                specs.append(SeqSpec(ids, start, seq.chains, tables))
+                specs.append(SeqSpec(ids, start, seq.num_chains, tables))
             pick.append(len(specs) - 1)
         return specs, pick
 

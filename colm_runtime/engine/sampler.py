@@ -92,7 +92,8 @@ def unpack_bitmask(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
 def mask_penalty(bitmask: torch.Tensor, vocab: int) -> torch.Tensor:
     """[R, W] int32 packed -> [R, vocab] float32: 0 where allowed, -inf elsewhere, built with integer
     ops (allowed - 1 is 0 or all ones; & with -inf's bits). Adding it masks exactly (x + 0 == x) and
-    without a branch per element: masked_fill with a grammar's irregular mask ran ~6x slower on CPU."""
+    without a branch per element: masked_fill with a grammar's irregular mask is much slower on CPU
+    (measured: docs/engine.md, "Benchmarks")."""
     return ((unpack_bitmask(bitmask, vocab) - 1) & NEG_INF_BITS).view(torch.float32)
 
 

@@ -12,6 +12,7 @@ import itertools
 
 import torch
 
+from colm_runtime.engine.chain_state import ChainState
 from colm_runtime.engine.detokenizer import IncrementalDetokenizer
 from colm_runtime.engine.types import EngineRequest, FinishReason, SamplingParams
 
@@ -39,20 +40,16 @@ class Sequence:
         self.index = index
         self.token_ids = list(token_ids)
         self.num_computed_tokens = 0
-        self.chains = request.req.chains
+        self.num_chains = request.req.chains
         self.block_tables: list[list[int]] = [[] for _ in range(n_pools)]
         self.status = SequenceStatus.WAITING
         self.generator = generator
         self.detok = detok
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
-        self.shrunk = False  # ever run at fewer chains than requested
         self.preempted = 0  # times preempted (recomputed)
-        # Chain switching (chain_switch.py): the request's schedule, and caps set by the load policy
-        # and by memory relief (None: no cap).
-        self.schedule = request.req.chain_schedule
-        self.load_cap: int | None = None
-        self.mem_cap: int | None = None
+        # Who wants which chain count (chain_state.py); self.num_chains is the count its blocks are at.
+        self.chain_state = ChainState(request.req.chains, self.min_chains, request.req.chain_schedule)
         # Speculative decoding (speculative.py): whether it may speculate, the tokens it drafts this
         # step (set before scheduling; the scheduler reserves them), its acceptance-rate average.
         self.speculative = False
@@ -75,6 +72,15 @@ class Sequence:
         return self.request.req.min_chains  # type: ignore[return-value]
 
     @property
+    def shrunk(self) -> bool:
+        """Ever run at fewer chains than requested because blocks ran short."""
+        return self.chain_state.shrunk
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
@@ -94,12 +100,30 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def append_token(self, token: int, eos_token_ids, model_len: int) -> None:
+        """Append a sampled token and set finish_reason when it ends the completion. A stop token (or
+        EOS) ends it without adding its text (OpenAI / vLLM)."""
+        if self.matcher is not None:
+            self.matcher.consume(token)
+        self.token_ids.append(token)
+        p = self.params
+        if token in p.stop_token_ids:
+            self.finish_reason, self.stop_reason = "stop", token
+        elif token in eos_token_ids and not p.ignore_eos:
+            self.finish_reason = "stop"
+        else:
+            self.detok.add(token)
+            if self.detok.stopped_by is not None:
+                self.finish_reason, self.stop_reason = "stop", self.detok.stopped_by
+            elif self.num_generated >= p.max_tokens or self.num_tokens >= model_len:
+                self.finish_reason = "length"
+
     def sort_key(self) -> tuple:
         """Scheduling order: higher priority first, then earlier arrival, then completion index."""
         return (-self.priority, self.request.req.arrival_time, self.request.seq_no, self.index)
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request.request_id}#{self.index}, chains={self.chains}, "
+        return (f"Sequence({self.request.request_id}#{self.index}, chains={self.num_chains}, "
                 f"computed={self.num_computed_tokens}/{self.num_tokens}, {self.status.value})")
 
 
@@ -116,6 +140,7 @@ class Request:
         self.forked = req.params.n == 1
         self.first_scheduled: float | None = None
         self.first_token: float | None = None
+        self.fault_marked = False  # the test-only fault hook fires on it (faults.py)
         # Prompt logprobs (prompt_logprobs.py): one entry per prompt position scored so far, [None] for
         # position 0; None when the request did not ask.
         self.prompt_scored: list | None = None if req.params.prompt_logprobs is None else [None]

@@ -36,13 +36,18 @@ nobody speculates. Every PROBE_EVERY steps one step speculates and one does not,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from colm_runtime.engine.grammar import fill_bitmask
 from colm_runtime.engine.sampler import TokenMasks, constrain, processed_probs
 from colm_runtime.engine.sequence import Sequence
-from colm_runtime.model import ForwardBatch, SeqSpec
+from colm_runtime.model import SeqSpec
+from colm_runtime.stats import ema
+
+if TYPE_CHECKING:
+    from colm_runtime.engine.runner import ModelRunner
 
 ALPHA_EMA = 0.3  # weight of the newest verify in the acceptance-rate average
 ALPHA_PRIOR = 0.7  # assumed acceptance rate before the first verify
@@ -63,7 +68,7 @@ def eligible(seq: Sequence, draft_chains: int) -> bool:
     """Whether seq may speculate this step: it opted in, decodes above the draft's chain count, and has
     no penalty (a penalty depends on the tokens before each position, which drafting would change)."""
     p = seq.params
-    return (seq.speculative and seq.chains > draft_chains and seq.num_uncomputed == 1
+    return (seq.speculative and seq.num_chains > draft_chains and seq.num_uncomputed == 1
             and p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1)
 
 
@@ -97,7 +102,7 @@ class SpeculativeDecoder:
         if next_switch is not None:
             room = min(room, next_switch - done - 1)
         alpha = ALPHA_PRIOR if seq.spec_alpha is None else seq.spec_alpha
-        cost = self.cost_ratio(seq.chains)
+        cost = self.cost_ratio(seq.num_chains)
         if alpha < cost and done % PROBE_EVERY:
             return 0  # even gamma 1 loses ((1 + alpha) / (1 + cost) < 1): decode plainly, probe now and then
         return max(0, min(room, best_gamma(alpha, self.max_gamma, cost)))
@@ -117,8 +122,7 @@ class SpeculativeDecoder:
         """Feed one step: its seconds per generated token (decode-only steps) for the gate."""
         self._steps += 1
         if decode_only and tokens:
-            old, value = self.tok_s[speculated], seconds / tokens
-            self.tok_s[speculated] = value if old is None else old + ALPHA_EMA * (value - old)
+            self.tok_s[speculated] = ema(self.tok_s[speculated], seconds / tokens, ALPHA_EMA)
 
     def cost_ratio(self, chains: int) -> float:
         """A draft forward's cost in verify steps: measured when possible, else the FLOP ratio."""
@@ -128,14 +132,14 @@ class SpeculativeDecoder:
 
     def observe(self, draft_seconds: float, draft_steps: int, verify_seconds: float) -> None:
         """Feed one step's timing: its draft forwards and the rest of the step."""
-        for name, value in (("draft_s", draft_seconds / draft_steps), ("verify_s", verify_seconds)):
-            old = getattr(self, name)
-            setattr(self, name, value if old is None else old + ALPHA_EMA * (value - old))
+        self.draft_s = ema(self.draft_s, draft_seconds / draft_steps, ALPHA_EMA)
+        self.verify_s = ema(self.verify_s, verify_seconds, ALPHA_EMA)
 
     # ---- draft --------------------------------------------------------------------------------------
     @torch.inference_mode()
-    def propose(self, runner, entries: list[tuple[Sequence, int]]) -> list[Draft]:
-        """Run the draft forwards for entries (sequence, gamma); their K/V lands in the draft's pools."""
+    def propose(self, runner: "ModelRunner", entries: list[tuple[Sequence, int]]) -> list[Draft]:
+        """Run the draft forwards for entries (sequence, gamma) through runner.forward_specs; their K/V
+        lands in the draft's pools."""
         d, cfg = self.draft_chains, runner.cfg
         drafts = [Draft([], None, [] if seq.matcher is not None else None) for seq, _ in entries]
         probs: list[list[torch.Tensor]] = [[] for _ in entries]
@@ -146,8 +150,7 @@ class SpeculativeDecoder:
                 seq = entries[j][0]
                 tok = seq.token_ids[-1] if i == 0 else drafts[j].tokens[-1]
                 specs.append(SeqSpec([tok], seq.num_computed_tokens + i, d, seq.block_tables[: cfg.pools_for(d)]))
-            batch = ForwardBatch.build(cfg, specs, runner.cache.block_size, runner.device)
-            logits = runner.model.forward_step(batch, runner.cache)  # [len(live), V]; all at d chains: caller order
+            logits = runner.forward_specs(specs)  # [len(live), V]; all at d chains: caller order
             logits = self._constrain([entries[j][0] for j in live], [drafts[j] for j in live], logits)
             best = logits.argmax(dim=-1).tolist()  # one device sync for every greedy row
             for row, j in enumerate(live):
@@ -157,7 +160,7 @@ class SpeculativeDecoder:
                     continue
                 q = processed_probs(logits[row : row + 1], [seq.params])[0]
                 q = q / q.sum()
-                drafts[j].tokens.append(int(torch.multinomial(q, 1, generator=self._gen(seq, runner))))
+                drafts[j].tokens.append(int(torch.multinomial(q, 1, generator=runner.generator_for(seq))))
                 probs[j].append(q)
             for j in live:  # the grammar follows the draft, so the next position's mask is right
                 if drafts[j].masks is not None:
@@ -192,9 +195,10 @@ class SpeculativeDecoder:
             entries[j][0].matcher.rollback(drafts[j].consumed)
 
     # ---- verify -------------------------------------------------------------------------------------
-    def accept(self, seq: Sequence, target: torch.Tensor, draft: Draft, runner) -> list[int]:
+    def accept(self, seq: Sequence, target: torch.Tensor, draft: Draft, gen: torch.Generator) -> list[int]:
         """The tokens seq gains from one verify: the accepted prefix of the draft plus one token from the
-        target (the correction at the first rejection, else the bonus). target: [gamma + 1, V] logits."""
+        target (the correction at the first rejection, else the bonus). target: [gamma + 1, V] logits;
+        gen: seq's sampling generator."""
         gamma = len(draft.tokens)
         masks = None if draft.masks is None else TokenMasks(list(range(gamma + 1)), torch.stack(draft.masks))
         target = constrain(target, [seq.params.logit_bias] * (gamma + 1), masks)
@@ -203,19 +207,16 @@ class SpeculativeDecoder:
             a = next((i for i in range(gamma) if draft.tokens[i] != best[i]), gamma)
             out = draft.tokens[:a] + [best[a]]
         else:
-            out = accept_sampled(processed_probs(target, [seq.params] * (gamma + 1)), draft, self._gen(seq, runner))
+            out = accept_sampled(processed_probs(target, [seq.params] * (gamma + 1)), draft, gen)
         self.record(seq, gamma, len(out) - 1)
         return out
 
     def record(self, seq: Sequence, gamma: int, accepted: int) -> None:
+        """Count one verify and feed seq's acceptance-rate average."""
         self.proposed_total += gamma
         self.accepted_total += accepted
         rate = accepted / gamma
-        seq.spec_alpha = rate if seq.spec_alpha is None else seq.spec_alpha + ALPHA_EMA * (rate - seq.spec_alpha)
-
-    @staticmethod
-    def _gen(seq: Sequence, runner) -> torch.Generator:
-        return seq.generator if seq.generator is not None else runner.generator
+        seq.spec_alpha = ema(seq.spec_alpha, rate, ALPHA_EMA)
 
 
 def accept_sampled(p: torch.Tensor, draft: Draft, gen: torch.Generator) -> list[int]:

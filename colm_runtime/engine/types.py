@@ -199,6 +199,10 @@ class EngineStats:
     # tokens recomputed to raise plain-CoLM sequences to more chains.
     chain_switches: dict[tuple[str, str], int] = field(default_factory=dict)
     recomputed_tokens_total: int = 0
+    # Steps whose batched work raised (each failed its requests), and whether the engine is still
+    # healthy: False for good after EngineConfig.max_step_failures such steps in a row (/health: 503).
+    step_failures_total: int = 0
+    healthy: bool = True
 
 
 class EngineClient(ABC):

@@ -102,8 +102,8 @@ def dequantize(t, where: str) -> torch.Tensor:
     return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))  # a writable copy
 
 
-def import_gguf(src: str | Path, out: str | Path, dtype: str = "auto", unpermute_qk: bool = True) -> Path:
-    """Import a llama GGUF file; returns OUT. unpermute_qk=False exists for the negative-control test."""
+def import_gguf(src: str | Path, out: str | Path, dtype: str = "auto") -> Path:
+    """Import a llama GGUF file; returns OUT."""
     from gguf import GGUFReader
 
     path, where = Path(src), str(src)
@@ -127,9 +127,9 @@ def import_gguf(src: str | Path, out: str | Path, dtype: str = "auto", unpermute
 
     def get(name: str) -> torch.Tensor:
         w = dequantize(by_hf[name], where)
-        if unpermute_qk and name.endswith("q_proj.weight"):
+        if name.endswith("q_proj.weight"):
             w = unpermute(w, arch.n_heads)
-        elif unpermute_qk and name.endswith("k_proj.weight"):
+        elif name.endswith("k_proj.weight"):
             w = unpermute(w, arch.n_kv_heads)
         return w
 

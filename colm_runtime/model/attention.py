@@ -70,7 +70,7 @@ class ChainAttention(nn.Module):
     def forward_step(self, x: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache, cos: torch.Tensor,
                      sin: torch.Tensor, plan: StepPlan | None) -> torch.Tensor:
         # x: [T, width(kmax)] rows sorted by chains; cos/sin: [T, hd] at each row's position
-        kmax, rows = batch.chains, batch.rows
+        kmax, rows = batch.max_chains, batch.chain_rows
         y = self.qkv(x, kmax, rows)
         if plan is not None and plan.kv_slots is not None:
             q = self._rope_and_store(y, plan, cache, cos, sin)
@@ -158,11 +158,11 @@ class ChainAttention(nn.Module):
     def _attend_per_chain(self, q: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache) -> torch.Tensor:
         """Unequal chains: one sdpa call per chain and group."""
         outs, dec_kv = [], {}
-        for j in range(batch.chains):
+        for j in range(batch.max_chains):
             lo = self.cfg.width(j) // self.cfg.head_dim
-            qj = q[: batch.rows[j], lo : lo + self.cfg.chains[j]]  # [m_j, c_j, hd]
+            qj = q[: batch.chain_rows[j], lo : lo + self.cfg.chains[j]]  # [m_j, c_j, hd]
             outs.append(self._attend(qj, j, batch, cache, dec_kv))
-        return scatter_chain_outputs(outs, batch.rows, q)
+        return scatter_chain_outputs(outs, batch.chain_rows, q)
 
     def _attend(self, q: torch.Tensor, j: int, batch: ForwardBatch, cache: ChainKVCache,
                 dec_kv: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -263,9 +263,9 @@ def plan_step(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> Ste
         groups.append(AttnGroup(g.chains, P, 1, g.q_len, g.total_len,
                                 slice(g.row_start, g.row_start + g.q_len), idx, g.mask))
     decode = None if cfg.kv_sharing or batch.dec_rows.shape[0] == 0 else _decode_pairs(batch, cache)
-    P, T = cfg.pools_for(batch.chains), batch.num_tokens
+    P, T = cfg.pools_for(batch.max_chains), batch.num_tokens
     slots = rows = None
-    if P == batch.chains:  # one pool per chain (any plain CoLM step, CoLM-Air at one chain): rope q and k at once
+    if P == batch.max_chains:  # one pool per chain (any plain CoLM step, CoLM-Air at one chain): rope q and k at once
         bs, dev = cache.block_size, batch.input_ids.device
         slots = torch.cat([batch.slots[p] + cache.offsets[p] * bs for p in range(P)])
         if slots.shape[0] != P * T:  # some rows use fewer pools: keep each pool's leading rows
@@ -275,7 +275,7 @@ def plan_step(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> Ste
 
 def _decode_pairs(batch: ForwardBatch, cache: ChainKVCache) -> DecodePairs:
     """Plain CoLM: pool p is chain p's, and the first dec_count[p] decode sequences use it."""
-    kmax, dev = batch.chains, batch.input_ids.device
+    kmax, dev = batch.max_chains, batch.input_ids.device
     n_dec = batch.dec_rows.shape[0]
     counts = [n for n in batch.dec_count if n]
     q_idx = torch.cat([batch.dec_rows[:n] * kmax + p for p, n in enumerate(counts)])  # pool-major

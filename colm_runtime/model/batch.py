@@ -50,8 +50,8 @@ class PrefillGroup:
 class ForwardBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    chains: int  # max chain count in the batch
-    rows: tuple[int, ...]  # rows[j]: leading rows that use chain j
+    max_chains: int  # the largest chain count in the batch
+    chain_rows: tuple[int, ...]  # chain_rows[j]: how many leading rows use chain j (a count, not indices)
     order: tuple[int, ...]  # sorted sequence -> caller's index
     seq_chains: tuple[int, ...]  # per sorted sequence
     last_rows: torch.Tensor  # [N] logit rows: each sorted sequence's last num_logits rows (N = B normally)
@@ -71,7 +71,7 @@ class ForwardBatch:
 
     def logit_rows(self) -> tuple[int, ...]:
         """Prefix counts per chain over last_rows (num_logits rows per sorted sequence)."""
-        return tuple(sum(n for c, n in zip(self.seq_chains, self.num_logits) if c > j) for j in range(self.chains))
+        return tuple(sum(n for c, n in zip(self.seq_chains, self.num_logits) if c > j) for j in range(self.max_chains))
 
     def logit_offsets(self) -> list[int]:
         """Per sorted sequence, the index of its first row in last_rows (and in forward_step's logits)."""
@@ -152,7 +152,7 @@ class ForwardBatch:
             prefills.append(PrefillGroup(starts[i], q_len, total, s.chains, [t[j] for j in tabs], mask))
         return ForwardBatch(
             input_ids=t[p_ids], positions=t[p_pos],
-            chains=kmax, rows=tuple(rows), order=tuple(order), seq_chains=tuple(s.chains for s in ss),
+            max_chains=kmax, chain_rows=tuple(rows), order=tuple(order), seq_chains=tuple(s.chains for s in ss),
             last_rows=t[p_last], num_logits=tuple(s.num_logits for s in ss), slots=[t[j] for j in p_slots],
             dec_rows=t[p_drows],
             dec_start=drows[0] if drows and drows == list(range(drows[0], drows[0] + len(drows))) else None,

@@ -85,7 +85,8 @@ class ChainLinear(nn.Module):
         self.chains = nn.ModuleList(
             nn.Linear(self.in_offsets[i + 1], out, bias=bias) for i, out in enumerate(out_widths)
         )
-        # The same Linear objects as a plain tuple: ModuleList indexing costs ~1 us per chain per call.
+        # The same Linear objects as a plain tuple: ModuleList indexing costs time per chain per call
+        # (measured: docs/engine.md, "Small choices behind the code").
         self._lins = tuple(self.chains)
 
     def forward(self, x: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:

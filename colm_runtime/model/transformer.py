@@ -200,7 +200,7 @@ class CoLMModel(nn.Module):
         """One engine step. Returns fp32 logits [sum(num_logits), vocab]: each sorted sequence's last
         num_logits rows (one per sequence unless it verifies speculative drafts), or [T, vocab] for
         every row when all_logits."""
-        k, rows = batch.chains, batch.rows
+        k, rows = batch.max_chains, batch.chain_rows
         # Columns of chains a row does not use hold embedding values that no chain layer reads.
         h = self._embed(batch.input_ids, k)  # [T, width(k)], a fresh tensor: the residual adds go in place
         cos, sin = (t.index_select(0, batch.positions) for t in self.rope(h.device, h.dtype))

@@ -29,12 +29,6 @@ def final_ppl(run: Path) -> dict[str, float]:
     return {k: math.exp(v) for k, v in read_log(run)[-1]["val_loss"].items()}
 
 
-def ladder_rows(run: Path) -> str:
-    ppl = final_ppl(run)
-    head = "| chains | " + " | ".join(ppl) + " |\n|---|" + "---|" * len(ppl) + "\n"
-    return head + "| validation perplexity | " + " | ".join(f"{v:.2f}" for v in ppl.values()) + " |\n"
-
-
 def strictly_falling(ppl: dict[str, float]) -> bool:
     vals = [ppl[k] for k in sorted(ppl, key=int)]
     return all(a > b for a, b in zip(vals, vals[1:]))

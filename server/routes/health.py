@@ -31,11 +31,16 @@ def _state(request: Request):
 
 @router.get("/health", response_model=Health, responses=_503)
 async def health(request: Request) -> JSONResponse:
-    """200 while the process and its engine loop are alive (liveness probe)."""
+    """200 while the process and its engine loop are alive and the engine healthy (liveness probe); 503
+    once the loop stopped or too many engine steps failed in a row, so that the orchestrator restarts it."""
     state = _state(request)
-    if state is not None and not state.stats().alive:
+    stats = state.stats() if state is not None else None
+    if stats is not None and not stats.alive:
         return JSONResponse(error_body("the engine loop has stopped", "service_unavailable_error", None,
                                        "engine_dead"), status_code=503)
+    if stats is not None and not stats.healthy:
+        return JSONResponse(error_body(f"{stats.step_failures_total} engine steps failed; restart the process",
+                                       "service_unavailable_error", None, "engine_unhealthy"), status_code=503)
     return JSONResponse({"status": "ok"})
 
 

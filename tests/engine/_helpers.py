@@ -9,8 +9,11 @@ import torch
 from colm_runtime.config import ModelConfig
 from colm_runtime.engine.block_manager import BlockManager
 from colm_runtime.engine.config import EngineConfig
+from colm_runtime.engine.detokenizer import IncrementalDetokenizer
 from colm_runtime.engine.llm_engine import LLMEngine
+from colm_runtime.engine.scheduler import Scheduler
 from colm_runtime.engine.sequence import Request, Sequence
+from colm_runtime.engine.step_types import RunnerOutput, SchedulerOutput
 from colm_runtime.engine.types import EngineRequest, SamplingParams
 from colm_runtime.model import ChainKVCache, CoLMModel
 from colm_runtime.testing import small_config, small_tokenizer
@@ -50,12 +53,26 @@ def prompt(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
 
 
 def make_seq(cfg: ModelConfig, n_tokens: int, chains: int, min_chains: int | None = None, priority: int = 0,
-             n: int = 1) -> Sequence:
-    """A bare sequence (no detokenizer) for block-manager and scheduler tests."""
-    r = Request(req(prompt(n_tokens), chains=chains, min_chains=min_chains, priority=priority, n=n))
-    seq = Sequence(r, 0, r.req.prompt_token_ids, cfg.n_kv_pools, None, None)  # type: ignore[arg-type]
+             n: int = 1, **params) -> Sequence:
+    """A sequence of a fresh request, for block-manager and scheduler tests."""
+    r = Request(req(prompt(n_tokens), chains=chains, min_chains=min_chains, priority=priority, n=n, **params))
+    detok = IncrementalDetokenizer(small_tokenizer(cfg.vocab_size), r.req.params.stop)
+    seq = Sequence(r, 0, r.req.prompt_token_ids, cfg.n_kv_pools, None, detok)
     r.seqs.append(seq)
     return seq
+
+
+def scheduler(blocks=(64, 64, 64, 64), block_size: int = 4, model_len: int = 1024, **config
+              ) -> tuple[Scheduler, BlockManager]:
+    """A real scheduler over a real block manager (no model: tests play the runner with sampled())."""
+    bm = block_manager(blocks=blocks, block_size=block_size)
+    return Scheduler(EngineConfig(block_size=block_size, **config), bm, small_tokenizer(bm.cfg.vocab_size),
+                     model_len), bm
+
+
+def sampled(so: SchedulerOutput, token: int = 1) -> RunnerOutput:
+    """A runner's output for so without a model: every sampling sequence draws `token`."""
+    return RunnerOutput(tokens={s.seq_id: [(token, None)] for seqs in so.samples.values() for s in seqs})
 
 
 def kv_bytes(cfg: ModelConfig, blocks_per_pool: int, block_size: int = 4) -> int:

@@ -42,15 +42,33 @@ def test_shortage_returns_none_and_changes_nothing():
     assert bm.shortage(seq, 12) == [0, 1, 1, 1]
 
 
-def test_shrink_frees_the_upper_pools_only():
+def test_resizing_down_frees_the_upper_pools_only():
     bm = block_manager(blocks=(8, 8, 8, 8), block_size=4)
     seq = make_seq(bm.cfg, n_tokens=8, chains=4, min_chains=1)
     bm.allocate_slots(seq, 8)
     lower = [list(t) for t in seq.block_tables[:2]]
-    bm.shrink(seq, 2)
-    assert seq.chains == 2 and seq.shrunk
+    assert bm.resize(seq, 2) == 0
+    assert seq.num_chains == 2 and not seq.shrunk  # the block manager moves blocks, it sets no policy
     assert seq.block_tables[:2] == lower and seq.block_tables[2:] == [[], []]
     assert bm.num_free == (6, 6, 8, 8)
+
+
+def test_resizing_up_recomputes_on_plain_colm_and_waits_for_blocks():
+    bm = block_manager(blocks=(8, 8, 8, 2), block_size=4)
+    seq = make_seq(bm.cfg, n_tokens=8, chains=2)
+    bm.allocate_slots(seq, 8)
+    seq.num_computed_tokens = 8
+    assert bm.resize(seq, 3) == 8  # the new chain's KV needs every token again
+    assert seq.num_chains == 3 and seq.num_computed_tokens == 0
+    bm.allocate_slots(seq, 8)
+    seq.num_computed_tokens = 8
+    seq.token_ids.extend([1] * 4)  # 12 tokens need 3 blocks of pool 3, which has 2
+    assert bm.resize(seq, 4) is None and seq.num_chains == 3 and seq.num_computed_tokens == 8
+    air = block_manager(blocks=(8,), block_size=4, kv_sharing=True)
+    shared = make_seq(air.cfg, n_tokens=8, chains=1)
+    air.allocate_slots(shared, 8)
+    shared.num_computed_tokens = 8
+    assert air.resize(shared, 4) == 0 and shared.num_computed_tokens == 8  # CoLM-Air: one KV for all
 
 
 def test_fork_shares_blocks_and_copies_the_partial_block_on_write():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colm_runtime.engine.chain_switch import schedule_at
+from colm_runtime.engine.chain_state import schedule_at
 from colm_runtime.engine.types import EngineRequest, InvalidRequest, SamplingParams
 from tests.engine._helpers import assert_all_free, diverse_model, make_engine, prompt, req
 
@@ -38,7 +38,7 @@ def test_down_and_up_mid_request_equals_the_scheduled_reference(kv_sharing, gamm
                         scheduled("c", prompt(6, seed=2), ((0, 1), (2, 4)), max_tokens=6)])
     a = out["a"][0]
     assert a.token_ids == reference(model, ids, SCHEDULE, 16)
-    assert a.chains == [schedule_at(SCHEDULE, g)[0] for g in range(16)]
+    assert a.token_chains == [schedule_at(SCHEDULE, g)[0] for g in range(16)]
     assert out["c"][0].token_ids == reference(model, prompt(6, seed=2), ((0, 1), (2, 4)), 6)
     st = eng.stats()
     assert st.chain_switches[("down", "schedule")] == 2 and st.chain_switches[("up", "schedule")] == 3
@@ -55,11 +55,11 @@ def test_going_down_frees_the_upper_pools_and_going_up_recomputes_the_tokens_so_
     eng.step(), eng.step()  # prompt + first token, second token: 2 generated
     assert all(seq.block_tables[p] for p in range(4))
     eng.step()  # generated 2: down to 1 chain
-    assert seq.chains == 1 and not any(seq.block_tables[1:]) and eng.blocks.num_free[1] == eng.blocks.num_total[1]
+    assert seq.num_chains == 1 and not any(seq.block_tables[1:]) and eng.blocks.num_free[1] == eng.blocks.num_total[1]
     eng.step()  # 4 generated after this one
     tokens_before = seq.num_tokens - 1
     eng.step()  # up to 3 chains: the 14 tokens so far are recomputed
-    assert seq.chains == 3 and eng.stats().recomputed_tokens_total == tokens_before
+    assert seq.num_chains == 3 and eng.stats().recomputed_tokens_total == tokens_before
     while eng.has_unfinished:
         eng.step()
     assert_all_free(eng)
@@ -73,11 +73,11 @@ def test_the_load_policy_steps_unpinned_requests_down_and_back_up():
     elastic, pinned = (eng.requests[r].seqs[0] for r in ("elastic", "pinned"))
     for _ in range(30):
         eng.step()
-    assert elastic.chains == 2 and pinned.chains == 4  # never below min_chains; pinned untouched
+    assert elastic.num_chains == 2 and pinned.num_chains == 4  # never below min_chains; pinned untouched
     eng.switcher.target = 1e9  # load falls: every step is far below the target
     for _ in range(25):
         eng.step()
-    assert elastic.chains == 4
+    assert elastic.num_chains == 4
     st = eng.stats()
     assert st.chain_switches[("down", "load")] == 2 and st.chain_switches[("up", "load")] == 2
 

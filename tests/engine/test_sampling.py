@@ -92,8 +92,14 @@ def test_n_completions_share_one_prefill():
     model = diverse_model()
     p, n, m = prompt(30, seed=2), 3, 10
     eng = make_engine(model)
+    eng.add_request(req(p, rid="once", n=n, temperature=1.0, seed=7, max_tokens=m))
+    eng.step()  # the prompt, once: then the n completions share its blocks
+    r = eng.requests["once"]
+    assert r.forked and [s.num_computed_tokens for s in r.seqs] == [len(p)] * n
+    assert all(eng.blocks.pools[0].ref[b] == n for b in r.seqs[0].block_tables[0][:-1])
+    eng.abort("once")
+    eng.take_pending()
     out = eng.generate([req(p, rid="r", n=n, temperature=1.0, seed=7, max_tokens=m)])["r"]
-    assert eng.metrics.tokens == len(p) + n * (m - 1)  # the prompt once, then each completion's tokens
     assert len({tuple(c.token_ids) for c in out}) == n
     for i, c in enumerate(out):  # completion i samples as a lone request seeded seed + i would
         single = make_engine(model).generate([req(p, rid="s", temperature=1.0, seed=7 + i, max_tokens=m)])

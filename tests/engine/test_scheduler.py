@@ -1,29 +1,22 @@
-"""Scheduler unit tests: token budget, chunked prefill, priorities, shrink-then-preempt, limits."""
+"""Scheduler unit tests: token budget, chunked prefill, priorities, shrink-then-preempt, limits, and
+update_from_output (computed tokens, forks, stops), driven without a model through sampled()."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from colm_runtime.engine.config import EngineConfig
-from colm_runtime.engine.scheduler import Scheduler
 from colm_runtime.engine.sequence import SequenceStatus
 from colm_runtime.engine.types import RequestTooLong
 from colm_runtime.model import ChainKVCache
-from tests.engine._helpers import block_manager, make_engine, make_seq, prompt, req
+from tests.engine._helpers import make_engine, make_seq, prompt, req, sampled, scheduler
 
 
-def scheduler(blocks=(64, 64, 64, 64), block_size=4, **config):
-    bm = block_manager(blocks=blocks, block_size=block_size)
-    return Scheduler(EngineConfig(block_size=block_size, **config), bm), bm
-
-
-def advance(so):
-    """What the engine does after a step: count computed tokens, append a sampled token at the end."""
-    for seq, n in so.scheduled:
-        seq.num_computed_tokens += n
-        if seq.num_computed_tokens == seq.num_tokens:
-            seq.token_ids.append(1)
+def run(sched, token: int = 1):
+    """One step of the real scheduler, the runner's part played by sampled(): the step's plan."""
+    so = sched.schedule()
+    sched.update_from_output(so, sampled(so, token))
+    return so
 
 
 def test_decodes_go_first_and_a_long_prompt_is_chunked_to_the_budget():
@@ -31,7 +24,7 @@ def test_decodes_go_first_and_a_long_prompt_is_chunked_to_the_budget():
     decoders = [make_seq(bm.cfg, 3, chains=k) for k in (1, 4)]
     for s in decoders:
         sched.add(s)
-    advance(sched.schedule())  # both prompts in one step (6 tokens)
+    run(sched)  # both prompts in one step (6 tokens)
     long = make_seq(bm.cfg, 40, chains=2)
     sched.add(long)
     for n_long in (14, 14, 12):
@@ -39,7 +32,7 @@ def test_decodes_go_first_and_a_long_prompt_is_chunked_to_the_budget():
         got = {s.seq_id: n for s, n in so.scheduled}
         assert got[decoders[0].seq_id] == 1 and got[decoders[1].seq_id] == 1  # decodes never stall
         assert got[long.seq_id] == n_long
-        advance(so)
+        sched.update_from_output(so, sampled(so))
     assert long.num_computed_tokens == 40 and long.num_tokens == 41
 
 
@@ -48,7 +41,7 @@ def test_a_higher_priority_prompt_does_not_stall_running_decodes():
     decoders = [make_seq(bm.cfg, 2, chains=2) for _ in range(3)]
     for s in decoders:
         sched.add(s)
-    advance(sched.schedule())
+    run(sched)
     urgent = make_seq(bm.cfg, 30, chains=4, priority=9)
     sched.add(urgent)
     for _ in range(4):
@@ -56,7 +49,7 @@ def test_a_higher_priority_prompt_does_not_stall_running_decodes():
         got = {s.seq_id: n for s, n in so.scheduled}
         assert all(got[d.seq_id] == 1 for d in decoders)
         assert got[urgent.seq_id] == 5  # the budget left after the decodes
-        advance(so)
+        sched.update_from_output(so, sampled(so))
 
 
 def test_higher_priority_is_admitted_first():
@@ -84,11 +77,11 @@ def test_pressure_shrinks_a_shrinkable_request_before_preempting_anyone():
     pinned = make_seq(bm.cfg, 8, chains=4, priority=1)
     sched.add(elastic)
     sched.add(pinned)
-    advance(sched.schedule())
+    run(sched)
     assert bm.num_free[3] == 0
     so = sched.schedule()  # position 8 needs a 3rd block in every pool the sequences use
     assert {s.seq_id for s, _ in so.scheduled} == {elastic.seq_id, pinned.seq_id}
-    assert pinned.chains == 4 and elastic.chains == 3 and elastic.shrunk
+    assert pinned.num_chains == 4 and elastic.num_chains == 3 and elastic.shrunk
     assert elastic.block_tables[3] == [] and len(pinned.block_tables[3]) == 3
     assert sched.shrinks_total == 1 and sched.preemptions_total == 0
     assert so.num_shrunk == 1
@@ -100,9 +93,9 @@ def test_pressure_preempts_the_lowest_priority_when_nobody_can_shrink():
     low = make_seq(bm.cfg, 7, chains=2, priority=1)
     sched.add(high)
     sched.add(low)
-    advance(sched.schedule())  # 2 blocks each: pool 0 is full
+    run(sched)  # 2 blocks each: pool 0 is full
     assert bm.num_free[0] == 0
-    advance(sched.schedule())  # position 7 fits the 2nd block; both decode
+    run(sched)  # position 7 fits the 2nd block; both decode
     so = sched.schedule()  # position 8 needs a 3rd block each: the low one goes
     assert [s for s, _ in so.scheduled] == [high]
     assert low.status is SequenceStatus.WAITING and low.num_computed_tokens == 0 and low.preempted == 1
@@ -114,7 +107,7 @@ def test_a_higher_priority_arrival_preempts_lower_priority_running_sequences():
     low = [make_seq(bm.cfg, 6, chains=1, priority=p) for p in (0, 1)]  # 2 blocks each: pool 0 full
     for s in low:
         sched.add(s)
-    advance(sched.schedule())
+    run(sched)
     assert bm.num_free[0] == 0
     urgent = make_seq(bm.cfg, 6, chains=1, priority=5)
     equal = make_seq(bm.cfg, 6, chains=1, priority=1)
@@ -124,7 +117,7 @@ def test_a_higher_priority_arrival_preempts_lower_priority_running_sequences():
     assert low[0].status is SequenceStatus.WAITING and low[0].preempted == 1  # the lowest went
     assert low[1].status is SequenceStatus.RUNNING
     assert all(s is not low[0] for s, _ in so.scheduled)
-    advance(so)
+    sched.update_from_output(so, sampled(so))
     sched.add(equal)  # priority 1 does not outrank the running priority-1 sequence: it waits
     sched.schedule()
     assert equal.status is SequenceStatus.WAITING and low[1].preempted == 0
@@ -134,13 +127,13 @@ def test_a_higher_priority_arrival_shrinks_an_elastic_running_sequence_before_pr
     sched, bm = scheduler(blocks=(32, 32, 32, 2), max_num_batched_tokens=64)
     elastic = make_seq(bm.cfg, 6, chains=4, min_chains=1, priority=0)
     sched.add(elastic)
-    advance(sched.schedule())
+    run(sched)
     assert bm.num_free[3] == 0
     urgent = make_seq(bm.cfg, 6, chains=4, priority=5)
     sched.add(urgent)
     so = sched.schedule()
     assert urgent.status is SequenceStatus.RUNNING and elastic.status is SequenceStatus.RUNNING
-    assert elastic.chains == 3 and so.num_shrunk == 1 and so.num_preempted == 0
+    assert elastic.num_chains == 3 and so.num_shrunk == 1 and so.num_preempted == 0
 
 
 def test_a_request_that_can_never_fit_is_rejected():
@@ -155,3 +148,47 @@ def test_a_request_that_can_never_fit_is_rejected():
     small.add_request(req(prompt(12), max_tokens=4))  # 16 tokens fit exactly
     while small.has_unfinished:
         small.step()
+
+
+def test_update_counts_computed_tokens_and_samples_only_at_the_end_of_a_prompt():
+    sched, bm = scheduler(max_num_batched_tokens=8)
+    seq = make_seq(bm.cfg, 12, chains=2)
+    sched.add(seq)
+    so = run(sched)
+    assert so.scheduled == [(seq, 8)] and not so.samples  # a chunk that does not end the prompt
+    assert seq.num_computed_tokens == 8 and seq.num_tokens == 12
+    so = run(sched, token=7)
+    assert list(so.samples) == [0] and so.samples[0] == [seq]
+    assert seq.num_computed_tokens == 12 and seq.output_token_ids == [7]
+
+
+def test_update_forks_n_completions_once_the_prompt_is_computed_and_finishes_them():
+    sched, bm = scheduler()
+    seq = make_seq(bm.cfg, 6, chains=2, n=3, max_tokens=2)
+    sched.add(seq)
+    r = seq.request
+    so = sched.schedule()
+    assert [s.index for s in so.samples[0]] == [0, 1, 2] and not r.forked  # forks made to sample with it
+    outs = sched.update_from_output(so, sampled(so))
+    assert r.forked and [s.index for s in r.seqs] == [0, 1, 2] and len(sched.running) == 3
+    assert [(o.index, o.token_ids) for o in outs] == [(0, (1,)), (1, (1,)), (2, (1,))]
+    assert all(s.block_tables[0] == seq.block_tables[0] for s in r.seqs)  # the prompt's blocks, shared
+    assert bm.pools[0].ref[seq.block_tables[0][0]] == 3
+    outs = run_outputs(sched)
+    assert [o.finish_reason for o in outs] == ["length"] * 3 and r.finished
+    assert not sched.running and bm.num_free == bm.num_total
+
+
+def test_update_stops_at_a_stop_token_without_its_text():
+    sched, bm = scheduler()
+    seq = make_seq(bm.cfg, 4, chains=1, stop_token_ids=(5,), max_tokens=8)
+    sched.add(seq)
+    run(sched, token=9)
+    outs = run_outputs(sched, token=5)
+    assert outs[0].finish_reason == "stop" and outs[0].stop_reason == 5 and outs[0].text == ""
+    assert seq.is_finished and bm.num_free == bm.num_total
+
+
+def run_outputs(sched, token: int = 1):
+    so = sched.schedule()
+    return sched.update_from_output(so, sampled(so, token))

@@ -227,7 +227,7 @@ def test_speculation_under_memory_pressure_stays_exact(kv_sharing):
     for r in reqs():
         c = got[r.request_id][0]
         ids = list(r.prompt_token_ids)
-        for tok, k in zip(c.token_ids, c.chains):
+        for tok, k in zip(c.token_ids, c.token_chains):
             with torch.no_grad():
                 assert int(model.logits(model(torch.tensor([ids]), chains=k), k)[0, -1].argmax()) == tok
             ids.append(tok)

@@ -120,7 +120,7 @@ def test_preemption_and_chain_switches_keep_the_grammar_state(model_dir, engine,
         switched.append((name, r))
     for (name, _), c in zip(switched, _run(engine, [r for _, r in switched])):
         _check(name, c)
-        assert len(set(c.chains)) > 1
+        assert len(set(c.token_chains)) > 1
 
 
 def test_speculative_drafts_follow_the_grammar(model_dir, engine, grammars):

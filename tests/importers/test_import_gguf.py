@@ -67,10 +67,13 @@ def test_q8_0_is_close_to_the_original(gguf_pair, hf_dir, tmp_path):
     assert relative_error(out, hf_load(hf_dir), long_ids(hf_dir)) < 0.03
 
 
-def test_negative_control_left_permuted_fails(gguf_pair, hf_dir, tmp_path):
-    """q/k left in llama.cpp's order: the logit comparison must fail."""
-    path, ref = gguf_pair
-    out = import_gguf(path, tmp_path / "colm", dtype="float32", unpermute_qk=False)
+def test_negative_control_a_q_k_order_mistake_fails(hf_dir, tmp_path):
+    """A file whose q/k rows were never put in llama.cpp's order: the import's unpermute then scrambles
+    them (the same mistake as a missing unpermute), and the logit comparison must fail."""
+    path = tmp_path / "unpermuted.gguf"
+    write_gguf(hf_dir, path, "F32", permute_qk=False)
+    out = import_gguf(path, tmp_path / "colm", dtype="float32")
+    ref = hf_load(hf_dir)
     with pytest.raises(AssertionError):
         assert_same_logits(out, ref, long_ids(hf_dir))
     assert relative_error(out, ref, long_ids(hf_dir)) > 0.2

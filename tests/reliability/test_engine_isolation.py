@@ -79,3 +79,26 @@ def test_forward_fault_fails_its_batch_only(plain_model_dir, monkeypatch):
     for rid, completions in ref.items():
         assert [c.token_ids for c in done[rid]] == [c.token_ids for c in completions]
     assert not engine.has_unfinished and engine.blocks.num_free == engine.blocks.num_total
+
+
+def test_failed_steps_in_a_row_make_the_engine_unhealthy(plain_model_dir, monkeypatch):
+    monkeypatch.setenv(ENV, f"forward:{MARKER}")
+    engine = LLMEngine.from_model_dir(plain_model_dir, EngineConfig(kv_cache_memory=4 << 20, cpu_threads=1,
+                                                                    max_step_failures=2))
+    reqs = _requests(engine, n=1)
+    bad = reqs[1]
+
+    def fail_one(rid: str) -> None:
+        done = engine.generate([EngineRequest(rid, bad.prompt_token_ids, bad.params, chains=2)])
+        assert done[rid][0].finish_reason == "error"
+
+    fail_one("bad-1")
+    assert engine.stats().healthy and engine.stats().step_failures_total == 1
+    engine.generate([reqs[0]])  # a good step between: the run starts again
+    fail_one("bad-2")
+    assert engine.stats().healthy
+    fail_one("bad-3")
+    st = engine.stats()
+    assert not st.healthy and st.step_failures_total == 3
+    done = engine.generate([reqs[2]])  # unhealthy for good, but it still serves what it can
+    assert done[reqs[2].request_id][0].finish_reason == "length" and not engine.stats().healthy

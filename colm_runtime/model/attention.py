@@ -265,7 +265,7 @@ def plan_step(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> Ste
     decode = None if cfg.kv_sharing or batch.dec_rows.shape[0] == 0 else _decode_pairs(batch, cache)
     P, T = cfg.pools_for(batch.max_chains), batch.num_tokens
     slots = rows = None
-    if P == batch.max_chains:  # one pool per chain (any plain CoLM step, CoLM-Air at one chain): rope q and k at once
+    if P == batch.max_chains:  # a pool per chain (plain CoLM, Air at 1 chain): rope q and k at once
         bs, dev = cache.block_size, batch.input_ids.device
         slots = torch.cat([batch.slots[p] + cache.offsets[p] * bs for p in range(P)])
         if slots.shape[0] != P * T:  # some rows use fewer pools: keep each pool's leading rows

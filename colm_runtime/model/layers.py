@@ -62,6 +62,9 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = Non
             return F.linear(x, w, bias)
         return torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
     r = x.shape[0]
+    if r == 1:  # ATen's bf16 matrix-vector product: ~1.5x faster than oneDNN's one-row GEMM, no kernel kept
+        y = torch.mv(w, x[0]).unsqueeze(0) if bias is None else torch.addmv(bias, w, x[0]).unsqueeze(0)
+        return y if out is None else out.copy_(y)
     if bucket_rows(r) != r or not x.is_contiguous():
         xp = x.new_zeros(bucket_rows(r), x.shape[1])
         xp[:r] = x

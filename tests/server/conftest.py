@@ -88,8 +88,9 @@ def start_server(tmp_path_factory, model_dir: Path, name: str, args=(), env=None
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, model_dir):
-    """The default server: no API keys, default tiers."""
-    s = start_server(tmp_path_factory, model_dir, "main")
+    """The default server: no API keys, default tiers; fp32 (the checkpoint's) whatever --dtype auto
+    picks here, because tests compare its logprobs with an fp32 full forward (test_prompt_logprobs)."""
+    s = start_server(tmp_path_factory, model_dir, "main", args=["--dtype", "float32"])
     yield s
     s.stop()
 

@@ -100,11 +100,18 @@ class CoLMModel(nn.Module):
     def column_major_head(self) -> CoLMModel:
         """Store the [vocab, dim] head (and tied embedding) column-major, so that scale k's columns
         0..width(k) are one contiguous block: a strided read of them costs ~50% more at batch 1.
-        Shapes, names and values are unchanged (checkpoints are written contiguous row-major)."""
+        Shapes, names and values are unchanged (checkpoints are written contiguous row-major).
+        Exception: a one-chain model in reduced precision on the CPU stays row-major (no column prefix
+        to read; ATen's bf16 matrix-vector product reads a row-major head 2x faster, and the whole bf16
+        step ran 1.05-1.08x faster). Call it after any dtype or device move."""
+        w = self.head_weight
+        row_major = self.cfg.n_chains == 1 and w.dtype != torch.float32 and w.device.type == "cpu"
         for mod in (self.embed, self.lm_head):
-            if mod is not None and mod.weight.stride(0) != 1:
-                mod.weight = nn.Parameter(mod.weight.detach().t().contiguous().t(),
-                                          requires_grad=mod.weight.requires_grad)
+            if mod is None or (mod.weight.stride(0) == 1) != row_major:
+                continue  # already in the wanted layout
+            t = mod.weight.detach()
+            mod.weight = nn.Parameter(t.contiguous() if row_major else t.t().contiguous().t(),
+                                      requires_grad=mod.weight.requires_grad)
         return self
 
     @property

@@ -51,6 +51,11 @@ class ChainState:
         """Whether the load policy may take a chain from it (no schedule, above min_chains)."""
         return not self.schedule and current > self.min_chains
 
+    @property
+    def load_capped(self) -> bool:
+        """Whether the load policy holds it below its wish (so it may give a chain back)."""
+        return self.load_cap is not None
+
     def lower_load(self, current: int) -> None:
         self.load_cap = current - 1
 

@@ -73,7 +73,7 @@ class ChainSwitcher:
                 seq.chain_state.lower_load(seq.num_chains)
                 self._cooldown = COOLDOWN_STEPS
         elif step_time < LOW_WATER * self.target:
-            cands = [s for s in running if s.chain_state.load_cap is not None]
+            cands = [s for s in running if s.chain_state.load_capped]
             if cands:
                 cands[0].chain_state.raise_load()
                 self._cooldown = COOLDOWN_STEPS

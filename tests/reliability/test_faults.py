@@ -156,6 +156,14 @@ def test_kv_exhaustion_shrinks_and_preempts(tight):
     assert count_5xx(url, h) == 0 and tight.proc.poll() is None
 
 
+def _wait_admitted(url: str, n: int, timeout: float = 60.0) -> None:
+    """Until the server has admitted n requests (colm_routed_requests_total over every label)."""
+    deadline = time.monotonic() + timeout
+    while sum(v for (name, _), v in scrape(url).items() if name == "colm_routed_requests_total") < n:
+        assert time.monotonic() < deadline, f"fewer than {n} requests admitted in {timeout} s"
+        time.sleep(0.01)
+
+
 def test_sigterm_drains_every_request(tmp_path_factory, model_dir):
     """SIGTERM with six requests in flight (streams and not): all six finish in full, exit status 0."""
     server = start(tmp_path_factory, model_dir, "sigterm", ["--drain-timeout", "60"])
@@ -179,7 +187,7 @@ def test_sigterm_drains_every_request(tmp_path_factory, model_dir):
         with ThreadPoolExecutor(6) as pool:
             futs = [pool.submit(stream_one) for _ in range(3)] + [pool.submit(plain_one) for _ in range(3)]
             started.wait(timeout=60)
-            time.sleep(0.2)
+            _wait_admitted(url, 6)  # SIGTERM before a request reaches the server would (rightly) refuse it
             server.signal(signal.SIGTERM)
             results = [f.result(timeout=120) for f in futs]
         for res in results[:3]:

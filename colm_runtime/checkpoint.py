@@ -98,8 +98,7 @@ def load_model(model_dir: str | Path, device: torch.device | str = "cpu",
     with torch.device("meta"):
         model = CoLMModel(cfg)
     model.load_state_dict(state, assign=True)
-    model.column_major_head()
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).eval().column_major_head()  # its layout depends on both
 
 
 def extract_state(model: CoLMModel, chains: int) -> tuple[ModelConfig, dict[str, torch.Tensor]]:

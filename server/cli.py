@@ -43,8 +43,8 @@ _FLAGS = {
     "--kv-cache-memory": ("kv_cache_memory", str, "bytes for the KV cache, e.g. 512MiB (default: fits the machine)"),
     "--block-size": ("block_size", int, "KV block size in tokens (default 16)"),
     "--device": ("device", str, "cpu, cuda, cuda:N or auto (default auto: CUDA when present)"),
-    "--dtype": ("dtype", str, "checkpoint, auto, float32, bfloat16 or float16 (default checkpoint: the "
-                           "checkpoint's; auto: the fastest here, bfloat16 on a GPU or a CPU with AMX, else float32)"),
+    "--dtype": ("dtype", str, "auto, checkpoint, float32, bfloat16 or float16 (default auto: the fastest "
+                           "here, bfloat16 on a GPU or a CPU with AMX, else float32; checkpoint: the checkpoint's)"),
     "--chat-template": ("chat_template", str, "Jinja2 chat template file (default: the model's, or built-in)"),
     "--drain-timeout": ("drain_timeout", float, "seconds to finish in-flight requests on SIGTERM (default 30)"),
     "--log-level": ("log_level", str, "critical, error, warning, info or debug (default info)"),

@@ -76,9 +76,9 @@ class ServerSettings(BaseSettings):
     kv_cache_memory: int | None = Field(None, ge=1, description="bytes for all KV pools (512MiB, 2GB)")
     block_size: int = Field(16, ge=1, le=1024)
     device: str = "auto"
-    # Not "auto" by default: bf16 on this AMX CPU grew the server's RSS by 200-380 MiB over a 25 s soak
-    # (tests/reliability/test_soak.py) and flips SmolLM2's greedy answers (docs/performance.md).
-    dtype: str = "checkpoint"
+    # auto: the fastest correct dtype here (bf16 on a GPU or an AMX CPU), reported at start-up. bf16 is not
+    # bit-faithful to an fp32 checkpoint: tests that compare exact outputs pin --dtype float32.
+    dtype: str = "auto"
     seed: int = 0
     num_speculative_tokens: int = Field(0, ge=0, le=16, description="self-speculative decoding: draft tokens "
                                         "per step at most (0: off)")

@@ -70,6 +70,8 @@ class LLMEngine:
         self.spec = SpeculativeDecoder(config.num_speculative_tokens, config.speculative_draft_chains,
                                        self.model_len)
         self.runner = ModelRunner(model, cache, config.seed, config.air_prefill_one_chain, self.spec)
+        # bf16 on the CPU: build the bounded set of matmul kernels now (memory flat from the start).
+        model.warm_kernels(config.max_num_batched_tokens, config.max_num_seqs)
         self.metrics = StepMetrics()
         self.switcher = ChainSwitcher(self.blocks, config.step_time_target)
         self._pending: list[RequestOutput] = []  # abort outputs, handed out by the next step()

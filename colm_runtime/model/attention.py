@@ -240,8 +240,8 @@ class StepPlan:
     """How a step's attention runs when the chains are equal and the pools share one K/V tensor;
     built once per step (not per layer).
 
-    kv_slots: [R] global flat slots of the new K/V rows of every pool, pool-major (None: one pool,
-    written per pool); kv_rows: [R] which rows of the [kv_pools * T] pool-major K/V are stored there
+    kv_slots: [R] global flat slots of the new K/V rows of every pool, pool-major (None: CoLM-Air above one
+    chain, written per pool); kv_rows: [R] which rows of the [kv_pools * T] pool-major K/V are stored there
     (None: every row owns every pool).
     """
 
@@ -265,7 +265,7 @@ def plan_step(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> Ste
     decode = None if cfg.kv_sharing or batch.dec_rows.shape[0] == 0 else _decode_pairs(batch, cache)
     P, T = cfg.pools_for(batch.max_chains), batch.num_tokens
     slots = rows = None
-    if P > 1:
+    if P == batch.max_chains:  # a pool per chain (plain CoLM, Air at 1 chain): rope q and k at once
         bs, dev = cache.block_size, batch.input_ids.device
         slots = torch.cat([batch.slots[p] + cache.offsets[p] * bs for p in range(P)])
         if slots.shape[0] != P * T:  # some rows use fewer pools: keep each pool's leading rows

@@ -42,6 +42,37 @@ def scatter_chain_outputs(outs: list[torch.Tensor], rows: Rows, like: torch.Tens
     return y
 
 
+def bucket_rows(n: int) -> int:
+    """The row count a reduced-precision CPU matmul of n rows runs at: the next power of two up to 64,
+    then the next multiple of 64. oneDNN builds and keeps a kernel and its buffers (~0.8 MiB) for every
+    new row count in bf16, and a server sees hundreds of row counts: its memory grew by hundreds of MiB
+    (docs/performance.md, "Real scale"). Buckets bound that to 14 row counts up to 512 per weight shape.
+    Padding costs little: up to 64 rows a bf16 product is bound by reading the weight, not by rows."""
+    return 1 << max(0, n - 1).bit_length() if n <= 64 else -(-n // 64) * 64
+
+
+def linear_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ w.T (+ bias) for x: [r, d], w: [o, d], into out ([r, o], may be a strided column block) when
+    given. A reduced-precision product on the CPU runs on a contiguous copy of x padded with zero rows to
+    bucket_rows(r), into a fresh output: oneDNN's kernels are then keyed by (bucket, weight) only, not by
+    the strides of whichever slice a step multiplies, and CoLMModel.warm_kernels can build them all."""
+    if x.dtype == torch.float32 or x.device.type != "cpu":
+        if out is None:
+            return F.linear(x, w, bias)
+        return torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
+    r = x.shape[0]
+    if r == 1:  # ATen's bf16 matrix-vector product: ~1.5x faster than oneDNN's one-row GEMM, no kernel kept
+        y = torch.mv(w, x[0]).unsqueeze(0) if bias is None else torch.addmv(bias, w, x[0]).unsqueeze(0)
+        return y if out is None else out.copy_(y)
+    if bucket_rows(r) != r or not x.is_contiguous():
+        xp = x.new_zeros(bucket_rows(r), x.shape[1])
+        xp[:r] = x
+        x = xp
+    y = F.linear(x, w, bias)[:r]
+    return y if out is None else out.copy_(y)
+
+
 class ChainLinear(nn.Module):
     """Block lower-triangular linear map, storing and computing only the non-zero blocks.
 
@@ -60,7 +91,6 @@ class ChainLinear(nn.Module):
         # The same Linear objects as a plain tuple: ModuleList indexing costs time per chain per call
         # (measured: docs/engine.md, "Small choices behind the code").
         self._lins = tuple(self.chains)
-        self._bias = bias
 
     def forward(self, x: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:
         # x: [..., >= in_offsets[chains]] -> [..., out_offsets[chains]]
@@ -81,11 +111,7 @@ class ChainLinear(nn.Module):
         for j, lin in enumerate(self._lins[:chains]):
             r = T if rows is None else rows[j]
             out = y[:r, self.out_offsets[j] : self.out_offsets[j + 1]]
-            xin = x[:r, : self.in_offsets[j + 1]]
-            if not self._bias:
-                torch.mm(xin, lin.weight.t(), out=out)
-            else:
-                torch.addmm(lin.bias, xin, lin.weight.t(), out=out)
+            linear_rows(x[:r, : self.in_offsets[j + 1]], lin.weight, out, lin.bias)
         return y
 
 
@@ -100,9 +126,14 @@ class ChainRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(self.offsets[-1]))
         self._equal = len(set(self.widths)) == 1
 
-    def _norm(self, x: torch.Tensor) -> torch.Tensor:
-        # x * rsqrt(mean(x^2) + eps) over the last dim, in fp32: one fused op instead of five
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
+    def _norm(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x * rsqrt(mean(x^2) + eps) over the last dim, computed in fp32, times w; x: [..., c] and w:
+        [c], or x: [..., n, c] and w: [n, c]. Rounded as transformers' LlamaRMSNorm rounds: the
+        normalised x is cast to x's dtype before the weight multiplies it (a no-op in fp32, where a
+        one-chain norm is one fused op)."""
+        if x.dtype == torch.float32 and w.dim() == 1:
+            return F.rms_norm(x, (x.shape[-1],), w, eps=self.eps)
+        return F.rms_norm(x, (x.shape[-1],), eps=self.eps) * w  # bf16 in: computed in fp32, rounded once
 
     def forward(self, x: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:
         # x: [..., >= offsets[chains]] -> [..., offsets[chains]]
@@ -111,13 +142,15 @@ class ChainRMSNorm(nn.Module):
         if self._equal:
             # Equal chains: one pass over every row and chain of the step. A row's unused chains are
             # normalised too (elementwise, negligible next to the matmuls) and never read afterwards.
+            if chains == 1:
+                return self._norm(x[..., :width], w)
             xs = x[..., :width].unflatten(-1, (chains, self.widths[0]))
-            return (self._norm(xs).flatten(-2) * w.float()).to(x.dtype)
+            return self._norm(xs, w.view(chains, -1)).flatten(-2)
         outs = []
         for j in range(chains):
             lo, hi = self.offsets[j], self.offsets[j + 1]
             xin = x[..., lo:hi] if rows is None else x[: rows[j], lo:hi]
-            outs.append((self._norm(xin) * w[lo:hi].float()).to(x.dtype))
+            outs.append(self._norm(xin, w[lo:hi]))
         return scatter_chain_outputs(outs, rows, x)
 
 
@@ -136,21 +169,25 @@ def llama3_inv_freq(inv: torch.Tensor, scaling: dict) -> torch.Tensor:
 
 def rope_cache(head_dim: int, max_pos: int, theta: float, device=None,
                scaling: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin tables: [max_pos, head_dim] (Llama's rotate-half layout), in fp32. `scaling`: a
-    Llama-3 rope_scaling dict (config.rope_scaling), or None for plain RoPE."""
+    """cos, sin tables: [max_pos, head_dim] (Llama's rotate-half layout), in fp32, with sin's first half
+    negated (apply_rope's form of rotate_half). `scaling`: a Llama-3 rope_scaling dict
+    (config.rope_scaling), or None for plain RoPE."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
     if scaling is not None:
         inv = llama3_inv_freq(inv, scaling)
     freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64, device=device), inv)
     emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().float(), emb.sin().float()
+    sign = torch.cat([-torch.ones_like(inv), torch.ones_like(inv)])
+    return emb.cos().float(), (emb.sin() * sign).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x: [..., T, H, hd] with cos/sin: [..., T, hd] (already gathered at x's positions)."""
+    """Rotate x: [..., T, H, hd] with rope_cache's cos/sin: [..., T, hd] (gathered at x's positions),
+    computed in the tables' dtype and returned in x's (fp32 tables: the rotation in fp32, as training
+    under autocast wants; tables in x's dtype: no casts, transformers' rounding in bf16)."""
     half = x.shape[-1] // 2
-    xf = x.float()
-    rotated = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    out = xf * cos.unsqueeze(-2) + rotated * sin.unsqueeze(-2)
-    return out.to(x.dtype)
-
+    xf = x.to(cos.dtype)
+    # rotate_half(x) * sin == (x's halves swapped) * (sin, first half negated: the table's form): one
+    # roll instead of two slices, a neg and a cat, and one fused multiply-add (1.6x faster at T = 1-32).
+    swapped = xf.roll(half, -1)
+    return torch.addcmul(xf * cos.unsqueeze(-2), swapped, sin.unsqueeze(-2)).to(x.dtype)

@@ -19,6 +19,8 @@ from colm_runtime.model.layers import (
     ChainLinear,
     ChainRMSNorm,
     Rows,
+    bucket_rows,
+    linear_rows,
     rope_cache,
     scatter_chain_outputs,
 )
@@ -81,24 +83,35 @@ class CoLMModel(nn.Module):
     def reset_rope(self) -> None:
         """Drop the rotary tables; they are rebuilt in fp32 on first use on each device. They are not
         buffers on purpose: model.to(bfloat16) must not round them."""
-        self._rope: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._rope: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def rope(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [max_position_embeddings, head_dim], fp32, on `device`."""
-        if device not in self._rope:
-            scaling = dict(self.cfg.rope_scaling) if self.cfg.rope_scaling is not None else None
-            self._rope[device] = rope_cache(self.cfg.head_dim, self.cfg.max_position_embeddings,
-                                            self.cfg.rope_theta, device=device, scaling=scaling)
-        return self._rope[device]
+    def rope(self, device: torch.device, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [max_position_embeddings, head_dim] on `device`, computed in fp32 and stored in
+        `dtype` (forward_step's rope runs in the model's dtype, as transformers' does)."""
+        if (device, dtype) not in self._rope:
+            if (device, torch.float32) not in self._rope:
+                scaling = dict(self.cfg.rope_scaling) if self.cfg.rope_scaling is not None else None
+                self._rope[device, torch.float32] = rope_cache(
+                    self.cfg.head_dim, self.cfg.max_position_embeddings, self.cfg.rope_theta, device=device,
+                    scaling=scaling)
+            self._rope[device, dtype] = tuple(t.to(dtype) for t in self._rope[device, torch.float32])
+        return self._rope[device, dtype]
 
     def column_major_head(self) -> CoLMModel:
         """Store the [vocab, dim] head (and tied embedding) column-major, so that scale k's columns
         0..width(k) are one contiguous block: a strided read of them costs ~50% more at batch 1.
-        Shapes, names and values are unchanged (checkpoints are written contiguous row-major)."""
+        Shapes, names and values are unchanged (checkpoints are written contiguous row-major).
+        Exception: a one-chain model in reduced precision on the CPU stays row-major (no column prefix
+        to read; ATen's bf16 matrix-vector product reads a row-major head 2x faster, and the whole bf16
+        step ran 1.05-1.08x faster). Call it after any dtype or device move."""
+        w = self.head_weight
+        row_major = self.cfg.n_chains == 1 and w.dtype != torch.float32 and w.device.type == "cpu"
         for mod in (self.embed, self.lm_head):
-            if mod is not None and mod.weight.stride(0) != 1:
-                mod.weight = nn.Parameter(mod.weight.detach().t().contiguous().t(),
-                                          requires_grad=mod.weight.requires_grad)
+            if mod is None or (mod.weight.stride(0) == 1) != row_major:
+                continue  # already in the wanted layout
+            t = mod.weight.detach()
+            mod.weight = nn.Parameter(t.contiguous() if row_major else t.t().contiguous().t(),
+                                      requires_grad=mod.weight.requires_grad)
         return self
 
     @property
@@ -136,24 +149,49 @@ class CoLMModel(nn.Module):
     def logits(self, hidden: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:
         """LM head on normed hidden states: logits_k = sum_{j<k} W_head[:, chain j] h_j, in fp32.
 
-        rows (for rows sorted by chain count): rows[j] leading rows use chain j. Each chain's share is
-        accumulated in place on its rows only. (One product per chain count over its whole width costs
+        rows (for rows sorted by chain count): rows[j] leading rows use chain j. In fp32 each chain's
+        share is accumulated in place on its rows only. (One product per chain count over its whole width costs
         the same FLOPs but reads the head's leading columns once per chain count: ~40% slower at
         batch 32, where the head read dominates.)
         """
         W = self.head_weight
         off = self.norm.offsets
         if rows is None or all(r == hidden.shape[0] for r in rows):
+            if hidden.dim() == 2:
+                return linear_rows(hidden[:, : off[chains]], W[:, : off[chains]]).float()
             return F.linear(hidden[..., : off[chains]], W[:, : off[chains]]).float()
         if hidden.dtype == torch.float32:
             out = torch.mm(hidden[:, : off[1]], W[:, : off[1]].t())
             for j in range(1, chains):
                 out[: rows[j]].addmm_(hidden[: rows[j], off[j] : off[j + 1]], W[:, off[j] : off[j + 1]].t())
             return out
-        out = hidden.new_zeros(hidden.shape[0], W.shape[0], dtype=torch.float32)
-        for j in range(chains):
-            out[: rows[j]] += F.linear(hidden[: rows[j], off[j] : off[j + 1]], W[:, off[j] : off[j + 1]]).float()
-        return out
+        # Reduced precision: oneDNN's bf16 product at a few dozen rows is bound by reading the head, not
+        # by rows, so one product over every chain's columns, with the columns a row does not use zeroed,
+        # costs what the all-chains head costs and saves a product and a [rows, vocab] fp32 add per chain.
+        h = hidden[:, : off[chains]].clone()  # [N, width(chains)]
+        for j in range(1, chains):
+            h[rows[j] :, off[j] : off[j + 1]] = 0
+        return linear_rows(h, W[:, : off[chains]]).float()
+
+    @torch.inference_mode()
+    def warm_kernels(self, max_rows: int, max_logit_rows: int) -> int:
+        """Build every matmul kernel that steps of up to max_rows rows (and logits of up to max_logit_rows
+        rows) can ask oneDNN for, on a reduced-precision CPU model (else nothing to do): linear_rows keys
+        them by (row bucket, weight shape), so their memory is bounded and reached here, at start-up,
+        rather than over hours of traffic. Layer 0 stands for every layer (same shapes; oneDNN keys a
+        kernel by shapes, not by the weight's address). Returns the number of products run."""
+        W = self.head_weight
+        if W.dtype == torch.float32 or W.device.type != "cpu":
+            return 0
+        blk, off = self.layers[0], self.norm.offsets
+        weights = [lin.weight for cl in (blk.attn.qkv, blk.attn.o, blk.ffn.gate_up, blk.ffn.down) for lin in cl.chains]
+        head = [W[:, : off[k]] for k in range(1, len(off))] + [W[:, off[j] : off[j + 1]] for j in range(1, len(off) - 1)]
+        n = 0
+        for b in sorted({bucket_rows(r) for r in range(1, max_rows + 1)}):
+            for w in weights + (head if b <= bucket_rows(max_logit_rows) else []):
+                linear_rows(W.new_zeros(b, w.shape[1]), w)
+                n += 1
+        return n
 
     def scale_logits(self, hidden: torch.Tensor) -> list[torch.Tensor]:
         """Logits of every scale 1..k from one full forward's hidden states (chain rule: the first k
@@ -173,13 +211,13 @@ class CoLMModel(nn.Module):
         num_logits rows (one per sequence unless it verifies speculative drafts), or [T, vocab] for
         every row when all_logits."""
         k, rows = batch.max_chains, batch.chain_rows
-        cos, sin = (t.index_select(0, batch.positions) for t in self.rope(batch.input_ids.device))
         # Columns of chains a row does not use hold embedding values that no chain layer reads.
-        h = self._embed(batch.input_ids, k)
+        h = self._embed(batch.input_ids, k)  # [T, width(k)], a fresh tensor: the residual adds go in place
+        cos, sin = (t.index_select(0, batch.positions) for t in self.rope(h.device, h.dtype))
         plan = plan_step(self.cfg, batch, cache)
         for blk in self.layers:
-            h = h + blk.attn.forward_step(blk.attn_norm(h, k, rows), batch, cache, cos, sin, plan)
-            h = h + blk.ffn(blk.ffn_norm(h, k, rows), k, rows)
+            h += blk.attn.forward_step(blk.attn_norm(h, k, rows), batch, cache, cos, sin, plan)
+            h += blk.ffn(blk.ffn_norm(h, k, rows), k, rows)
         if all_logits:
             return self.logits(self.norm(h, k, rows), k, rows)
         last = h if batch.num_tokens == batch.last_rows.shape[0] else h.index_select(0, batch.last_rows)

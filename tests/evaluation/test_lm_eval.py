@@ -36,7 +36,8 @@ def offline_env(tmp_path) -> dict:
 
 
 def test_lm_eval_at_every_chain_count_matches_colm_eval(tmp_path, shipped_model):
-    server = ServerProcess(shipped_model, tmp_path / "server.log").wait_ready()
+    # fp32 whatever --dtype auto picks here: the perplexities are compared with colm eval's fp32 ones.
+    server = ServerProcess(shipped_model, tmp_path / "server.log", ("--dtype", "float32")).wait_ready()
     out = tmp_path / "results.json"
     try:
         run = subprocess.run([sys.executable, "evaluation/lm_eval_chains.py", "--base-url", server.url,

@@ -124,6 +124,28 @@ def test_bf16_on_cpu_tracks_fp32(air):
     torch.testing.assert_close(got, ref, rtol=0, atol=0.1 * ref.abs().max().item())
 
 
+def test_bf16_mixed_chain_batch_tracks_fp32():
+    """bf16 on the CPU with every chain count in one batch (bucketed, padded matmuls; the one-product mixed
+    LM head; one-row products when a step has a single row): each sequence's logits track the fp32 full
+    forward at its own chain count, prefill then decode."""
+    cfg = small_config()
+    m32, m16 = random_model(cfg), random_model(cfg, dtype=torch.bfloat16)
+    assert m16.warm_kernels(64, 8) > 0 and m32.warm_kernels(64, 8) == 0
+    seqs = {k: rand_ids(cfg, 14, seed=10 + k) for k in range(1, cfg.n_chains + 1)}
+    run = PagedRunner(m16)
+    got = {k: [v] for k, v in zip(seqs, run.step([(k, ids[:11], 0, k) for k, ids in seqs.items()]))}
+    for t in range(11, 14):
+        for k, v in zip(seqs, run.step([(k, ids[t : t + 1], t, k) for k, ids in seqs.items()])):
+            got[k].append(v)
+    alone = run.step([(1, [3], 14, 1)])[0]  # a one-row step: the matrix-vector path
+    for k, ids in seqs.items():
+        ref = full_logits(m32, ids, k)[10:]
+        tol = 0.1 * ref.abs().max().item()
+        torch.testing.assert_close(torch.stack(got[k]), ref, rtol=0, atol=tol)
+    ref1 = full_logits(m32, seqs[1] + [3], 1)[-1]
+    torch.testing.assert_close(alone, ref1, rtol=0, atol=0.1 * ref1.abs().max().item())
+
+
 @pytest.mark.parametrize("setting", SETTINGS[:3], ids=IDS[:3])
 def test_upper_chains_computed_over_a_prefix_held_in_the_lower_pools(setting):
     """Prefix caching's partial hit: a prompt cached at 1 chain (pool 0) is computed at n chains with

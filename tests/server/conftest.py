@@ -93,8 +93,10 @@ def start_server(tmp_path_factory, model_dir: Path, name: str, args=(), env=None
 
 @pytest.fixture(scope="session")
 def app(model_dir):
-    """The default server in this process: no API keys, default tiers."""
-    s = InProcessServer(model_dir)
+    """The default server in this process: no API keys, default tiers; fp32 (the checkpoint's) whatever
+    --dtype auto picks here, because tests compare its logprobs with an fp32 full forward
+    (test_prompt_logprobs)."""
+    s = InProcessServer(model_dir, dtype="float32")
     yield s
     s.stop()
 
@@ -114,8 +116,9 @@ def auth_app(tmp_path_factory, model_dir):
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory, model_dir):
-    """The default server as a subprocess: no API keys, default tiers."""
-    s = start_server(tmp_path_factory, model_dir, "main")
+    """The default server as a subprocess: no API keys, default tiers; fp32 (the checkpoint's)
+    whatever --dtype auto picks here, like the in-process `app`."""
+    s = start_server(tmp_path_factory, model_dir, "main", args=["--dtype", "float32"])
     yield s
     s.stop()
 

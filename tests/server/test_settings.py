@@ -34,9 +34,8 @@ def test_device_defaults_to_auto_and_dtype_auto_is_the_fastest_here(model_dir, m
     for var in ("COLM_DEVICE", "COLM_DTYPE"):
         monkeypatch.delenv(var, raising=False)
     s = settings_from(["--model", str(model_dir)])
-    assert (s.device, s.dtype) == ("auto", "checkpoint") and s.resolved_dtype == (None, "the checkpoint's")
+    assert (s.device, s.dtype) == ("auto", "auto")
     assert s.resolved_device == ("cuda" if torch.cuda.is_available() else "cpu")
-    s = settings_from(["--model", str(model_dir), "--dtype", "auto"])
     fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported() or not torch.cuda.is_available() and cpu_has_amx()
     assert s.resolved_dtype[0] == ("bfloat16" if fast else "float32") and s.resolved_dtype[1].startswith("auto: ")
     with open("/proc/cpuinfo") as f:  # the kernel's flags agree with torch's probe

@@ -2,7 +2,9 @@
 (engine queue, KV blocks per chain pool) and, for a local server, its resident memory.
 
 The KV check is exact: once the server is idle, every pool's free block count must equal its total
-(colm_kv_cache_free_blocks / colm_kv_cache_total_blocks); a difference is a leaked block.
+(colm_kv_cache_free_blocks / colm_kv_cache_total_blocks); a difference is a leaked block. The free
+count includes the blocks the prefix cache keeps (colm_kv_cache_cached_free_blocks, reported too):
+nobody references them, so the check counts referenced blocks whether or not caching is on.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ class ServerSnapshot:
     kv_free: dict[str, float]
     kv_total: dict[str, float]
     finished: dict[str, float] = field(default_factory=dict)  # colm_requests_total by finish_reason
+    kv_cached: dict[str, float] = field(default_factory=dict)  # free blocks holding a cached prefix
 
     @property
     def leaked_blocks(self) -> int | None:
@@ -80,7 +83,8 @@ class ServerSnapshot:
 
     def to_dict(self) -> dict:
         return {"running": self.running, "waiting": self.waiting, "kv_free_blocks": self.kv_free,
-                "kv_total_blocks": self.kv_total, "leaked_blocks": self.leaked_blocks,
+                "kv_total_blocks": self.kv_total, "kv_cached_free_blocks": self.kv_cached,
+                "leaked_blocks": self.leaked_blocks,
                 "finished_by_reason": self.finished}
 
 
@@ -97,7 +101,7 @@ def parse_metrics(text: str) -> ServerSnapshot:
     one = lambda name: values.get(name, {}).get("")  # noqa: E731
     return ServerSnapshot(one("colm_requests_running"), one("colm_requests_waiting"),
                           values.get("colm_kv_cache_free_blocks", {}), values.get("colm_kv_cache_total_blocks", {}),
-                          finished)
+                          finished, values.get("colm_kv_cache_cached_free_blocks", {}))
 
 
 async def snapshot(target: Target) -> ServerSnapshot | None:

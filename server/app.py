@@ -43,7 +43,8 @@ def engine_config(settings: ServerSettings):
                         num_speculative_tokens=settings.num_speculative_tokens,
                         speculative_draft_chains=settings.speculative_draft_chains,
                         step_time_target=None if settings.step_time_target_ms is None
-                        else settings.step_time_target_ms / 1e3)
+                        else settings.step_time_target_ms / 1e3,
+                        enable_prefix_caching=settings.enable_prefix_caching)
 
 
 def build_engine(settings: ServerSettings) -> EngineClient:

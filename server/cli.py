@@ -61,6 +61,8 @@ _SWITCHES = {
     "--no-access-log": ("access_log", "no per-request access log lines"),
     "--refuse-unreachable-budgets": ("refuse_unreachable_budgets", "429 for unpinned requests whose latency "
                                      "budget even 1 chain is predicted to miss"),
+    "--enable-prefix-caching": ("enable_prefix_caching", "reuse the K/V of cached prompt prefixes (default)"),
+    "--no-enable-prefix-caching": ("enable_prefix_caching", "compute every prompt in full"),
 }
 
 

@@ -57,6 +57,12 @@ class _EngineCollector:
                                        labels=["direction", "reason"])
         recomputed = CounterMetricFamily("colm_chain_switch_recomputed_tokens", "Tokens recomputed to raise "
                                          "plain-CoLM requests to more chains")
+        cached = GaugeMetricFamily("colm_kv_cache_cached_free_blocks", "Free KV blocks of each chain's pool "
+                                   "that hold a cached prefix (included in the free blocks)", labels=["chain"])
+        queries = CounterMetricFamily("colm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache, "
+                                      "by chain pool", labels=["chain"])
+        hits = CounterMetricFamily("colm_prefix_cache_hits", "Prompt tokens whose K/V came from the prefix cache, "
+                                   "by chain pool", labels=["chain"])
         if s is not None:
             running.add_metric([], s.running)
             waiting.add_metric([], s.waiting)
@@ -72,8 +78,12 @@ class _EngineCollector:
             for d, why in [(d, w) for d in ("up", "down") for w in ("schedule", "load")]:
                 switches.add_metric([d, why], s.chain_switches.get((d, why), 0))
             recomputed.add_metric([], s.recomputed_tokens_total)
+            for p, (c, q, h) in enumerate(zip(s.kv_blocks_cached_free, s.prefix_cache_queries, s.prefix_cache_hits)):
+                cached.add_metric([str(p + 1)], c)
+                queries.add_metric([str(p + 1)], q)
+                hits.add_metric([str(p + 1)], h)
         yield from (running, waiting, kv, free, total, preempt, shrinks, steps, proposed, accepted, switches,
-                    recomputed)
+                    recomputed, cached, queries, hits)
 
 
 class ServerMetrics:

@@ -74,6 +74,8 @@ class _Sampling(_Request):
     # vLLM extra, after CoLM's so that merges of new fields above stay apart
     prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="vLLM: the logprob of every "
                                         "prompt token (the first null) with the top-N; not with stream")
+    cache_salt: str | None = Field(None, min_length=1, max_length=256, description="vLLM: requests share "
+                                   "cached prefixes only with requests of the same salt (tenant isolation)")
 
     @model_validator(mode="after")
     def _schedule_vs_chains(self):

@@ -80,7 +80,7 @@ def engine_requests(request_id: str, gen: Generation, req: _Sampling, chains: in
         floor = max(1, min(c for _, c in schedule))
     return [EngineRequest(f"{request_id}-{i}", p, gen.params, chains=chains, min_chains=floor, priority=priority,
                           arrival_time=gen.arrival, chain_schedule=schedule, speculative=req.speculative,
-                          grammar=grammar)
+                          grammar=grammar, cache_salt=req.cache_salt)
             for i, p in enumerate(gen.prompts)]
 
 

@@ -85,6 +85,8 @@ class ServerSettings(BaseSettings):
     speculative_draft_chains: int = Field(1, ge=1, description="chain count that drafts")
     step_time_target_ms: float | None = Field(None, gt=0, description="load policy: unpinned running requests "
                                               "step down a chain while a decode step takes longer")
+    enable_prefix_caching: bool = Field(True, description="reuse the K/V of cached prompt prefixes, across "
+                                        "chain counts (docs/engine.md)")
     warmup: bool = Field(True, description="run one tiny request per chain count before /ready")
     chat_template: Path | None = None
     # Lifecycle and logs.

@@ -96,6 +96,8 @@ class EngineConfig:
     speculative_default: whether requests that do not say (EngineRequest.speculative None) speculate.
     step_time_target: load policy: when the average decode step takes longer (seconds), unpinned
       running sequences step down a chain, and back up when it falls (None: off; chain_switch.py).
+    enable_prefix_caching: reuse the K/V of full blocks whose prefix was computed before, in every pool
+      a request uses, whatever chain count computed it (prefix_cache.py).
     max_step_failures: steps in a row whose batched work raises (each fails its requests) before the
       engine reports itself unhealthy for good (EngineStats.healthy; /health answers 503).
     """
@@ -116,6 +118,7 @@ class EngineConfig:
     speculative_draft_chains: int = 1
     speculative_default: bool = True
     step_time_target: float | None = None
+    enable_prefix_caching: bool = True
     max_step_failures: int = 3
 
     def __post_init__(self) -> None:

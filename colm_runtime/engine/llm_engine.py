@@ -65,7 +65,7 @@ class LLMEngine:
         cache = ChainKVCache(self.cfg, self.num_blocks, config.block_size, param.dtype, param.device)
         self.model_len = config.model_len(self.cfg)
         self.faults = FaultInjector.from_env()  # off unless COLM_FAULT_INJECT is set (tests only)
-        self.blocks = BlockManager(self.cfg, self.num_blocks, config.block_size)
+        self.blocks = BlockManager(self.cfg, self.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.blocks, tokenizer, self.model_len, param.device, self.faults)
         self.spec = SpeculativeDecoder(config.num_speculative_tokens, config.speculative_draft_chains,
                                        self.model_len)
@@ -247,4 +247,6 @@ class LLMEngine:
             spec_proposed_total=self.spec.proposed_total, spec_accepted_total=self.spec.accepted_total,
             chain_switches=dict(self.switcher.switches),
             recomputed_tokens_total=self.switcher.recomputed_tokens_total,
-            healthy=self.healthy, step_failures_total=self.step_failures_total)
+            healthy=self.healthy, step_failures_total=self.step_failures_total,
+            prefix_cache_queries=tuple(self.blocks.cache_stats.queries),
+            prefix_cache_hits=tuple(self.blocks.cache_stats.hits), kv_blocks_cached_free=self.blocks.num_cached_free())

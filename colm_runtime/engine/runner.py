@@ -135,7 +135,7 @@ class ModelRunner:
         prompt_logprobs.rows_needed) its trailing [rows, V]. copy_blocks(so) runs first."""
         drafts, scored = drafts or {}, scored or {}
         specs, pick = self._specs(so, drafts, scored)
-        batch = ForwardBatch.build(self.cfg, specs, self.cache.block_size, self.device)
+        batch = ForwardBatch.build(self.cfg, specs, self.cache.block_size, self.device, self.cache.sink_slots)
         logits = self.model.forward_step(batch, self.cache)  # [N, V], sorted by chain count
         if not drafts and not scored and len(specs) == len(pick) and batch.order == tuple(range(len(batch.order))):
             return logits, {}  # already in the scheduler's order (e.g. one chain count)
@@ -173,14 +173,15 @@ class ModelRunner:
             n = min(n, seq.num_uncomputed)  # a lookahead whose draft was dropped (shrunk to the draft's chains)
             ids = seq.token_ids[start : start + n]
             if i in scored:
-                specs.append(SeqSpec(ids, start, seq.num_chains, tables, num_logits=scored[i]))
+                specs.append(SeqSpec(ids, start, seq.num_chains, tables, num_logits=scored[i],
+                                     kv_from=_kv_from(seq, len(tables))))
             elif self.air_prefill and seq.num_chains > 1 and n > 1:
                 last = start + n == seq.num_tokens
                 specs.append(SeqSpec(ids[:-1] if last else ids, start, 1, tables))
                 if last:
                     specs.append(SeqSpec(ids[-1:], start + n - 1, seq.num_chains, tables))
             else:
-                specs.append(SeqSpec(ids, start, seq.num_chains, tables))
+                specs.append(SeqSpec(ids, start, seq.num_chains, tables, kv_from=_kv_from(seq, len(tables))))
             pick.append(len(specs) - 1)
         return specs, pick
 
@@ -218,3 +219,11 @@ class ModelRunner:
         if p.presence_penalty == 0 and p.frequency_penalty == 0 and p.repetition_penalty == 1:
             return [], []
         return s.token_ids[: s.num_prompt_tokens], s.output_token_ids
+
+
+def _kv_from(seq: Sequence, pools: int) -> tuple[int, ...] | None:
+    """Per pool, where seq's writes start (None: at its computed tokens in every pool). A prefix-cache
+    hit that reached further in some pools (plain CoLM, cached at fewer chains) and a chain up-switch
+    recompute those positions for the other pools only."""
+    start, valid = seq.num_computed_tokens, seq.prefix.kv_valid[:pools]
+    return tuple(max(start, v) for v in valid) if any(v > start for v in valid) else None

@@ -179,12 +179,13 @@ class Scheduler:
         seats = sum(map(_seats, self.running))
         while self.waiting and budget > 0:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed, budget)
+            hit = self.blocks.find_prefix(seq)  # cached blocks it can start from (prefix caching)
+            n = min(seq.num_tokens - (seq.num_computed_tokens if hit is None else hit.start), budget)
             fits = seats + _seats(seq) <= self.config.max_num_seqs
-            copies = self.blocks.allocate_slots(seq, n) if fits else None
+            copies = self.blocks.allocate_slots(seq, n, hit) if fits else None
             if copies is None:
                 lower = [r for r in self.running if r.priority < seq.priority]
-                if fits and self.relief.shrink_one(self.blocks.shortage(seq, n), lower) is not None:
+                if fits and self.relief.shrink_one(self.blocks.shortage(seq, n, hit), lower) is not None:
                     out.num_shrunk += 1
                     self.shrinks_total += 1
                     continue
@@ -247,6 +248,9 @@ class Scheduler:
                 failed[r.request_id] = (seq, e)
         for seq, e in failed.values():
             outputs.extend(self.fail_request(seq.request, e, seq))
+        for seq, _ in so.scheduled:  # full blocks computed this step become findable (finished ones were)
+            if not seq.is_finished:
+                self.blocks.cache_computed(seq)
         return outputs
 
     def _update_one(self, so: SchedulerOutput, out: RunnerOutput, i: int, seq: Sequence, n: int

@@ -14,6 +14,7 @@ import torch
 
 from colm_runtime.engine.chain_state import ChainState
 from colm_runtime.engine.detokenizer import IncrementalDetokenizer
+from colm_runtime.engine.prefix_cache import SeqPrefix, root_hash
 from colm_runtime.engine.types import EngineRequest, FinishReason, SamplingParams
 
 _seq_ids = itertools.count()
@@ -57,6 +58,8 @@ class Sequence:
         self.spec_alpha: float | None = None
         # Structured outputs (grammar.py): the grammar state after this sequence's output tokens.
         self.matcher = request.req.grammar.matcher() if request.req.grammar is not None else None
+        # Prefix caching (prefix_cache.py): its blocks' names, what it offered the cache, what a hit gave.
+        self.prefix = SeqPrefix(root_hash(request.req.cache_salt), [], [0] * n_pools, [0] * n_pools)
 
     # ---- views ------------------------------------------------------------------------------------
     @property

@@ -118,7 +118,9 @@ class EngineRequest:
     increasing: the chain count of each generated token (None: `chains` throughout). speculative: use
     self-speculative decoding (None: the engine's default; True needs an engine that has it enabled).
     grammar: a CompiledGrammar (engine/grammar.py) the output must match (structured outputs), compiled
-    by the caller off the engine thread; None: free text.
+    by the caller off the engine thread; None: free text. cache_salt: requests share cached prefixes
+    only with requests of the same salt (None: the common one), so tenants who must not (timing side
+    channels) do not.
     """
 
     request_id: str
@@ -131,6 +133,7 @@ class EngineRequest:
     chain_schedule: tuple[tuple[int, int], ...] | None = None
     speculative: bool | None = None
     grammar: "CompiledGrammar | None" = None
+    cache_salt: str | None = None
 
     def __post_init__(self) -> None:
         if self.min_chains is None:
@@ -183,7 +186,7 @@ class EngineStats:
 
     step_time_per_chains[k]: moving average of the wall time of a decode step whose largest chain
     count is k, at the current load (seconds); prefill_time_per_token[k]: seconds per prompt token.
-    kv_usage[p]: used / total blocks of pool p.
+    kv_usage[p]: used / total blocks of pool p (free blocks holding a cached prefix count as free).
     """
 
     running: int
@@ -204,6 +207,11 @@ class EngineStats:
     # tokens recomputed to raise plain-CoLM sequences to more chains.
     chain_switches: dict[tuple[str, str], int] = field(default_factory=dict)
     recomputed_tokens_total: int = 0
+    # Prefix caching, per pool: prompt tokens looked up and tokens found cached (vLLM counts in tokens),
+    # and free blocks that hold a cached prefix (counted in kv_blocks_free too: reused or evicted on demand).
+    prefix_cache_queries: tuple[int, ...] = ()
+    prefix_cache_hits: tuple[int, ...] = ()
+    kv_blocks_cached_free: tuple[int, ...] = ()
     # Steps whose batched work raised (each failed its requests), and whether the engine is still
     # healthy: False for good after EngineConfig.max_step_failures such steps in a row (/health: 503).
     step_failures_total: int = 0

@@ -32,6 +32,10 @@ class SeqSpec:
     # Trailing tokens whose logits the step returns: 1 normally; speculative verification needs the
     # target's logits at every drafted position (gamma + 1 rows).
     num_logits: int = 1
+    # Per pool, the first position whose K/V this step writes (None: ctx_len in every pool). Positions
+    # below it already hold the pool's K/V (a cached prefix): their rows are computed for the higher
+    # pools only and their writes go to the cache's sink (ChainKVCache.sink_slots).
+    kv_from: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +87,8 @@ class ForwardBatch:
 
     @staticmethod
     def build(cfg: ModelConfig, seqs: Sequence[SeqSpec], block_size: int,
-              device: torch.device | str = "cpu") -> ForwardBatch:
+              device: torch.device | str = "cpu", sink_slots: Sequence[int] | None = None) -> ForwardBatch:
+        """sink_slots: the cache's, needed when a SeqSpec sets kv_from."""
         assert seqs, "empty batch"
         order = sorted(range(len(seqs)), key=lambda i: -seqs[i].chains)  # stable: ties keep arrival order
         ss = [seqs[i] for i in order]
@@ -117,7 +122,8 @@ class ForwardBatch:
                 lens.append(c + 1)
                 for p in range(P):
                     bt = s.block_tables[p]
-                    slots[p].append(bt[c // bs] * bs + c % bs)
+                    held = s.kv_from is not None and s.kv_from[p] > c  # a one-token chunk of a recompute
+                    slots[p].append(sink_slots[p] if held else bt[c // bs] * bs + c % bs)
                     tables[p].extend(_padded(bt, nb_max))
                     users[p] += 1
                 continue
@@ -126,8 +132,10 @@ class ForwardBatch:
             last = len(ids) - 1
             logit_rows.extend(range(last - s.num_logits + 1, last + 1))
             for p in range(P):
-                bt = s.block_tables[p]
-                slots[p].extend(bt[q // bs] * bs + q % bs for q in range(c, c + n))
+                bt, lo = s.block_tables[p], c if s.kv_from is None else min(max(c, s.kv_from[p]), c + n)
+                if lo > c:  # positions the pool holds already: not rewritten
+                    slots[p].extend([sink_slots[p]] * (lo - c))
+                slots[p].extend(bt[q // bs] * bs + q % bs for q in range(lo, c + n))
             nb = -(-(c + n) // bs)
             pre.append((i, [_padded(s.block_tables[p], nb) for p in range(P)]))
         pack = _Packer()  # every integer array of the step becomes ONE tensor: one copy to the device

@@ -18,26 +18,32 @@ from colm_runtime.config import ModelConfig
 
 
 class ChainKVCache:
-    """K/V tensors of every pool: k[p], v[p]: [n_layers, num_blocks[p], block_size, kv_heads[p], head_dim]."""
+    """K/V tensors of every pool: k[p], v[p]: [n_layers, num_blocks[p] + 1, block_size, kv_heads[p], head_dim].
+
+    Block num_blocks[p] of each pool is its sink: never handed out, it takes the writes of rows whose
+    K/V the pool already holds (a prefix cached in that pool but not in a higher one is recomputed
+    for the higher pool only; sink_slots)."""
 
     def __init__(self, cfg: ModelConfig, num_blocks: Sequence[int], block_size: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         assert len(num_blocks) == cfg.n_kv_pools, "one block count per pool"
         self.cfg, self.block_size = cfg, block_size
         self.num_blocks = tuple(int(n) for n in num_blocks)
-        self.offsets = tuple(sum(self.num_blocks[:p]) for p in range(cfg.n_kv_pools))
+        held = [n + 1 for n in self.num_blocks]  # + the sink
+        self.offsets = tuple(sum(held[:p]) for p in range(cfg.n_kv_pools))
+        self.sink_slots = tuple(n * block_size for n in self.num_blocks)  # per pool: the sink's first slot
         shape = lambda n, h: (cfg.n_layers, n, block_size, h, cfg.head_dim)
         # Pools with equal KV heads share one tensor (pool p = blocks offsets[p]..): a request's blocks
         # in all its pools can then be gathered in one index_select. Block ids stay per pool.
         self.k_all = self.v_all = None
         if len(set(cfg.pool_kv_heads)) == 1:
-            self.k_all = torch.zeros(shape(sum(self.num_blocks), cfg.pool_kv_heads[0]), dtype=dtype, device=device)
+            self.k_all = torch.zeros(shape(sum(held), cfg.pool_kv_heads[0]), dtype=dtype, device=device)
             self.v_all = torch.zeros_like(self.k_all)
-            self.k = [self.k_all[:, o : o + n] for o, n in zip(self.offsets, self.num_blocks)]
-            self.v = [self.v_all[:, o : o + n] for o, n in zip(self.offsets, self.num_blocks)]
+            self.k = [self.k_all[:, o : o + n] for o, n in zip(self.offsets, held)]
+            self.v = [self.v_all[:, o : o + n] for o, n in zip(self.offsets, held)]
         else:
             self.k = [torch.zeros(shape(n, h), dtype=dtype, device=device)
-                      for n, h in zip(self.num_blocks, cfg.pool_kv_heads)]
+                      for n, h in zip(held, cfg.pool_kv_heads)]
             self.v = [torch.zeros_like(t) for t in self.k]
 
     @staticmethod

@@ -19,6 +19,7 @@ from colm_runtime.model import ChainKVCache, CoLMModel
 from colm_runtime.testing import small_config, small_tokenizer
 
 _ids = itertools.count()
+_prompts = itertools.count(1)
 _MODELS: dict[tuple, CoLMModel] = {}
 
 # testing.random_model's init (std 0.08) makes every greedy continuation one repeated token, which
@@ -54,8 +55,10 @@ def prompt(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
 
 def make_seq(cfg: ModelConfig, n_tokens: int, chains: int, min_chains: int | None = None, priority: int = 0,
              n: int = 1, **params) -> Sequence:
-    """A sequence of a fresh request, for block-manager and scheduler tests."""
-    r = Request(req(prompt(n_tokens), chains=chains, min_chains=min_chains, priority=priority, n=n, **params))
+    """A sequence of a fresh request, for block-manager and scheduler tests. Each gets its own prompt, so
+    that none finds another's blocks in the prefix cache unless a test means it to."""
+    r = Request(req(prompt(n_tokens, seed=next(_prompts)), chains=chains, min_chains=min_chains, priority=priority,
+                    n=n, **params))
     detok = IncrementalDetokenizer(small_tokenizer(cfg.vocab_size), r.req.params.stop)
     seq = Sequence(r, 0, r.req.prompt_token_ids, cfg.n_kv_pools, None, detok)
     r.seqs.append(seq)
@@ -86,9 +89,20 @@ def block_manager(blocks=(8, 8, 8, 8), block_size: int = 4, **cfg_kw) -> BlockMa
 
 
 def assert_all_free(engine: LLMEngine) -> None:
-    bm = engine.blocks
-    assert bm.num_free == bm.num_total, f"leaked blocks: free {bm.num_free} of {bm.num_total}"
+    """Nothing is referenced: every block is free or cached-and-unreferenced, and emptying the prefix
+    cache gives every pool back its full free list."""
+    assert_blocks_free(engine.blocks)
+    assert not engine.scheduler.running and not engine.scheduler.waiting and not engine.requests
+
+
+def assert_blocks_free(bm: BlockManager) -> None:
     for pool in bm.pools:
         assert not any(pool.ref), "a block still has a reference"
+        idle = set(pool.cached.idle)
+        assert idle == set(pool.cached.hash_of), "a named block is neither referenced nor idle"
+        assert not idle & set(pool.free) and len(pool.free) + len(idle) == pool.num_blocks, "free list corrupt"
+    assert bm.num_free == bm.num_total, f"leaked blocks: free {bm.num_free} of {bm.num_total}"
+    bm.evict_all()
+    for pool in bm.pools:
         assert sorted(pool.free) == list(range(pool.num_blocks)), "free list corrupt (duplicates?)"
-    assert not engine.scheduler.running and not engine.scheduler.waiting and not engine.requests
+        assert not pool.cached.by_hash and not pool.cached.hash_of and not pool.cached.idle

@@ -76,3 +76,13 @@ def test_bench_structured_reports_the_constrained_to_free_ratio(capsys):
     assert set(r["tokens_per_s"]) == {"unconstrained", "json_schema", "unconstrained_again"}
     assert r["ratio"] > 0 and r["control_ratio"] > 0 and len(r["ratio_per_round"]) == 1
     assert set(r["mean_output_tokens"].values()) == {6.0}  # the schema outlasts 6 tokens
+
+
+def test_bench_prefix_reports_ttft_throughput_and_hit_rate_per_pool(capsys):
+    r = run_json(capsys, "prefix", "--system-len", "64", "--requests", "4", "--concurrency", "2",
+                 "--output-len", "3", "--rounds", "1")
+    assert r["outputs_identical"] and r["system_len"] == 64
+    assert set(r["ttft_p50_s"]) == set(r["tokens_per_s"]) == {"uncached", "cached"}
+    assert r["ttft_ratio"] > 0 and r["throughput_ratio"] > 0
+    # Requests at 1..4 chains after a warm-up at 4 chains: every pool they use has the system prompt.
+    assert set(r["hit_rate"]) == {"1", "2", "3", "4"} and all(0.5 < h < 1 for h in r["hit_rate"].values())

@@ -113,6 +113,9 @@ def test_leaked_blocks_from_metrics_text():
     snap = parse_metrics(text)
     assert snap.leaked_blocks == 3 and not snap.idle
     assert parse_metrics(text.replace("} 7", "} 10")).idle
+    # Blocks the prefix cache keeps are free, not leaked: an idle server with a full cache is idle.
+    cached = parse_metrics(text.replace("} 7", "} 10") + 'colm_kv_cache_cached_free_blocks{chain="2"} 9\n')
+    assert cached.idle and cached.kv_cached == {"2": 9.0} and cached.to_dict()["kv_cached_free_blocks"] == {"2": 9.0}
 
 
 def test_loopback_only_unless_allowed():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from colm_runtime.testing import random_model, small_config
+from colm_runtime.model import ForwardBatch, SeqSpec
 from tests.model._helpers import IDS, SETTINGS, PagedRunner, full_logits, rand_ids
 
 TOL = dict(rtol=0, atol=1e-5)
@@ -143,3 +144,24 @@ def test_bf16_mixed_chain_batch_tracks_fp32():
         torch.testing.assert_close(torch.stack(got[k]), ref, rtol=0, atol=tol)
     ref1 = full_logits(m32, seqs[1] + [3], 1)[-1]
     torch.testing.assert_close(alone, ref1, rtol=0, atol=0.1 * ref1.abs().max().item())
+
+
+@pytest.mark.parametrize("setting", SETTINGS[:3], ids=IDS[:3])
+def test_upper_chains_computed_over_a_prefix_held_in_the_lower_pools(setting):
+    """Prefix caching's partial hit: a prompt cached at 1 chain (pool 0) is computed at n chains with
+    kv_from = its length in pool 0. The logits equal the full forward, pool 0's blocks are not rewritten
+    (bitwise), and the rows' pool-0 writes land in the cache's sink block instead."""
+    cfg = small_config(**setting)
+    model = random_model(cfg)
+    n, ids = cfg.n_chains, rand_ids(cfg, 14, seed=3)
+    run = PagedRunner(model, block_size=4)
+    run.step([(0, ids[:12], 0, 1)])  # pool 0 holds positions 0..11
+    held = [b for b in run.tables[0][0][:3]]
+    before = run.cache.k[0][:, held].clone(), run.cache.v[0][:, held].clone()
+    spec = SeqSpec(ids, 0, n, run.table(0, 14), num_logits=14, kv_from=(12,) + (0,) * (cfg.n_kv_pools - 1))
+    batch = ForwardBatch.build(cfg, [spec], 4, "cpu", run.cache.sink_slots)
+    got = model.forward_step(batch, run.cache)  # [14, V]
+    torch.testing.assert_close(got, full_logits(model, ids, n), **TOL)
+    assert torch.equal(run.cache.k[0][:, held], before[0]) and torch.equal(run.cache.v[0][:, held], before[1])
+    sink = run.cache.k[0][:, run.cache.num_blocks[0]]
+    assert sink.abs().sum() > 0, "the held rows' writes went to the sink"

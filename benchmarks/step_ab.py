@@ -2,7 +2,7 @@
 commit ("before") and this tree ("after"), interleaved round by round in one process so machine noise
 hits both alike. Prints the median of each side and before/after (> 1: this tree is faster).
 
-  git clone -q /work/main /tmp/before-14
+  git clone -q . /tmp/before-14 && git -C /tmp/before-14 checkout -q <before-commit>
   python benchmarks/step_ab.py bfloat16 1 32 --threads 1                          # same dtype both sides
   python benchmarks/step_ab.py bfloat16 1 32 --before-dtype float32 --threads 1   # main's fp32 vs our bf16
   python benchmarks/step_ab.py bfloat16 32 --random smollm2-3chain --chains mix   # a mixed batch

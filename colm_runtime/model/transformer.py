@@ -206,10 +206,9 @@ class CoLMModel(nn.Module):
         return out
 
     @torch.inference_mode()
-    def forward_step(self, batch: ForwardBatch, cache: ChainKVCache, all_logits: bool = False) -> torch.Tensor:
+    def forward_step(self, batch: ForwardBatch, cache: ChainKVCache) -> torch.Tensor:
         """One engine step. Returns fp32 logits [sum(num_logits), vocab]: each sorted sequence's last
-        num_logits rows (one per sequence unless it verifies speculative drafts), or [T, vocab] for
-        every row when all_logits."""
+        num_logits rows (one per sequence unless it verifies speculative drafts)."""
         k, rows = batch.max_chains, batch.chain_rows
         # Columns of chains a row does not use hold embedding values that no chain layer reads.
         h = self._embed(batch.input_ids, k)  # [T, width(k)], a fresh tensor: the residual adds go in place
@@ -218,8 +217,6 @@ class CoLMModel(nn.Module):
         for blk in self.layers:
             h += blk.attn.forward_step(blk.attn_norm(h, k, rows), batch, cache, cos, sin, plan)
             h += blk.ffn(blk.ffn_norm(h, k, rows), k, rows)
-        if all_logits:
-            return self.logits(self.norm(h, k, rows), k, rows)
         last = h if batch.num_tokens == batch.last_rows.shape[0] else h.index_select(0, batch.last_rows)
         lrows = batch.logit_rows()
         return self.logits(self.norm(last, k, lrows), k, lrows)

@@ -15,10 +15,10 @@ def spy_chains(engine) -> list[tuple[int, int]]:
     seen: list[tuple[int, int]] = []
     real = engine.model.forward_step
 
-    def forward_step(batch, cache, all_logits=False):
+    def forward_step(batch, cache):
         starts = [0] + (batch.last_rows[:-1] + 1).tolist()
         seen.extend((c, last - s + 1) for c, s, last in zip(batch.seq_chains, starts, batch.last_rows.tolist()))
-        return real(batch, cache, all_logits)
+        return real(batch, cache)
 
     engine.model.forward_step = forward_step
     return seen

@@ -39,10 +39,12 @@ class PagedRunner:
         return t
 
     def step(self, items: list[tuple[int, list[int], int, int]], all_logits: bool = False) -> list[torch.Tensor]:
-        """items: (seq id, new tokens, ctx_len, chains) -> logits per item in the caller's order."""
-        specs = [SeqSpec(toks, ctx, k, self.table(sid, ctx + len(toks))) for sid, toks, ctx, k in items]
+        """items: (seq id, new tokens, ctx_len, chains) -> logits per item in the caller's order: the last
+        token's, or every new token's [len(tokens), V] when all_logits (num_logits, as a verify step)."""
+        specs = [SeqSpec(toks, ctx, k, self.table(sid, ctx + len(toks)), num_logits=len(toks) if all_logits else 1)
+                 for sid, toks, ctx, k in items]
         batch = ForwardBatch.build(self.cfg, specs, self.bs, self.device)
-        logits = self.model.forward_step(batch, self.cache, all_logits=all_logits)
+        logits = self.model.forward_step(batch, self.cache)
         if all_logits:
             out, row = [None] * len(items), 0
             for i in batch.order:

@@ -86,9 +86,9 @@ def test_only_requests_that_ask_return_more_than_one_logit_row():
     seen = []
     real = engine.model.forward_step
 
-    def spy(batch, cache, all_logits=False):
+    def spy(batch, cache):
         seen.append(batch.num_logits)
-        return real(batch, cache, all_logits)
+        return real(batch, cache)
 
     engine.model.forward_step = spy
     engine.generate([req(prompt(12, seed=1), chains=2, max_tokens=2), req(prompt(15, seed=2), chains=4, max_tokens=2)])

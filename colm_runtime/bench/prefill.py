@@ -21,6 +21,7 @@ import json
 
 import torch
 
+from colm_runtime.bench import add_run_arguments
 from colm_runtime.bench.engine import _tokenizer, time_rounds
 from colm_runtime.bench.model import step_flops
 from colm_runtime.config import ModelConfig
@@ -43,10 +44,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[128, 256, 512, 1024, 2048, 4096])
     p.add_argument("--max-num-batched-tokens", type=int, default=512, help="prefill chunk (token budget)")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    add_run_arguments(p)
 
 
 def prefill_flop_ratio(cfg: ModelConfig, length: int) -> float:

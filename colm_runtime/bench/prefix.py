@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from colm_runtime.bench import add_run_arguments
 from colm_runtime.bench.engine import _tokenizer
 from colm_runtime.bench.speculative import PROMPTS, load
 from colm_runtime.engine.config import EngineConfig
@@ -49,10 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-len", type=int, default=32, help="mean answer tokens")
     p.add_argument("--output-spread", type=float, default=0.5, help="answers of output-len x [1 - s, 1 + s]")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    add_run_arguments(p)
 
 
 def workload(tok, n_chains: int, model_len: int, args) -> tuple[list[int], list[tuple[list[int], int, int]]]:

@@ -22,6 +22,7 @@ import json
 
 import torch
 
+from colm_runtime.bench import add_run_arguments
 from colm_runtime.bench.engine import _tokenizer, time_rounds
 from colm_runtime.engine.config import EngineConfig
 from colm_runtime.engine.llm_engine import LLMEngine
@@ -48,10 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--draft-chains", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    add_run_arguments(p)
 
 
 def default_models() -> list[str]:

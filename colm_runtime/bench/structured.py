@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from colm_runtime.bench import add_run_arguments
 from colm_runtime.bench.engine import _tokenizer
 from colm_runtime.bench.model import time_side_by_side
 from colm_runtime.bench.speculative import PROMPTS, load
@@ -47,10 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chains", type=int, default=0, help="chain count (0: all)")
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--json", action="store_true", help="print one JSON object only")
+    add_run_arguments(p)
 
 
 def mask_costs(grammar, args) -> dict:

@@ -2,9 +2,11 @@
 
 Penalties (repetition over prompt + output, presence and frequency over the output, OpenAI/vLLM
 semantics), then greedy rows take the argmax and the others are sampled after temperature, top-k,
-top-p and min-p. Sampling draws exponential noise E and takes argmax(p / E) (equivalent to drawing
-from p); a row with a seed draws its noise from its own torch.Generator, so its samples depend on its
-seed and its own history only, never on the other rows of the batch. Work no row needs is skipped: the
+top-p and min-p. A row with a seed draws exponential noise E from its own torch.Generator and takes
+argmax(p / E) (equivalent to drawing from p), so its samples depend on its seed and its own history
+only, never on the other rows of the batch. Rows without a seed share the engine's generator and
+draw one uniform each through their CDF (inverse transform): the same distribution, at a cumsum's
+cost, where B x V exponentials cost ~55 ms per step at B = 32, V = 49,152 on a 2-core CPU. Work no row needs is skipped: the
 vocabulary sort of top-k/top-p runs only on the rows that set them. Logprobs are the model's (before
 penalties and temperature), as vLLM returns them by default.
 
@@ -147,16 +149,24 @@ def _mask_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]
     return logits.scatter(1, idx, srt.masked_fill(mask, float("-inf")))
 
 
-def _noise(rows: list[SamplingRow], V: int, device: torch.device, default: torch.Generator) -> torch.Tensor:
-    """Exponential noise [B, V]: per-row generators where seeded, one draw for the rest."""
-    q = torch.empty(len(rows), V, device=device)
-    free = [i for i, r in enumerate(rows) if r.generator is None]
-    if free:
-        q[free] = torch.empty(len(free), V, device=device).exponential_(generator=default)
-    for i, r in enumerate(rows):
-        if r.generator is not None:
-            q[i].exponential_(generator=r.generator)
-    return q.clamp_min_(1e-20)  # never divide by zero: excluded tokens (p = 0) stay at 0
+def _seeded_draws(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+    """argmax(p / E) with E [B, V] exponential noise from each row's own generator -> [B] token ids."""
+    q = torch.empty_like(probs, dtype=torch.float32)
+    for i, g in enumerate(gens):
+        q[i].exponential_(generator=g)
+    return (probs / q.clamp_min_(1e-20)).argmax(dim=-1)  # never divide by zero: p = 0 stays at 0
+
+
+def _inverse_cdf_draws(probs: torch.Tensor, default: torch.Generator) -> torch.Tensor:
+    """One uniform u per row, scaled to the row's total mass (probs need not sum to 1), and the first
+    token whose cumulative mass exceeds it -> [B] token ids. The CDF is summed in float64 and u stays
+    strictly below the total, so a token of probability 0 (its CDF equals its predecessor's) is never
+    the first to exceed u."""
+    cdf = probs.to(torch.float64).cumsum_(dim=-1)
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=default, dtype=torch.float64, device=probs.device) * total
+    u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True)[:, 0]
 
 
 def processed_probs(logits: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
@@ -184,8 +194,14 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generat
     if rand:
         sub = logits if len(rand) == len(ps) else logits[rand]
         probs = processed_probs(sub, [ps[i] for i in rand])
-        q = _noise([rows[i] for i in rand], logits.shape[1], logits.device, default)
-        tokens[rand] = (probs / q).argmax(dim=-1)
+        seeded = [j for j, i in enumerate(rand) if rows[i].generator is not None]
+        free = [j for j, i in enumerate(rand) if rows[i].generator is None]
+        picked = torch.empty(len(rand), dtype=tokens.dtype, device=tokens.device)
+        if free:
+            picked[free] = _inverse_cdf_draws(probs if len(free) == len(rand) else probs[free], default)
+        if seeded:
+            picked[seeded] = _seeded_draws(probs[seeded], [rows[rand[j]].generator for j in seeded])
+        tokens[rand] = picked
     token_list = tokens.tolist()
     return SamplerOutput(token_list, token_logprobs(raw, token_list, ps))
 

@@ -55,6 +55,35 @@ def test_sampling_follows_the_distribution():
     assert torch.allclose(counts / counts.sum(), logits.softmax(-1)[0], atol=0.02)
 
 
+def test_unseeded_draws_never_pick_a_token_of_probability_zero():
+    # Zero mass at both ends and in the middle, and a row whose whole mass is on the last token: the
+    # inverse-CDF draw must land on a token with mass whatever its uniform (u never reaches the total).
+    logits = torch.full((2, 4096), float("-inf"))
+    logits[0, 1:-1:2] = torch.randn(2047, generator=torch.Generator().manual_seed(4))
+    logits[1, -1] = 0.0
+    n = 4000
+    rows = [SamplingRow(SamplingParams(), None, (), ())] * (2 * n)
+    out = torch.tensor(sample(logits.repeat(n, 1), rows, torch.Generator().manual_seed(5)).token_ids)
+    assert (out[0::2] % 2 == 1).all() and out[0::2].max() < 4095
+    assert (out[1::2] == 4095).all()
+    counts = torch.bincount(out[0::2], minlength=4096)[1:-1:2].float()
+    expected = logits[0, 1:-1:2].softmax(-1) * n
+    assert ((counts - expected) ** 2 / expected.clamp_min(1e-9)).sum() < 2047 + 5 * (2 * 2047) ** 0.5  # chi-square
+
+
+def test_a_seeded_row_draws_exponential_noise_from_its_own_generator():
+    # Seeded rows keep argmax(p / E) with E from their own generator, so a seed gives the same tokens
+    # as before unseeded rows moved to the inverse-CDF draw, whatever shares the batch.
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(6))
+    gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
+    rows = [SamplingRow(SamplingParams(), gens[0], (), ()), SamplingRow(SamplingParams(), None, (), ()),
+            SamplingRow(SamplingParams(), gens[1], (), ())]
+    got = sample(logits.clone(), rows, torch.Generator().manual_seed(0)).token_ids
+    for row, seed in ((0, 11), (2, 12)):
+        noise = torch.empty(V).exponential_(generator=torch.Generator().manual_seed(seed)).clamp_min_(1e-20)
+        assert got[row] == int((logits[row].softmax(-1) / noise).argmax())
+
+
 def test_top_k_top_p_touch_only_the_rows_that_set_them():
     logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1))
     out = apply_top_k_top_p(logits.clone(), [0, 3, V, 0], [1.0, 1.0, 1.0, 0.5])

@@ -27,7 +27,10 @@ COPY server/ server/
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints-cpu.txt .
 
 FROM ${PYTHON_IMAGE} AS runtime
+# gcc builds the C decode-attention kernel on first start (colm_runtime/model/cpu_kernels.py, about a
+# second, -march=native for the host it runs on); without it the server keeps the slower torch path.
 # A fixed numeric uid so Kubernetes' runAsNonRoot can check it without a passwd lookup.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 colm \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin colm \
     && mkdir -p /models
@@ -42,7 +45,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     COLM_HOST=0.0.0.0 \
     COLM_PORT=8000 \
     COLM_MODEL=/opt/colm/models/colm-tiny \
-    COLM_DEVICE=auto
+    COLM_DEVICE=auto \
+    XDG_CACHE_HOME=/tmp/.cache
 WORKDIR /opt/colm
 USER 10001:10001
 EXPOSE 8000

@@ -33,7 +33,7 @@ from colm_runtime.engine.speculative import SpeculativeDecoder
 from colm_runtime.engine.step_types import RunnerOutput, SchedulerOutput
 from colm_runtime.engine.types import EngineRequest, EngineStats, InvalidRequest, RequestOutput, RequestTooLong
 from colm_runtime.engine.validation import RequestLimits
-from colm_runtime.model import ChainKVCache, CoLMModel
+from colm_runtime.model import ChainKVCache, CoLMModel, cpu_kernels
 from colm_runtime.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,8 @@ class LLMEngine:
         self.runner = ModelRunner(model, cache, config.seed, config.air_prefill_one_chain, self.spec)
         # bf16 on the CPU: build the bounded set of matmul kernels now (memory flat from the start).
         model.warm_kernels(config.max_num_batched_tokens, config.max_num_seqs)
+        if param.device.type == "cpu" and cpu_kernels.library() is not None:  # built now, not on the first request
+            log.info("decode attention: C kernel over the paged K/V cache (in place)")
         self.metrics = StepMetrics()
         self.switcher = ChainSwitcher(self.blocks, config.step_time_target)
         self._pending: list[RequestOutput] = []  # abort outputs, handed out by the next step()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colm_runtime.config import ModelConfig
+from colm_runtime.model import cpu_kernels
 from colm_runtime.model.batch import ForwardBatch
 from colm_runtime.model.kv_cache import ChainKVCache
 from colm_runtime.model.layers import ChainLinear, apply_rope, scatter_chain_outputs
@@ -127,8 +128,12 @@ class ChainAttention(nn.Module):
             qd = q.reshape(T * kmax, c, hd)
             if d.q_idx is not None:
                 qd = qd.index_select(0, d.q_idx)
-            K, V = cache.gather_blocks(self.layer, d.block_idx, d.kv_len)  # [Np, L, kv, hd]
-            o = sdpa(qd.unsqueeze(2), K.transpose(1, 2), V.transpose(1, 2), mask=d.mask)  # [Np, c, 1, hd]
+            kc, vc = cache.k_all[self.layer], cache.v_all[self.layer]
+            if cpu_kernels.supports(qd, kc):  # read the paged blocks in place: no gathered copy
+                o = cpu_kernels.paged_decode(qd, kc, vc, d.block_idx, d.lens, d.kv_len)  # [Np, c, hd]
+            else:
+                K, V = cache.gather_blocks(self.layer, d.block_idx, d.kv_len)  # [Np, L, kv, hd]
+                o = sdpa(qd.unsqueeze(2), K.transpose(1, 2), V.transpose(1, 2), mask=d.mask)  # [Np, c, 1, hd]
             if d.q_idx is None:  # every row a decode row at kmax: the pairs are the queries' own order
                 return o.view(T, kmax * c * hd)
             out.index_copy_(0, d.q_idx, o.view(-1, c * hd))
@@ -225,7 +230,8 @@ class DecodePairs:
 
     q_idx: [Np] row * kmax + chain (an index into the queries viewed [T * kmax, c, hd]), None when it
     is 0..T*kmax-1 (every row of the step is a decode row at kmax chains: no gather, no scatter);
-    block_idx: [Np, nb] global block ids; mask: [Np, 1, 1, kv_len], None for a lone sequence.
+    block_idx: [Np, nb] global block ids; mask: [Np, 1, 1, kv_len], None for a lone sequence; lens:
+    [Np] each pair's context length (what the mask says, for the in-place CPU kernel).
     Pairs are ordered row-major (a row's chains together), like the queries.
     """
 
@@ -233,6 +239,7 @@ class DecodePairs:
     block_idx: torch.Tensor
     kv_len: int
     mask: torch.Tensor | None
+    lens: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -285,8 +292,9 @@ def _decode_pairs(batch: ForwardBatch, cache: ChainKVCache) -> DecodePairs:
         q_idx, perm = q_idx.sort()
         idx, seq = idx.index_select(0, perm), seq.index_select(0, perm)
     mask = None if seq is None else batch.dec_mask.index_select(0, seq)
+    lens = batch.dec_lens.expand(idx.shape[0]) if seq is None else batch.dec_lens.index_select(0, seq)
     every_row = n_dec == batch.num_tokens and batch.dec_count[-1] == n_dec
-    return DecodePairs(None if every_row else q_idx, idx, batch.dec_len, mask)
+    return DecodePairs(None if every_row else q_idx, idx, batch.dec_len, mask, lens)
 
 
 def _decode_runs(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> list[AttnGroup]:

@@ -67,6 +67,7 @@ class ForwardBatch:
     dec_tables: list[torch.Tensor]  # per pool: [Bd_p, nb_max] block tables of decode sequences
     dec_len: int  # longest decode context, in tokens
     dec_mask: torch.Tensor | None  # [Bd, 1, 1, dec_len] bool
+    dec_lens: torch.Tensor | None  # [Bd] context length of each decode sequence, its new token included
     prefills: tuple[PrefillGroup, ...]
 
     @property
@@ -165,7 +166,8 @@ class ForwardBatch:
             dec_rows=t[p_drows],
             dec_start=drows[0] if drows and drows == list(range(drows[0], drows[0] + len(drows))) else None,
             dec_count=tuple(dec_count),
-            dec_tables=[t[j] for j in p_tables], dec_len=dec_len, dec_mask=dec_mask, prefills=tuple(prefills),
+            dec_tables=[t[j] for j in p_tables], dec_len=dec_len, dec_mask=dec_mask,
+            dec_lens=t[p_lens] if lens else None, prefills=tuple(prefills),
         )
 
 

@@ -10,8 +10,9 @@ of the image):
   internet here; pip's local wheel directory supplies the same CPU build of torch), and pip keeps
   its cache (PIP_NO_CACHE_DIR only keeps the image small).
 - The server binds 127.0.0.1 on a free port (tests bind loopback only) instead of 0.0.0.0:8000.
-- RUN steps of the final stage (creating the user and /models) need root and are not replayed; the
-  server runs as the Dockerfile's USER uid when the test runs as root, as the caller otherwise.
+- RUN steps of the final stage (creating the user and /models, installing Debian's gcc for the C
+  kernel) need root and are not replayed; this machine has gcc already. The server runs as the
+  Dockerfile's USER uid when the test runs as root, as the caller otherwise.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from .dockerfile import Dockerfile, DockerIgnore, Stage, copy_args, copy_owner, 
 
 # The base image's PATH (python:3.11-slim), which `ENV PATH=/opt/venv/bin:$PATH` extends.
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# RUN steps of the final stage that the replay may skip (user creation and an empty directory).
-SKIPPABLE_RUNTIME_RUN = re.compile(r"(groupadd [^&]+&& )?useradd [^&]+( && mkdir -p [/\w]+)?")
+# RUN steps of the final stage that the replay may skip (user creation and an empty directory; Debian
+# packages, which this machine has).
+SKIPPABLE_RUNTIME_RUN = re.compile(r"(groupadd [^&]+&& )?useradd [^&]+( && mkdir -p [/\w]+)?|apt-get update && "
+                                   r"apt-get install -y --no-install-recommends [\w.+ -]+ && rm -rf /var/lib/apt/lists/\*")
 
 
 @dataclass

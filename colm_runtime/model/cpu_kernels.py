@@ -1,0 +1,124 @@
+"""CPU kernels of our own, in C, built on first use with the machine's C compiler and loaded with ctypes.
+
+`paged_decode`: decode attention that reads the paged K/V cache in place (csrc/paged_decode.c). Without
+it a decode step gathers every sequence's K/V blocks into a padded copy and runs SDPA over the copy:
+at batch 32 on SmolLM2 in bf16 those were ~30% of a decode step (docs/performance.md).
+
+The shared library is compiled once per source, flags and CPU (`-march=native`) into
+$XDG_CACHE_HOME/colm/kernels (default ~/.cache/colm/kernels) and reused; building takes about a second. No
+compiler, a failed build or COLM_CPU_KERNELS=0: callers get None and keep the torch path (same
+results up to rounding), and one log line says why. The library links the OpenMP runtime torch has
+already loaded (same soname), so it shares torch's threads instead of starting a second pool.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("colm.kernels")
+
+SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
+COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c11"]
+_DTYPES = (torch.float32, torch.bfloat16)
+MAX_HEAD_DIM, MAX_GROUP = 256, 64  # csrc/paged_decode.c MAX_HD, MAX_G
+_I64, _F32, _INT, _P = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
+
+
+def enabled() -> bool:
+    return os.environ.get("COLM_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_key() -> str:
+    try:  # -march=native: a library built for one CPU may not run on another
+        flags = next((ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return platform.machine() + flags
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "colm" / "kernels"
+
+
+def _build(cc: str) -> Path:
+    src = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(src + " ".join(COMPILE_FLAGS).encode() + _cpu_key().encode() + version.encode()).hexdigest()
+    out = _cache_dir() / f"paged_decode-{key[:16]}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        obj, lib = Path(tmp) / "k.o", Path(tmp) / "k.so"
+        # fast-math at compile time only (vectorised expf): linking with it would add crtfastmath, which
+        # flushes denormals to zero for the whole process.
+        subprocess.run([cc, *COMPILE_FLAGS, "-c", str(SOURCE), "-o", str(obj)], capture_output=True, text=True,
+                       check=True)
+        subprocess.run([cc, "-shared", "-fopenmp", str(obj), "-o", str(lib), "-lm"], capture_output=True,
+                       text=True, check=True)
+        os.replace(lib, out)  # atomic: concurrent builders never load a half-written file
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (logged once) when they are off or cannot be built here."""
+    if not enabled():
+        log.info("CPU kernels off (COLM_CPU_KERNELS=0): decode attention gathers K/V for SDPA")
+        return None
+    cc = os.environ.get("CC", "gcc")
+    if shutil.which(cc) is None:
+        log.warning("no C compiler (%s): decode attention gathers K/V for SDPA (slower)", cc)
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(cc)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("CPU kernels not built (%s): decode attention gathers K/V for SDPA", detail.strip()[:500])
+        return None
+    lib.paged_decode.argtypes = [_P] * 6 + [_I64] * 7 + [_F32, _INT, _INT]
+    lib.paged_decode.restype = _INT
+    return lib
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether paged_decode can run these: CPU tensors of a supported dtype and size."""
+    if q.device.type != "cpu" or q.dtype not in _DTYPES or k_cache.dtype != q.dtype:
+        return False
+    if library() is None:
+        return False
+    G, rem = divmod(q.shape[1], k_cache.shape[2])
+    return q.shape[-1] <= MAX_HEAD_DIM and G <= MAX_GROUP and rem == 0
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_idx: torch.Tensor,
+                 lens: torch.Tensor, max_len: int, scale: float | None = None) -> torch.Tensor:
+    """Attention of one query token per pair over its paged context, reading the cache in place.
+
+    q: [N, Hq, hd]; k_cache, v_cache: one layer's cache [blocks, block_size, Hkv, hd] (contiguous);
+    block_idx: [N, nb] block ids; lens: [N] context lengths (<= nb * block_size, <= max_len) -> [N, Hq, hd].
+    Call only where supports() is true."""
+    lib = library()
+    N, Hq, hd = q.shape
+    _, bs, Hkv, _ = k_cache.shape
+    assert k_cache.is_contiguous() and v_cache.is_contiguous()
+    q = q.contiguous()
+    idx = block_idx.to(torch.int64).contiguous()
+    lens = lens.to(torch.int64).contiguous()
+    out = torch.empty_like(q)
+    rc = lib.paged_decode(q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), out.data_ptr(), idx.data_ptr(),
+                          lens.data_ptr(), N, idx.shape[1], Hq, Hkv, hd, bs, max_len,
+                          hd ** -0.5 if scale is None else scale, int(q.dtype == torch.bfloat16), torch.get_num_threads())
+    assert rc == 0, "paged_decode: shape outside the kernel's limits (check supports() first)"
+    return out

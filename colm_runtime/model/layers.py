@@ -107,6 +107,9 @@ class ChainLinear(nn.Module):
         one output (BLAS takes the row stride), so neither a cat nor a zero-fill-and-copy per chain is
         needed. Rows a chain skips stay zero."""
         T = x.shape[0]
+        if chains == 1 and uniform(rows, T):  # one product is the whole output: no buffer to copy it into
+            lin = self._lins[0]
+            return linear_rows(x[:, : self.in_offsets[1]], lin.weight, None, lin.bias)
         y = x.new_empty(T, self.out_offsets[chains]) if uniform(rows, T) else x.new_zeros(T, self.out_offsets[chains])
         for j, lin in enumerate(self._lins[:chains]):
             r = T if rows is None else rows[j]

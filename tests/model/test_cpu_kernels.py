@@ -1,7 +1,8 @@
-"""The C decode-attention kernel (colm_runtime/model/cpu_kernels.py, csrc/paged_decode.c) against the
+"""The C kernels (colm_runtime/model/cpu_kernels.py, csrc/): decode attention against the
 torch path it replaces (gather the paged blocks, SDPA over the copy), and its own properties: a pair's
 output does not depend on the batch or the thread count; with COLM_CPU_KERNELS=0, or no compiler, the
-torch path serves the same tokens."""
+torch path serves the same tokens. The bf16 product of a few rows (gemv_bf16) against an fp32 product of
+the same bf16 values."""
 
 from __future__ import annotations
 
@@ -98,4 +99,35 @@ def test_the_engine_serves_the_same_tokens_with_and_without_the_kernel(tmp_path)
         runs[name] = out.stdout.strip()
     assert runs["kernel"].startswith("True ") and runs["torch"].startswith("False ")
     assert runs["kernel"][5:] == runs["torch"][6:]
-    assert list((tmp_path / "colm" / "kernels").glob("paged_decode-*.so")), "built into $XDG_CACHE_HOME/colm/kernels"
+    assert list((tmp_path / "colm" / "kernels").glob("colm-kernels-*.so")), "built into $XDG_CACHE_HOME/colm/kernels"
+
+
+needs_bf16_dot = pytest.mark.skipif(not (cpu_kernels.library() and cpu_kernels.library().has_gemv),
+                                    reason="this CPU has no AVX-512 BF16")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n,k", [(49, 576), (7, 40), (130, 1537)], ids=["tail-rows", "short-k", "odd-k"])
+def test_gemv_equals_an_fp32_product_of_the_bf16_inputs(rows, n, k):
+    # bf16 products are exact in fp32 and the kernel sums in fp32: against an fp32 product of the same
+    # bf16 values the difference is summation order only; the bf16 output is that, rounded.
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=g).to(torch.bfloat16)
+    ref = x.float() @ w.float().T
+    assert cpu_kernels.gemv_ok(x, w)
+    torch.testing.assert_close(cpu_kernels.gemv_bf16(x, w, torch.float32), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(cpu_kernels.gemv_bf16(x, w).float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_bf16_dot
+def test_gemv_takes_strided_rows_and_refuses_what_it_cannot_do():
+    g = torch.Generator().manual_seed(7)
+    wide = torch.randn(64, 300, generator=g).to(torch.bfloat16)
+    xs = torch.randn(6, 300, generator=g).to(torch.bfloat16)
+    w, x = wide[:, :200], xs[::2, :200]  # a column prefix of W (the mixed head's slices), every other x row
+    torch.testing.assert_close(cpu_kernels.gemv_bf16(x, w, torch.float32), x.float() @ w.float().T, rtol=1e-5, atol=1e-4)
+    assert not cpu_kernels.gemv_ok(torch.zeros(9, 200, dtype=torch.bfloat16), w)  # more rows than it takes
+    assert not cpu_kernels.gemv_ok(x.float(), w.float())  # fp32: MKL's path
+    assert not cpu_kernels.gemv_ok(x, wide.T[:, :300])  # columns of W not contiguous

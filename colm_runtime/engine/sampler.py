@@ -166,7 +166,11 @@ def _inverse_cdf_draws(probs: torch.Tensor, default: torch.Generator) -> torch.T
     total = cdf[:, -1:]
     u = torch.rand(total.shape, generator=default, dtype=torch.float64, device=probs.device) * total
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, u, right=True)[:, 0]
+    idx = torch.searchsorted(cdf, u, right=True)[:, 0].clamp_max_(probs.shape[1] - 1)
+    # A degenerate row (no finite positive mass: inf or NaN logits from extreme penalties or a tiny
+    # temperature) takes its argmax, as argmax(p / E) did: always a token id, never one past the end.
+    bad = ~(torch.isfinite(total[:, 0]) & (total[:, 0] > 0))
+    return torch.where(bad, probs.argmax(dim=-1), idx)
 
 
 def processed_probs(logits: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:

@@ -71,6 +71,19 @@ def test_unseeded_draws_never_pick_a_token_of_probability_zero():
     assert ((counts - expected) ** 2 / expected.clamp_min(1e-9)).sum() < 2047 + 5 * (2 * 2047) ** 0.5  # chi-square
 
 
+def test_degenerate_rows_still_sample_a_token_id():
+    # A tiny temperature or an extreme penalty turns logits into inf/NaN: every row must still get a
+    # token id inside the vocabulary (a fuzzed request once got id V and failed the step).
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(8))
+    logits[1, 3] = float("inf")
+    logits[2] = float("nan")
+    logits[3] = float("-inf")
+    for gen in (None, torch.Generator().manual_seed(1)):
+        rows = [SamplingRow(SamplingParams(temperature=1.175494351e-38), gen, (), ())] * 4
+        out = sample(logits.clone(), rows, torch.Generator().manual_seed(0)).token_ids
+        assert all(0 <= t < V for t in out), out
+
+
 def test_a_seeded_row_draws_exponential_noise_from_its_own_generator():
     # Seeded rows keep argmax(p / E) with E from their own generator, so a seed gives the same tokens
     # as before unseeded rows moved to the inverse-CDF draw, whatever shares the batch.

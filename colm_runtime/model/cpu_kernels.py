@@ -4,7 +4,7 @@
   Without it a decode step gathers every sequence's K/V blocks into a padded copy and runs SDPA over
   the copy: at batch 32 on SmolLM2 in bf16 those were ~30% of a decode step (docs/performance.md).
 - `gemv_bf16` (csrc/gemv_bf16.c): bf16 products of 1-8 rows with AVX-512 BF16 dot products, streaming
-  each weight once with software prefetch: 1.5-1.7x ATen's `mv` / oneDNN at 1-4 rows, where a decode
+  each weight once with software prefetch: 1.4-1.9x ATen's `mv` / oneDNN at 1-4 rows, ~1.1x at 8, where a decode
   step is bound by reading the weights.
 
 The shared library is compiled once per source, flags and CPU (`-march=native`) into

@@ -53,7 +53,7 @@ def bucket_rows(n: int) -> int:
     return 1 << max(0, n - 1).bit_length() if n <= 64 else -(-n // 64) * 64
 
 
-GEMV_ROWS = 4  # bf16 CPU products of up to this many rows take cpu_kernels.gemv_bf16 (where it builds)
+GEMV_ROWS = 8  # bf16 CPU products of up to this many rows take cpu_kernels.gemv_bf16 (where it builds)
 
 
 def linear_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
@@ -67,7 +67,7 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = Non
             return F.linear(x, w, bias)
         return torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
     r = x.shape[0]
-    if r <= GEMV_ROWS and cpu_kernels.gemv_ok(x, w):  # our kernel streams W once, prefetched: 1.5-1.7x
+    if r <= GEMV_ROWS and cpu_kernels.gemv_ok(x, w):  # our kernel streams W once, prefetched
         y = cpu_kernels.gemv_bf16(x, w)
         if bias is not None:
             y += bias

@@ -37,17 +37,17 @@ static inline void put(void *y, int64_t at, int out_f32, float v) {
     }
 }
 
-/* nb <= NB rows of W (n0..) against R <= 4 x rows (m0..). Called with constant R and nb, so the loops
- * unroll and the accumulators stay in registers. */
-TGT static inline __attribute__((always_inline)) void block(const uint16_t *x, int64_t ldx, int64_t m0, int R, const uint16_t *W, int64_t ldw,
-                             int64_t n0, int nb, int64_t K, void *y, int64_t ldy, int out_f32) {
-    __m512 acc[4][NB];
-    for (int m = 0; m < 4; m++)
-        for (int j = 0; j < NB; j++) acc[m][j] = _mm512_setzero_ps();
-    const int64_t Kfull = K & ~(int64_t)31;
-    for (int64_t k = 0; k <= Kfull; k += 32) {
-        const __mmask32 mask = k < Kfull ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1ull << (K - Kfull)) - 1);
-        if (k == Kfull && K == Kfull) break;
+/* nb <= NB rows of W (n0..) against R <= MAXR x rows (m0..). Called with constant R and nb, so the loops
+ * unroll and the accumulators (R x nb <= 16 of the 32 vector registers) stay in registers. */
+#define MAXR 8
+TGT static inline __attribute__((always_inline)) void block(const uint16_t *x, int64_t ldx, int64_t m0, const int R,
+                                                            const uint16_t *W, int64_t ldw, int64_t n0, const int nb,
+                                                            int64_t K, void *y, int64_t ldy, int out_f32) {
+    __m512 acc[MAXR][NB];
+    for (int m = 0; m < R; m++)
+        for (int j = 0; j < nb; j++) acc[m][j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 32) {
+        const __mmask32 mask = K - k >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (K - k)) - 1);
         __m512i w[NB];
         for (int j = 0; j < nb; j++) {
             w[j] = _mm512_maskz_loadu_epi16(mask, W + (n0 + j) * ldw + k);
@@ -63,29 +63,25 @@ TGT static inline __attribute__((always_inline)) void block(const uint16_t *x, i
         for (int j = 0; j < nb; j++) put(y, (m0 + m) * ldy + n0 + j, out_f32, _mm512_reduce_add_ps(acc[m][j]));
 }
 
+/* All M rows against W rows n0..: up to 4 rows take 4 W rows per pass, 5-8 rows take 3 (at most 24 accumulators). */
+#define CASE(R, NBX) case R: block(x, ldx, 0, R, W, ldw, n0, NBX, K, y, ldy, out_f32); break;
+TGT static void rows_block(const uint16_t *x, int64_t ldx, int64_t M, const uint16_t *W, int64_t ldw, int64_t n0,
+                           int64_t K, void *y, int64_t ldy, int out_f32) {
+    switch (M) {
+    CASE(1, 4) CASE(2, 4) CASE(3, 4) CASE(4, 4) CASE(5, 3) CASE(6, 3) CASE(7, 3) CASE(8, 3)
+    }
+}
+
 /* Returns 0, or -1 if M is outside 1..8 or the CPU lacks AVX-512 BF16 (nothing written). */
 TGT int gemv_bf16(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t *W, int64_t N, int64_t K, int64_t ldw,
                   void *y, int64_t ldy, int out_f32, int threads) {
     if (M < 1 || M > 8 || !gemv_bf16_supported()) return -1;
-    const int64_t blocks = (N + NB - 1) / NB;
+    const int64_t step = M <= 4 ? 4 : 3, full = N / step;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const int64_t n0 = b * NB;
-        const int nb = (int)(N - n0 < NB ? N - n0 : NB);
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const int R = (int)(M - m0 < 4 ? M - m0 : 4);
-            if (nb == NB) {
-                switch (R) {
-                case 1: block(x, ldx, m0, 1, W, ldw, n0, NB, K, y, ldy, out_f32); break;
-                case 2: block(x, ldx, m0, 2, W, ldw, n0, NB, K, y, ldy, out_f32); break;
-                case 3: block(x, ldx, m0, 3, W, ldw, n0, NB, K, y, ldy, out_f32); break;
-                default: block(x, ldx, m0, 4, W, ldw, n0, NB, K, y, ldy, out_f32);
-                }
-            } else { /* the last, partial block of W rows */
-                block(x, ldx, m0, R, W, ldw, n0, nb, K, y, ldy, out_f32);
-            }
-        }
-    }
+    for (int64_t b = 0; b < full; b++)
+        rows_block(x, ldx, M, W, ldw, b * step, K, y, ldy, out_f32);
+    for (int64_t n = full * step; n < N; n++) /* the last W rows, one at a time */
+        for (int64_t m = 0; m < M; m++) block(x, ldx, m, 1, W, ldw, n, 1, K, y, ldy, out_f32);
     return 0;
 }
 

@@ -54,7 +54,8 @@ try:
                                "--save-result", "--result-dir", str(out), "--result-filename", "client.json"],
                               stdout=open(out / "client.log", "w"), stderr=subprocess.STDOUT)
     time.sleep(15)  # the client loads its tokenizer and builds prompts first
-    subprocess.run(["py-spy", "record", "--threads", "--nonblocking", *(["--idle"] if a.idle else []), "-r", "50",
+    spy = Path(sys.executable).with_name("py-spy")  # installed beside this Python (the bench extra), else PATH's
+    subprocess.run([str(spy) if spy.exists() else "py-spy", "record", "--threads", "--nonblocking", *(["--idle"] if a.idle else []), "-r", "50",
                     "-d", str(a.seconds), "-f", "raw", "-o", str(out / "spy.txt"), "--pid", str(server.pid)],
                    capture_output=True, check=True)
     client.wait()
@@ -71,7 +72,7 @@ for line in (out / "spy.txt").read_text().splitlines():
     if "colm-engine" not in frames[0]:
         continue
     total += int(n)
-    for name in {f.split(" (")[0] for f in frames[1:]}:
+    for name in {f.split(" (")[0] for f in frames[1:]} - {"Thread._bootstrap", "Thread._bootstrap_inner", "Thread.run"}:
         inclusive[name] += int(n)
 print(f"engine thread: {total} samples; share of them per function (inclusive):")
 for name, n in inclusive.most_common(a.top):

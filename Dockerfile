@@ -29,10 +29,9 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" -c constraints-cpu.txt .
 FROM ${PYTHON_IMAGE} AS runtime
 # gcc builds the C decode-attention kernel on first start (colm_runtime/model/cpu_kernels.py, about a
 # second, -march=native for the host it runs on); without it the server keeps the slower torch path.
-# Debian's gcc of the base image's release, unpinned: a pinned Debian version disappears from the
-# archive with the next point release, and the base image tag already fixes the release.
-# hadolint ignore=DL3008
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
+# gcc pinned to bookworm's compiler metapackage; libc6-dev pinned to the libc6 the base image already
+# has (its headers must match it exactly, and the base image moves with Debian's point releases).
+RUN apt-get update && apt-get install -y --no-install-recommends "gcc=4:12.2.0-3" "libc6-dev=$(dpkg-query -W -f="\${Version}" libc6)" && rm -rf /var/lib/apt/lists/*
 # A fixed numeric uid so Kubernetes' runAsNonRoot can check it without a passwd lookup.
 RUN groupadd --system --gid 10001 colm \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --shell /usr/sbin/nologin colm \

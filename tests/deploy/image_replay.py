@@ -32,7 +32,7 @@ BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # RUN steps of the final stage that the replay may skip (user creation and an empty directory; Debian
 # packages, which this machine has).
 SKIPPABLE_RUNTIME_RUN = re.compile(r"(groupadd [^&]+&& )?useradd [^&]+( && mkdir -p [/\w]+)?|apt-get update && "
-                                   r"apt-get install -y --no-install-recommends [\w.+ -]+ && rm -rf /var/lib/apt/lists/\*")
+                                   r"apt-get install -y --no-install-recommends [^&]+ && rm -rf /var/lib/apt/lists/\*")
 
 
 @dataclass

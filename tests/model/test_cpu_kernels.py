@@ -131,3 +131,19 @@ def test_gemv_takes_strided_rows_and_refuses_what_it_cannot_do():
     assert not cpu_kernels.gemv_ok(torch.zeros(9, 200, dtype=torch.bfloat16), w)  # more rows than it takes
     assert not cpu_kernels.gemv_ok(x.float(), w.float())  # fp32: MKL's path
     assert not cpu_kernels.gemv_ok(x, wide.T[:, :300])  # columns of W not contiguous
+
+
+@pytest.mark.parametrize("chains,c", [(1, 576), (3, 64), (2, 40)])
+def test_rms_norm_kernel_rounds_as_the_torch_path(chains, c):
+    # The torch path (ChainRMSNorm._norm in bf16): the normalised x is cast to bf16, then the weight
+    # multiplies it. The kernel's fp32 sum runs in another order, so a value may land one bf16 step away.
+    g = torch.Generator().manual_seed(c)
+    wide = (torch.randn(17, chains * c + 8, generator=g) * 3).to(torch.bfloat16)
+    x = wide[:, : chains * c]  # a column prefix, as ChainRMSNorm takes x[..., :width]
+    w = (1 + torch.randn(chains * c, generator=g) * 0.1).to(torch.bfloat16)
+    assert cpu_kernels.rms_norm_ok(x, w)
+    got = cpu_kernels.rms_norm_bf16(x, w, c, 1e-5)
+    ref = (F.rms_norm(x.unflatten(-1, (chains, c)), (c,), eps=1e-5) * w.view(chains, c)).flatten(-2)
+    step = ref.float().abs().clamp_min(1e-30) * 2 ** -7  # one bf16 step (8 significant bits) or less
+    assert ((got.float() - ref.float()).abs() <= step).all()
+    assert (got == ref).float().mean() > 0.97  # nearly all bitwise equal

@@ -59,7 +59,9 @@ GEMV_ROWS = 8  # bf16 CPU products of up to this many rows take cpu_kernels.gemv
 def linear_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias) for x: [r, d], w: [o, d], into out ([r, o], may be a strided column block) when
-    given. A reduced-precision product on the CPU runs on a contiguous copy of x padded with zero rows to
+    given. A bf16 product of up to GEMV_ROWS rows on a CPU with AVX-512 BF16 runs on our kernel
+    (cpu_kernels.gemv_bf16: a product of a few rows is bound by reading W). Any other
+    reduced-precision product on the CPU runs on a contiguous copy of x padded with zero rows to
     bucket_rows(r), into a fresh output: oneDNN's kernels are then keyed by (bucket, weight) only, not by
     the strides of whichever slice a step multiplies, and CoLMModel.warm_kernels can build them all."""
     if x.dtype == torch.float32 or x.device.type != "cpu":
@@ -72,7 +74,7 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = Non
         if bias is not None:
             y += bias
         return y if out is None else out.copy_(y)
-    if r == 1:  # ATen's bf16 matrix-vector product: ~1.5x faster than oneDNN's one-row GEMM, no kernel kept
+    if r == 1:  # no kernel of ours: ATen's matrix-vector product, ~1.5x oneDNN's one-row GEMM, keeps no state
         y = torch.mv(w, x[0]).unsqueeze(0) if bias is None else torch.addmv(bias, w, x[0]).unsqueeze(0)
         return y if out is None else out.copy_(y)
     if bucket_rows(r) != r or not x.is_contiguous():

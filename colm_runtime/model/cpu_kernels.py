@@ -57,7 +57,7 @@ def _cache_dir() -> Path:
 
 
 def _build(cc: str) -> Path:
-    src = b"".join(f.read_bytes() for f in SOURCES)
+    src = b"".join(f.read_bytes() for f in (*SOURCES, SOURCES[0].with_name("bf16.h")))
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(src + " ".join(COMPILE_FLAGS).encode() + _cpu_key().encode() + version.encode()).hexdigest()
     out = _cache_dir() / f"colm-kernels-{key[:16]}.so"

@@ -12,7 +12,8 @@
  * torch path everywhere else.
  */
 #include <stdint.h>
-#include <string.h>
+
+#include "bf16.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -30,10 +31,7 @@ static inline void put(void *y, int64_t at, int out_f32, float v) {
     if (out_f32) {
         ((float *)y)[at] = v;
     } else {
-        uint32_t u;
-        memcpy(&u, &v, 4);
-        u += 0x7FFFu + ((u >> 16) & 1u);
-        ((uint16_t *)y)[at] = (uint16_t)(u >> 16);
+        ((uint16_t *)y)[at] = f32_to_bf16(v);
     }
 }
 

@@ -17,6 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define MAX_HD 256
 #define MAX_G 64
 
@@ -25,25 +27,16 @@ static inline __attribute__((always_inline)) void load_row(const void *base, int
                                                            float *restrict dst) {
     if (bf16) {
         const uint16_t *p = (const uint16_t *)base + at;
-        for (int64_t d = 0; d < hd; d++) {
-            uint32_t u = (uint32_t)p[d] << 16;
-            memcpy(dst + d, &u, 4);
-        }
+        for (int64_t d = 0; d < hd; d++) dst[d] = bf16_to_f32(p[d]);
     } else {
         memcpy(dst, (const float *)base + at, hd * sizeof(float));
     }
 }
 
 static inline void store_row(void *base, int64_t at, int bf16, int64_t hd, const float *src, float mul) {
-    if (bf16) { /* round to nearest even, as torch rounds fp32 to bf16 (no NaNs reach here) */
+    if (bf16) {
         uint16_t *p = (uint16_t *)base + at;
-        for (int64_t d = 0; d < hd; d++) {
-            float f = src[d] * mul;
-            uint32_t u;
-            memcpy(&u, &f, 4);
-            u += 0x7FFFu + ((u >> 16) & 1u);
-            p[d] = (uint16_t)(u >> 16);
-        }
+        for (int64_t d = 0; d < hd; d++) p[d] = f32_to_bf16(src[d] * mul);
     } else {
         float *p = (float *)base + at;
         for (int64_t d = 0; d < hd; d++) p[d] = src[d] * mul;

@@ -6,21 +6,8 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
-static inline float bf(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t to_bf(float f) { /* round to nearest even (finite inputs) */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    u += 0x7FFFu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
+#include "bf16.h"
 
 /* x: rows of n*c bf16 values, row stride ldx; w: n*c bf16; out: rows x n*c, contiguous. */
 void rms_norm_bf16(const uint16_t *x, int64_t rows, int64_t ldx, const uint16_t *w, int64_t n, int64_t c,
@@ -32,10 +19,10 @@ void rms_norm_bf16(const uint16_t *x, int64_t rows, int64_t ldx, const uint16_t 
         uint16_t *os = out + r * c;
         float ss = 0.f;
         for (int64_t i = 0; i < c; i++) {
-            const float v = bf(xs[i]);
+            const float v = bf16_to_f32(xs[i]);
             ss += v * v;
         }
         const float inv = 1.f / sqrtf(ss / (float)c + eps);
-        for (int64_t i = 0; i < c; i++) os[i] = to_bf(bf(to_bf(bf(xs[i]) * inv)) * bf(ws[i]));
+        for (int64_t i = 0; i < c; i++) os[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(bf16_to_f32(xs[i]) * inv)) * bf16_to_f32(ws[i]));
     }
 }

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from colm_runtime.engine.types import SamplingParams
+from colm_runtime.model import cpu_kernels
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,16 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generat
                 0, torch.tensor(greedy, device=tokens.device), tokens)
     else:
         tokens = torch.empty(len(ps), dtype=torch.long, device=logits.device)
+    if rand and cpu_kernels.sample_ok(logits):  # plain temperature rows without a seed: one C pass each
+        plain = [i for i in rand if rows[i].generator is None and _plain(ps[i], logits.shape[1])]
+        if plain:
+            sub = logits if len(plain) == len(ps) else logits[plain]
+            u = torch.rand(len(plain), generator=default, dtype=torch.float64)
+            drawn = cpu_kernels.sample_rows(sub, [ps[i].temperature for i in plain], u)
+            ok = (drawn >= 0).tolist()
+            tokens[[i for i, good in zip(plain, ok) if good]] = drawn[drawn >= 0]
+            done = {i for i, good in zip(plain, ok) if good}  # a degenerate row (-1) goes the torch way
+            rand = [i for i in rand if i not in done]
     if rand:
         sub = logits if len(rand) == len(ps) else logits[rand]
         probs = processed_probs(sub, [ps[i] for i in rand])
@@ -217,6 +228,11 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generat
         tokens[rand] = picked
     token_list = tokens.tolist()
     return SamplerOutput(token_list, token_logprobs(raw, token_list, ps))
+
+
+def _plain(p: SamplingParams, vocab: int) -> bool:
+    """Temperature alone shapes this row's distribution (no top-k, top-p or min-p)."""
+    return not 0 < p.top_k < vocab and p.top_p >= 1 and p.min_p <= 0
 
 
 def token_logprobs(raw: torch.Tensor, tokens: list[int], ps: list[SamplingParams]) -> list:

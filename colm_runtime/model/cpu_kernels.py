@@ -8,6 +8,8 @@
 - `gemv_bf16` (csrc/gemv_bf16.c): bf16 products of 1-8 rows with AVX-512 BF16 dot products, streaming
   each weight once with software prefetch: 1.4-1.9x ATen's `mv` / oneDNN at 1-4 rows, ~1.1x at 8, where a decode
   step is bound by reading the weights.
+- `sample_rows` (csrc/sample_rows.c): temperature sampling of fp32 logit rows by inverse CDF in two
+  passes over each row, instead of torch's divide, softmax, float64 cumsum and searchsorted.
 
 The shared library is compiled once per source, flags and CPU (`-march=native`) into
 $XDG_CACHE_HOME/colm/kernels (default ~/.cache/colm/kernels) and reused; building takes about a second. No
@@ -33,7 +35,8 @@ import torch
 
 log = logging.getLogger("colm.kernels")
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("paged_decode.c", "gemv_bf16.c", "rms_norm_bf16.c"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("paged_decode.c", "gemv_bf16.c", "rms_norm_bf16.c",
+                                                                      "sample_rows.c"))
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu11"]
 _DTYPES = (torch.float32, torch.bfloat16)
 MAX_HEAD_DIM, MAX_GROUP = 256, 64  # csrc/paged_decode.c MAX_HD, MAX_G
@@ -100,6 +103,8 @@ def library() -> ctypes.CDLL | None:
     lib.has_gemv = bool(lib.gemv_bf16_supported())
     lib.rms_norm_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _F32, _P, _INT]
     lib.rms_norm_bf16.restype = None
+    lib.sample_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _INT]
+    lib.sample_rows.restype = None
     return lib
 
 
@@ -173,4 +178,23 @@ def rms_norm_bf16(x: torch.Tensor, w: torch.Tensor, segment: int, eps: float) ->
     out = torch.empty(rows, width, dtype=torch.bfloat16)
     library().rms_norm_bf16(x.data_ptr(), rows, x.stride(0), w.data_ptr(), width // segment, segment, eps,
                             out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def sample_ok(logits: torch.Tensor) -> bool:
+    """Whether sample_rows can take these logits: a 2-D fp32 CPU tensor with unit inner stride."""
+    return (logits.dtype == torch.float32 and logits.device.type == "cpu" and logits.dim() == 2
+            and logits.stride(1) == 1 and library() is not None)
+
+
+def sample_rows(logits: torch.Tensor, temperatures: list[float], uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row of logits [B, V], drawn from softmax(logits / T) with the row's uniform in
+    [0, 1) (float64 [B]) -> int64 [B]; -1 for a row with no finite positive mass (NaN or +inf logits,
+    or every token at -inf). Temperatures > 0. Call only where sample_ok."""
+    B, V = logits.shape
+    temps = torch.tensor(temperatures, dtype=torch.float32)
+    u = uniforms.to(torch.float64).contiguous()
+    out = torch.empty(B, dtype=torch.int64)
+    library().sample_rows(logits.data_ptr(), B, V, logits.stride(0), temps.data_ptr(), u.data_ptr(), out.data_ptr(),
+                          torch.get_num_threads())
     return out

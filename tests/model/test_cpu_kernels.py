@@ -147,3 +147,41 @@ def test_rms_norm_kernel_rounds_as_the_torch_path(chains, c):
     step = ref.float().abs().clamp_min(1e-30) * 2 ** -7  # one bf16 step (8 significant bits) or less
     assert ((got.float() - ref.float()).abs() <= step).all()
     assert (got == ref).float().mean() > 0.97  # nearly all bitwise equal
+
+
+def test_sample_rows_never_draws_a_token_of_probability_zero_whatever_the_uniform():
+    # Mass in the first and last chunks of 256 only (a partial last chunk: V = 1000), masked tokens in
+    # between and at both ends; uniforms at 0, just below 1 and in between.
+    V = 1000
+    row = torch.full((V,), float("-inf"))
+    row[1:200:3] = torch.randn(67, generator=torch.Generator().manual_seed(0))
+    row[900:-1] = torch.randn(99, generator=torch.Generator().manual_seed(1))
+    u = torch.tensor([0.0, 1.0 - 2.0**-53, 0.5, 1e-300, *torch.rand(60, dtype=torch.float64).tolist()], dtype=torch.float64)
+    ids = cpu_kernels.sample_rows(row.expand(len(u), V).contiguous(), [0.8] * len(u), u)
+    assert torch.isfinite(row[ids]).all(), ids
+    assert ids[0] == 1 and ids[1] == V - 2  # u = 0 takes the first token of mass, u -> 1 the last
+
+
+def test_sample_rows_follows_the_softmax_at_its_temperature():
+    g = torch.Generator().manual_seed(2)
+    V, n = 700, 60000
+    logits = torch.randn(V, generator=g) * 2
+    ids = cpu_kernels.sample_rows(logits.expand(n, V).contiguous(), [0.7] * n, torch.rand(n, generator=g, dtype=torch.float64))
+    expected = (logits / 0.7).softmax(-1).double() * n
+    counts = torch.bincount(ids, minlength=V).double()
+    assert ((counts - expected) ** 2 / expected).sum() < V + 5 * (2 * V) ** 0.5  # chi-square
+
+
+def test_sample_rows_reads_strided_rows_and_flags_rows_without_mass():
+    V = 300
+    wide = torch.randn(4, 2 * V)
+    x = wide[:, :V]  # row stride 2V
+    x[1] = float("-inf")
+    x[2, 5] = float("nan")
+    x[3, 7] = float("inf")
+    u = torch.full((4,), 0.3, dtype=torch.float64)
+    ids = cpu_kernels.sample_rows(x, [1.0] * 4, u)
+    assert ids[1:].tolist() == [-1, -1, -1] and 0 <= ids[0] < V
+    assert ids[0] == cpu_kernels.sample_rows(x[:1].contiguous(), [1.0], u[:1])[0]
+    # an overflowing temperature is flagged too; sample() then takes the torch path for that row
+    assert cpu_kernels.sample_rows(x[:1], [1e-38], u[:1]).tolist() == [-1]

@@ -3,8 +3,9 @@ round by round in one process, at SmolLM2's shapes (2 threads by default):
 
 - decode attention of 32 sequences (9 query heads over 3 KV heads of 64, blocks of 16, contexts of
   half to all of L tokens, blocks scattered over the cache): gather + SDPA against paged_decode;
-- bf16 products of 1-8 rows over all 30 layers' weights and the LM head (270 MB, read cold as a decode
-  step reads them): ATen (`mv` at one row, oneDNN's GEMM above) against gemv_bf16.
+- bf16 products of 1-64 rows over all 30 layers' weights and the LM head (270 MB, read cold as a decode
+  step reads them): ATen (`mv` at one row, oneDNN's GEMM above) against gemv_bf16 (1-8 rows) and
+  gemm_amx_bf16 (4-64 rows) where the CPU has them.
 
   python benchmarks/cpu_kernels_ab.py [--threads 2] [--rounds 20]
 """
@@ -34,8 +35,9 @@ def ab(name: str, sides: dict, rounds: int) -> None:
             s = time.perf_counter()
             f()
             t[k].append(time.perf_counter() - s)
-    (ka, ma), (kb, mb) = ((k, statistics.median(v)) for k, v in t.items())
-    print(f"{name}: {ka} {ma * 1e3:.2f} ms, {kb} {mb * 1e3:.2f} ms, {ka}/{kb} {ma / mb:.2f}", flush=True)
+    (ka, ma), *rest = ((k, statistics.median(v)) for k, v in t.items())
+    print(f"{name}: {ka} {ma * 1e3:.2f} ms" + "".join(f", {k} {m * 1e3:.2f} ms, {ka}/{k} {ma / m:.2f}" for k, m in rest),
+          flush=True)
 
 
 B, Hq, Hk, hd, bs = 32, 9, 3, 64, 16
@@ -57,23 +59,27 @@ for dt in (torch.bfloat16, torch.float32):
            {"gather+sdpa": gather_sdpa, "paged_decode": lambda: cpu_kernels.paged_decode(q, kc, vc, idx, lens, L)},
            a.rounds)
 
-if cpu_kernels.library().has_gemv:
+lib = cpu_kernels.library()
+if lib.has_gemv or lib.has_amx:
     shapes = [(576, 960), (576, 576), (576, 3072), (1536, 576)]  # qkv, o, gate_up, down
     Ws = [[torch.randn(o, i).to(torch.bfloat16) for i, o in shapes] for _ in range(30)]
     Ws.append([torch.randn(49152, 576).to(torch.bfloat16)])  # the LM head
-    for M in (1, 2, 4, 8):
+    for M in (1, 2, 4, 8, 16, 32, 64):
         xs = {i: torch.randn(M, i).to(torch.bfloat16) for i in (576, 1536)}
 
-        def aten():
-            for ws in Ws:
-                for w in ws:
-                    torch.mv(w, xs[w.shape[1]][0]) if M == 1 else F.linear(xs[w.shape[1]], w)
+        def run(product):
+            def all_weights():
+                for ws in Ws:
+                    for w in ws:
+                        product(xs[w.shape[1]], w)
+            return all_weights
 
-        def ours():
-            for ws in Ws:
-                for w in ws:
-                    cpu_kernels.gemv_bf16(xs[w.shape[1]], w)
-
-        ab(f"bf16 products of {M} rows, every SmolLM2 weight", {"aten": aten, "gemv_bf16": ours}, max(5, a.rounds // 3))
+        sides = {"aten": run(lambda x, w: torch.mv(w, x[0]) if M == 1 else F.linear(x, w))}
+        if lib.has_gemv and M <= 8:
+            sides["gemv_bf16"] = run(cpu_kernels.gemv_bf16)
+        if lib.has_amx and M >= 4:
+            sides["gemm_amx_bf16"] = run(cpu_kernels.gemm_amx_bf16)
+        if len(sides) > 1:
+            ab(f"bf16 products of {M} rows, every SmolLM2 weight", sides, max(5, a.rounds // 3))
 else:
-    print("gemv_bf16: this CPU has no AVX-512 BF16")
+    print("bf16 products: this CPU has neither AVX-512 BF16 nor AMX")

@@ -7,7 +7,9 @@
   rounded as transformers rounds it, instead of seven torch ops.
 - `gemv_bf16` (csrc/gemv_bf16.c): bf16 products of 1-8 rows with AVX-512 BF16 dot products, streaming
   each weight once with software prefetch: 1.4-1.9x ATen's `mv` / oneDNN at 1-4 rows, ~1.1x at 8, where a decode
-  step is bound by reading the weights.
+  step is bound by reading the weights. Where the CPU has AMX it takes 1-3 rows only:
+- `gemm_amx_bf16` (csrc/gemm_amx_bf16.c): bf16 products of 4-64 rows (a batched decode step) on AMX
+  tiles, with W as stored as the left operand (no repacking): 1.4-1.8x oneDNN, 1.4x gemv_bf16 at 8 rows.
 - `sample_rows` (csrc/sample_rows.c): temperature sampling of fp32 logit rows by inverse CDF in two
   passes over each row, instead of torch's divide, softmax, float64 cumsum and searchsorted.
 
@@ -35,8 +37,8 @@ import torch
 
 log = logging.getLogger("colm.kernels")
 
-SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("paged_decode.c", "gemv_bf16.c", "rms_norm_bf16.c",
-                                                                      "sample_rows.c"))
+SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("paged_decode.c", "gemv_bf16.c", "gemm_amx_bf16.c",
+                                                                      "rms_norm_bf16.c", "sample_rows.c"))
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu11"]
 _DTYPES = (torch.float32, torch.bfloat16)
 MAX_HEAD_DIM, MAX_GROUP = 256, 64  # csrc/paged_decode.c MAX_HD, MAX_G
@@ -101,6 +103,9 @@ def library() -> ctypes.CDLL | None:
     lib.gemv_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _INT, _INT]
     lib.gemv_bf16.restype = _INT
     lib.has_gemv = bool(lib.gemv_bf16_supported())
+    lib.gemm_amx_bf16.argtypes = lib.gemv_bf16.argtypes
+    lib.gemm_amx_bf16.restype = _INT
+    lib.has_amx = lib.gemm_amx_init() == 0  # the CPU has AMX-BF16 and Linux granted this process its tiles
     lib.rms_norm_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _F32, _P, _INT]
     lib.rms_norm_bf16.restype = None
     lib.sample_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _INT]
@@ -140,28 +145,51 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out
 
 
-GEMV_MAX_ROWS = 8  # csrc/gemv_bf16.c: products of up to this many rows
+GEMV_MAX_ROWS = 3  # csrc/gemv_bf16.c takes products of 1-3 rows (it handles up to 8; AMX wins from 4)
+AMX_ROWS = (4, 64)  # csrc/gemm_amx_bf16.c: products of 4-64 rows where the CPU has AMX (1.4-1.8x oneDNN)
 
 
-def gemv_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether gemv_bf16 can take x @ w.T: bf16 CPU tensors, 1..8 rows, unit inner strides, and a CPU
-    with AVX-512 BF16."""
+def rows_kernel(x: torch.Tensor, w: torch.Tensor) -> str | None:
+    """Which of our bf16 product kernels takes x [M, K] @ w [N, K].T: "gemv" (1-3 rows, or up to 8
+    without AMX), "amx" (4-64 rows, K % 32 == 0, N % 16 == 0), or None (ATen's). bf16 CPU tensors with
+    unit inner strides only."""
     if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.device.type != "cpu":
-        return False
-    if not 1 <= x.shape[0] <= GEMV_MAX_ROWS or x.stride(1) != 1 or w.stride(1) != 1:
-        return False
+        return None
+    if x.dim() != 2 or x.stride(1) != 1 or w.stride(1) != 1:
+        return None
     lib = library()
-    return lib is not None and lib.has_gemv
+    if lib is None:
+        return None
+    M, K = x.shape
+    if lib.has_amx and AMX_ROWS[0] <= M <= AMX_ROWS[1] and K % 32 == 0 and w.shape[0] % 16 == 0:
+        return "amx"
+    if lib.has_gemv and 1 <= M <= (GEMV_MAX_ROWS if lib.has_amx else 8):
+        return "gemv"
+    return None
 
 
 def gemv_bf16(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """x [M, K] @ w[N, K].T -> [M, N] in out_dtype (bf16 or fp32), fp32 sums. Call only where gemv_ok."""
+    """x [M, K] @ w[N, K].T -> [M, N] in out_dtype (bf16 or fp32), fp32 sums, on AVX-512 BF16 (M <= 8)."""
+    return _rows(library().gemv_bf16, x, w, out_dtype)
+
+
+def gemm_amx_bf16(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """x [M, K] @ w[N, K].T -> [M, N] in out_dtype (bf16 or fp32), fp32 sums, on AMX tiles."""
+    return _rows(library().gemm_amx_bf16, x, w, out_dtype)
+
+
+def bf16_rows(x: torch.Tensor, w: torch.Tensor, kernel: str) -> torch.Tensor:
+    """x @ w.T in bf16 on the kernel rows_kernel chose."""
+    return gemm_amx_bf16(x, w) if kernel == "amx" else gemv_bf16(x, w)
+
+
+def _rows(fn, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     M, K = x.shape
     N = w.shape[0]
     y = torch.empty(M, N, dtype=out_dtype)
-    rc = library().gemv_bf16(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), y.data_ptr(), N,
-                             int(out_dtype == torch.float32), torch.get_num_threads())
-    assert rc == 0, "gemv_bf16: outside its limits (check gemv_ok first)"
+    rc = fn(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), y.data_ptr(), N,
+            int(out_dtype == torch.float32), torch.get_num_threads())
+    assert rc == 0, "bf16 product kernel: outside its limits (check rows_kernel first)"
     return y
 
 

@@ -53,14 +53,13 @@ def bucket_rows(n: int) -> int:
     return 1 << max(0, n - 1).bit_length() if n <= 64 else -(-n // 64) * 64
 
 
-GEMV_ROWS = 8  # bf16 CPU products of up to this many rows take cpu_kernels.gemv_bf16 (where it builds)
-
 
 def linear_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias) for x: [r, d], w: [o, d], into out ([r, o], may be a strided column block) when
-    given. A bf16 product of up to GEMV_ROWS rows on a CPU with AVX-512 BF16 runs on our kernel
-    (cpu_kernels.gemv_bf16: a product of a few rows is bound by reading W). Any other
+    given. A bf16 product of a decode batch's rows (1-64) runs on our kernels where the CPU has them
+    (cpu_kernels.rows_kernel: gemv_bf16 on AVX-512 BF16 for a few rows, gemm_amx_bf16 on AMX tiles
+    above): such a product is bound by reading W, which they stream once. Any other
     reduced-precision product on the CPU runs on a contiguous copy of x padded with zero rows to
     bucket_rows(r), into a fresh output: oneDNN's kernels are then keyed by (bucket, weight) only, not by
     the strides of whichever slice a step multiplies, and CoLMModel.warm_kernels can build them all."""
@@ -69,8 +68,8 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = Non
             return F.linear(x, w, bias)
         return torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
     r = x.shape[0]
-    if r <= GEMV_ROWS and cpu_kernels.gemv_ok(x, w):  # our kernel streams W once, prefetched
-        y = cpu_kernels.gemv_bf16(x, w)
+    if kernel := cpu_kernels.rows_kernel(x, w):  # ours stream W once, prefetched
+        y = cpu_kernels.bf16_rows(x, w, kernel)
         if bias is not None:
             y += bias
         return y if out is None else out.copy_(y)

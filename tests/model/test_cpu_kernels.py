@@ -112,76 +112,61 @@ needs_bf16_dot = pytest.mark.skipif(not (cpu_kernels.library() and cpu_kernels.l
 def test_gemv_equals_an_fp32_product_of_the_bf16_inputs(rows, n, k):
     # bf16 products are exact in fp32 and the kernel sums in fp32: against an fp32 product of the same
     # bf16 values the difference is summation order only; the bf16 output is that, rounded.
+    check_product(cpu_kernels.gemv_bf16, rows, n, k)
+
+
+def check_product(product, rows, n, k):
     g = torch.Generator().manual_seed(rows * 1000 + n)
     x = torch.randn(rows, k, generator=g).to(torch.bfloat16)
     w = torch.randn(n, k, generator=g).to(torch.bfloat16)
     ref = x.float() @ w.float().T
-    assert cpu_kernels.gemv_ok(x, w)
-    torch.testing.assert_close(cpu_kernels.gemv_bf16(x, w, torch.float32), ref, rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(cpu_kernels.gemv_bf16(x, w).float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(product(x, w, torch.float32), ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(product(x, w).float(), ref.to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+    # the same x row gives the same output row whatever else is in the batch (its sums' order is fixed)
+    alone = product(x[-1:].expand(min(rows, 4), k).contiguous(), w, torch.float32)
+    assert torch.equal(alone[0], product(x, w, torch.float32)[-1])
 
 
 @needs_bf16_dot
 def test_gemv_takes_strided_rows_and_refuses_what_it_cannot_do():
-    g = torch.Generator().manual_seed(7)
-    wide = torch.randn(64, 300, generator=g).to(torch.bfloat16)
-    xs = torch.randn(6, 300, generator=g).to(torch.bfloat16)
-    w, x = wide[:, :200], xs[::2, :200]  # a column prefix of W (the mixed head's slices), every other x row
-    torch.testing.assert_close(cpu_kernels.gemv_bf16(x, w, torch.float32), x.float() @ w.float().T, rtol=1e-5, atol=1e-4)
-    assert not cpu_kernels.gemv_ok(torch.zeros(9, 200, dtype=torch.bfloat16), w)  # more rows than it takes
-    assert not cpu_kernels.gemv_ok(x.float(), w.float())  # fp32: MKL's path
-    assert not cpu_kernels.gemv_ok(x, wide.T[:, :300])  # columns of W not contiguous
+    wide, xs, w, x = check_strided(cpu_kernels.gemv_bf16, 6, 200)
+    assert cpu_kernels.rows_kernel(x, w) in ("gemv", None if cpu_kernels.library().has_amx else "gemv")
+    assert cpu_kernels.rows_kernel(x.float(), w.float()) is None  # fp32: MKL's path
+    assert cpu_kernels.rows_kernel(x, wide.T[:, :96]) is None  # columns of W not contiguous
 
 
-@pytest.mark.parametrize("chains,c", [(1, 576), (3, 64), (2, 40)])
-def test_rms_norm_kernel_rounds_as_the_torch_path(chains, c):
-    # The torch path (ChainRMSNorm._norm in bf16): the normalised x is cast to bf16, then the weight
-    # multiplies it. The kernel's fp32 sum runs in another order, so a value may land one bf16 step away.
-    g = torch.Generator().manual_seed(c)
-    wide = (torch.randn(17, chains * c + 8, generator=g) * 3).to(torch.bfloat16)
-    x = wide[:, : chains * c]  # a column prefix, as ChainRMSNorm takes x[..., :width]
-    w = (1 + torch.randn(chains * c, generator=g) * 0.1).to(torch.bfloat16)
-    assert cpu_kernels.rms_norm_ok(x, w)
-    got = cpu_kernels.rms_norm_bf16(x, w, c, 1e-5)
-    ref = (F.rms_norm(x.unflatten(-1, (chains, c)), (c,), eps=1e-5) * w.view(chains, c)).flatten(-2)
-    step = ref.float().abs().clamp_min(1e-30) * 2 ** -7  # one bf16 step (8 significant bits) or less
-    assert ((got.float() - ref.float()).abs() <= step).all()
-    assert (got == ref).float().mean() > 0.97  # nearly all bitwise equal
+def check_strided(product, rows, k):
+    """A column prefix of W (the mixed head's slices) against every other x row."""
+    g = torch.Generator().manual_seed(rows)
+    wide = torch.randn(96, k + 256, generator=g).to(torch.bfloat16)
+    xs = torch.randn(rows, k + 256, generator=g).to(torch.bfloat16)
+    w, x = wide[:, :k], xs[::2, :k]
+    torch.testing.assert_close(product(x, w, torch.float32), x.float() @ w.float().T, rtol=1e-5, atol=1e-4)
+    return wide, xs, w, x
 
 
-def test_sample_rows_never_draws_a_token_of_probability_zero_whatever_the_uniform():
-    # Mass in the first and last chunks of 256 only (a partial last chunk: V = 1000), masked tokens in
-    # between and at both ends; uniforms at 0, just below 1 and in between.
-    V = 1000
-    row = torch.full((V,), float("-inf"))
-    row[1:200:3] = torch.randn(67, generator=torch.Generator().manual_seed(0))
-    row[900:-1] = torch.randn(99, generator=torch.Generator().manual_seed(1))
-    u = torch.tensor([0.0, 1.0 - 2.0**-53, 0.5, 1e-300, *torch.rand(60, dtype=torch.float64).tolist()], dtype=torch.float64)
-    ids = cpu_kernels.sample_rows(row.expand(len(u), V).contiguous(), [0.8] * len(u), u)
-    assert torch.isfinite(row[ids]).all(), ids
-    assert ids[0] == 1 and ids[1] == V - 2  # u = 0 takes the first token of mass, u -> 1 the last
+needs_amx = pytest.mark.skipif(not (cpu_kernels.library() and cpu_kernels.library().has_amx),
+                               reason="this CPU (or kernel) gives no AMX tiles")
 
 
-def test_sample_rows_follows_the_softmax_at_its_temperature():
-    g = torch.Generator().manual_seed(2)
-    V, n = 700, 60000
-    logits = torch.randn(V, generator=g) * 2
-    ids = cpu_kernels.sample_rows(logits.expand(n, V).contiguous(), [0.7] * n, torch.rand(n, generator=g, dtype=torch.float64))
-    expected = (logits / 0.7).softmax(-1).double() * n
-    counts = torch.bincount(ids, minlength=V).double()
-    assert ((counts - expected) ** 2 / expected).sum() < V + 5 * (2 * V) ** 0.5  # chi-square
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 4, 9, 16, 17, 32, 33, 50, 64])
+@pytest.mark.parametrize("n,k", [(48, 576), (16, 32), (3072, 1536)], ids=["odd-blocks", "one-tile", "wide"])
+def test_amx_equals_an_fp32_product_of_the_bf16_inputs(rows, n, k):
+    # 48 rows of W: one pair of 16-row blocks and a single block; 17, 33, 50 x rows: partial x tiles.
+    check_product(cpu_kernels.gemm_amx_bf16, rows, n, k)
 
 
-def test_sample_rows_reads_strided_rows_and_flags_rows_without_mass():
-    V = 300
-    wide = torch.randn(4, 2 * V)
-    x = wide[:, :V]  # row stride 2V
-    x[1] = float("-inf")
-    x[2, 5] = float("nan")
-    x[3, 7] = float("inf")
-    u = torch.full((4,), 0.3, dtype=torch.float64)
-    ids = cpu_kernels.sample_rows(x, [1.0] * 4, u)
-    assert ids[1:].tolist() == [-1, -1, -1] and 0 <= ids[0] < V
-    assert ids[0] == cpu_kernels.sample_rows(x[:1].contiguous(), [1.0], u[:1])[0]
-    # an overflowing temperature is flagged too; sample() then takes the torch path for that row
-    assert cpu_kernels.sample_rows(x[:1], [1e-38], u[:1]).tolist() == [-1]
+@needs_amx
+def test_amx_takes_strided_operands_and_the_routing_keeps_its_limits():
+    wide, xs, w, x = check_strided(cpu_kernels.gemm_amx_bf16, 40, 384)
+    assert cpu_kernels.rows_kernel(x, w) == "amx"
+    assert cpu_kernels.rows_kernel(xs[:3, :384], w) == "gemv"  # 1-3 rows: the AVX-512 kernel
+    assert cpu_kernels.rows_kernel(xs[:, :384].repeat(2, 1), w) is None  # 80 rows: oneDNN
+    assert cpu_kernels.rows_kernel(xs[:8, :200], wide[:, :200]) is None  # K not a multiple of 32
+    assert cpu_kernels.rows_kernel(xs[:8, :384], wide[:40, :384]) is None  # N not a multiple of 16
+    lib = cpu_kernels.library()  # and the kernel itself refuses what it cannot do, writing nothing
+    y = torch.zeros(8, 40, dtype=torch.bfloat16)
+    assert lib.gemm_amx_bf16(xs.data_ptr(), 8, 640, wide.data_ptr(), 40, 384, 640, y.data_ptr(), 40, 0, 2) == -1
+    assert lib.gemm_amx_bf16(xs.data_ptr(), 65, 640, wide.data_ptr(), 48, 384, 640, y.data_ptr(), 40, 0, 2) == -1
+    assert not y.any()

@@ -56,19 +56,20 @@ static void config(tilecfg *c, int mt0, int mt1) {
     for (int t = 0; t < 2; t++) c->rows[6 + t] = 16, c->colsb[6 + t] = (uint16_t)(cols[t] * 4);
 }
 
-/* xp: for each k step of 32 and each x tile of 16 rows, 16 pair rows of 16 dwords (zero past M). */
-static void pack_x(const uint16_t *x, int64_t M, int64_t ldx, int64_t K, int64_t tiles, uint32_t *xp) {
-    for (int64_t ks = 0; ks < K / 32; ks++)
+/* xp: for each k step of 32 and each x tile of 16 rows, 16 pair rows of 16 dwords (zero past M): a
+ * 16 x 16 dword transpose of x's block. Steps ks0..ks1-1 (the caller splits them over its threads). */
+static void pack_x(const uint16_t *x, int64_t M, int64_t ldx, int64_t tiles, int64_t ks0, int64_t ks1, uint32_t *xp) {
+    for (int64_t ks = ks0; ks < ks1; ks++)
         for (int64_t t = 0; t < tiles; t++) {
             uint32_t *dst = xp + (ks * tiles + t) * 256;
-            for (int64_t m = 0; m < 16; m++) {
-                const int64_t row = t * 16 + m;
-                for (int64_t p = 0; p < 16; p++) {
-                    uint32_t v = 0;
-                    if (row < M) memcpy(&v, x + row * ldx + ks * 32 + 2 * p, 4);
-                    dst[p * 16 + m] = v;
-                }
+            const int64_t rows = M - t * 16 < 16 ? M - t * 16 : 16;
+            for (int64_t m = 0; m < rows; m++) {
+                uint32_t src[16];
+                memcpy(src, x + (t * 16 + m) * ldx + ks * 32, 64);
+                for (int p = 0; p < 16; p++) dst[p * 16 + m] = src[p];
             }
+            for (int64_t m = rows; m < 16; m++)
+                for (int p = 0; p < 16; p++) dst[p * 16 + m] = 0;
         }
 }
 
@@ -139,9 +140,10 @@ AMX int gemm_amx_bf16(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t 
     const int64_t tiles = (M + 15) / 16, pairs = (N + 31) / 32;
     uint32_t *xp = aligned_alloc(64, (size_t)(K / 32) * tiles * 1024);
     if (!xp) return -1;
-    pack_x(x, M, ldx, K, tiles, xp);
 #pragma omp parallel num_threads(threads)
     {
+#pragma omp for schedule(static)
+        for (int64_t ks = 0; ks < K / 32; ks++) pack_x(x, M, ldx, tiles, ks, ks + 1, xp);
         tilecfg cfg[2]; /* per x-tile pair: column widths of its last, maybe partial, tile */
         float s[256] __attribute__((aligned(64)));
 #pragma omp for schedule(static)

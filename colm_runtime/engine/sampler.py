@@ -205,15 +205,17 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generat
                 0, torch.tensor(greedy, device=tokens.device), tokens)
     else:
         tokens = torch.empty(len(ps), dtype=torch.long, device=logits.device)
-    if rand and cpu_kernels.sample_ok(logits):  # plain temperature rows without a seed: one C pass each
-        plain = [i for i in rand if rows[i].generator is None and _plain(ps[i], logits.shape[1])]
-        if plain:
-            sub = logits if len(plain) == len(ps) else logits[plain]
-            u = torch.rand(len(plain), generator=default, dtype=torch.float64)
-            drawn = cpu_kernels.sample_rows(sub, [ps[i].temperature for i in plain], u)
+    if rand and cpu_kernels.sample_ok(logits):  # rows without a seed: a C pass or two each, no [B, V] sort
+        free = [i for i in rand if rows[i].generator is None]
+        if free:
+            sub = logits if len(free) == len(ps) else logits[free]
+            u = torch.rand(len(free), generator=default, dtype=torch.float64)
+            cuts = [[ps[i].top_k for i in free], [ps[i].top_p for i in free], [ps[i].min_p for i in free]]
+            plain = all(_plain(ps[i], logits.shape[1]) for i in free)
+            drawn = cpu_kernels.sample_rows(sub, [ps[i].temperature for i in free], u, *([None] * 3 if plain else cuts))
             ok = (drawn >= 0).tolist()
-            tokens[[i for i, good in zip(plain, ok) if good]] = drawn[drawn >= 0]
-            done = {i for i, good in zip(plain, ok) if good}  # a degenerate row (-1) goes the torch way
+            tokens[[i for i, good in zip(free, ok) if good]] = drawn[drawn >= 0]
+            done = {i for i, good in zip(free, ok) if good}  # a degenerate row (-1) goes the torch way
             rand = [i for i in rand if i not in done]
     if rand:
         sub = logits if len(rand) == len(ps) else logits[rand]

@@ -11,7 +11,8 @@
 - `gemm_amx_bf16` (csrc/gemm_amx_bf16.c): bf16 products of 4-64 rows (a batched decode step) on AMX
   tiles, with W as stored as the left operand (no repacking): 1.4-1.8x oneDNN, 1.4x gemv_bf16 at 8 rows.
 - `sample_rows` (csrc/sample_rows.c): temperature sampling of fp32 logit rows by inverse CDF in two
-  passes over each row, instead of torch's divide, softmax, float64 cumsum and searchsorted.
+  passes over each row, instead of torch's divide, softmax, float64 cumsum and searchsorted; top-k,
+  top-p and min-p cut by a histogram select instead of sorting the vocabulary.
 
 The shared library is compiled once per source, flags and CPU (`-march=native`) into
 $XDG_CACHE_HOME/colm/kernels (default ~/.cache/colm/kernels) and reused; building takes about a second. No
@@ -108,7 +109,7 @@ def library() -> ctypes.CDLL | None:
     lib.has_amx = lib.gemm_amx_init() == 0  # the CPU has AMX-BF16 and Linux granted this process its tiles
     lib.rms_norm_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _F32, _P, _INT]
     lib.rms_norm_bf16.restype = None
-    lib.sample_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _INT]
+    lib.sample_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT]
     lib.sample_rows.restype = None
     return lib
 
@@ -215,14 +216,21 @@ def sample_ok(logits: torch.Tensor) -> bool:
             and logits.stride(1) == 1 and library() is not None)
 
 
-def sample_rows(logits: torch.Tensor, temperatures: list[float], uniforms: torch.Tensor) -> torch.Tensor:
-    """One token per row of logits [B, V], drawn from softmax(logits / T) with the row's uniform in
+def sample_rows(logits: torch.Tensor, temperatures: list[float], uniforms: torch.Tensor,
+                top_k: list[int] | None = None, top_p: list[float] | None = None,
+                min_p: list[float] | None = None) -> torch.Tensor:
+    """One token per row of logits [B, V], drawn from softmax(logits / T) cut to the row's top-k, top-p
+    and min-p (as sampler.processed_probs cuts; all three lists or none) with the row's uniform in
     [0, 1) (float64 [B]) -> int64 [B]; -1 for a row with no finite positive mass (NaN or +inf logits,
     or every token at -inf). Temperatures > 0. Call only where sample_ok."""
     B, V = logits.shape
     temps = torch.tensor(temperatures, dtype=torch.float32)
     u = uniforms.to(torch.float64).contiguous()
     out = torch.empty(B, dtype=torch.int64)
-    library().sample_rows(logits.data_ptr(), B, V, logits.stride(0), temps.data_ptr(), u.data_ptr(), out.data_ptr(),
-                          torch.get_num_threads())
+    cuts = (None, None, None)
+    if top_k is not None:
+        cuts = (torch.tensor(top_k, dtype=torch.int64), torch.tensor(top_p, dtype=torch.float32),
+                torch.tensor(min_p, dtype=torch.float32))
+    library().sample_rows(logits.data_ptr(), B, V, logits.stride(0), temps.data_ptr(), u.data_ptr(),
+                          *(None if c is None else c.data_ptr() for c in cuts), out.data_ptr(), torch.get_num_threads())
     return out

@@ -135,6 +135,22 @@ def test_gemv_takes_strided_rows_and_refuses_what_it_cannot_do():
     assert cpu_kernels.rows_kernel(x, wide.T[:, :96]) is None  # columns of W not contiguous
 
 
+@pytest.mark.parametrize("chains,c", [(1, 576), (3, 64), (2, 40)])
+def test_rms_norm_kernel_rounds_as_the_torch_path(chains, c):
+    # The torch path (ChainRMSNorm._norm in bf16): the normalised x is cast to bf16, then the weight
+    # multiplies it. The kernel's fp32 sum runs in another order, so a value may land one bf16 step away.
+    g = torch.Generator().manual_seed(c)
+    wide = (torch.randn(17, chains * c + 8, generator=g) * 3).to(torch.bfloat16)
+    x = wide[:, : chains * c]  # a column prefix, as ChainRMSNorm takes x[..., :width]
+    w = (1 + torch.randn(chains * c, generator=g) * 0.1).to(torch.bfloat16)
+    assert cpu_kernels.rms_norm_ok(x, w)
+    got = cpu_kernels.rms_norm_bf16(x, w, c, 1e-5)
+    ref = (F.rms_norm(x.unflatten(-1, (chains, c)), (c,), eps=1e-5) * w.view(chains, c)).flatten(-2)
+    step = ref.float().abs().clamp_min(1e-30) * 2 ** -7  # one bf16 step (8 significant bits) or less
+    assert ((got.float() - ref.float()).abs() <= step).all()
+    assert (got == ref).float().mean() > 0.97  # nearly all bitwise equal
+
+
 def check_strided(product, rows, k):
     """A column prefix of W (the mixed head's slices) against every other x row."""
     g = torch.Generator().manual_seed(rows)
@@ -170,3 +186,63 @@ def test_amx_takes_strided_operands_and_the_routing_keeps_its_limits():
     assert lib.gemm_amx_bf16(xs.data_ptr(), 8, 640, wide.data_ptr(), 40, 384, 640, y.data_ptr(), 40, 0, 2) == -1
     assert lib.gemm_amx_bf16(xs.data_ptr(), 65, 640, wide.data_ptr(), 48, 384, 640, y.data_ptr(), 40, 0, 2) == -1
     assert not y.any()
+
+
+def test_sample_rows_never_draws_a_token_of_probability_zero_whatever_the_uniform():
+    # Mass in the first and last chunks of 256 only (a partial last chunk: V = 1000), masked tokens in
+    # between and at both ends; uniforms at 0, just below 1 and in between.
+    V = 1000
+    row = torch.full((V,), float("-inf"))
+    row[1:200:3] = torch.randn(67, generator=torch.Generator().manual_seed(0))
+    row[900:-1] = torch.randn(99, generator=torch.Generator().manual_seed(1))
+    u = torch.tensor([0.0, 1.0 - 2.0**-53, 0.5, 1e-300, *torch.rand(60, dtype=torch.float64).tolist()], dtype=torch.float64)
+    ids = cpu_kernels.sample_rows(row.expand(len(u), V), [0.8] * len(u), u)  # row stride 0
+    assert torch.isfinite(row[ids]).all(), ids
+    assert ids[0] == 1 and ids[1] == V - 2  # u = 0 takes the first token of mass, u -> 1 the last
+
+
+def test_sample_rows_follows_the_softmax_at_its_temperature():
+    g = torch.Generator().manual_seed(2)
+    V, n = 700, 60000
+    logits = torch.randn(V, generator=g) * 2
+    ids = cpu_kernels.sample_rows(logits.expand(n, V), [0.7] * n, torch.rand(n, generator=g, dtype=torch.float64))
+    expected = (logits / 0.7).softmax(-1).double() * n
+    counts = torch.bincount(ids, minlength=V).double()
+    assert ((counts - expected) ** 2 / expected).sum() < V + 5 * (2 * V) ** 0.5  # chi-square
+
+
+def test_sample_rows_reads_strided_rows_and_flags_rows_without_mass():
+    V = 300
+    wide = torch.randn(4, 2 * V)
+    x = wide[:, :V]  # row stride 2V
+    x[1] = float("-inf")
+    x[2, 5] = float("nan")
+    x[3, 7] = float("inf")
+    u = torch.full((4,), 0.3, dtype=torch.float64)
+    ids = cpu_kernels.sample_rows(x, [1.0] * 4, u)
+    assert ids[1:].tolist() == [-1, -1, -1] and 0 <= ids[0] < V
+    assert ids[0] == cpu_kernels.sample_rows(x[:1].contiguous(), [1.0], u[:1])[0]
+    # an overflowing temperature is flagged too; sample() then takes the torch path for that row
+    assert cpu_kernels.sample_rows(x[:1], [1e-38], u[:1]).tolist() == [-1]
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(50, 1.0, 0.0), (0, 0.8, 0.0), (300, 0.5, 0.0), (0, 1.0, 0.05),
+                                               (40, 0.9, 0.1), (2, 0.01, 0.0), (10**6, 0.999, 0.0)])
+def test_sample_rows_cuts_top_k_top_p_min_p_as_the_torch_path(top_k, top_p, min_p):
+    # A grid of uniforms maps onto the CDF: each token's share of the draws is its probability to within
+    # a grid step, so the kernel's distribution (histogram select, one bucket sorted) must equal
+    # processed_probs' (a full sort), token for token.
+    from colm_runtime.engine.sampler import processed_probs
+    from colm_runtime.engine.types import SamplingParams
+
+    V, n = 3000, 50_000
+    logits = torch.randn(V, generator=torch.Generator().manual_seed(top_k + int(top_p * 100))) * 3
+    params = SamplingParams(temperature=0.8, top_k=top_k, top_p=top_p, min_p=min_p)
+    probs = processed_probs(logits[None], [params])[0].double()
+    probs /= probs.sum()
+    u = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+    ids = cpu_kernels.sample_rows(logits.expand(n, V), [0.8] * n, u, [top_k] * n, [top_p] * n, [min_p] * n)  # row stride 0
+    share = torch.bincount(ids, minlength=V).double() / n
+    drawn, support = set(ids.unique().tolist()), set(probs.nonzero()[:, 0].tolist())
+    assert drawn <= support and {j for j in support if probs[j] >= 2 / n} <= drawn
+    assert (share - probs).abs().max() < 2 / n

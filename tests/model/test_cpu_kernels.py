@@ -44,9 +44,14 @@ def torch_path(q, k, v, idx, lens):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("q_heads,kv_heads,hd,bs", [(9, 3, 64, 16), (4, 4, 128, 4), (6, 2, 24, 8), (2, 1, 16, 1)],
-                         ids=["gqa3-hd64", "mha-hd128", "gqa3-hd24", "bs1"])
+@pytest.mark.parametrize("q_heads,kv_heads,hd,bs", [(9, 3, 64, 16), (4, 4, 128, 4), (6, 2, 24, 8), (2, 1, 16, 1),
+                                                     (8, 2, 64, 16), (8, 1, 64, 5), (16, 2, 128, 16), (3, 1, 33, 16),
+                                                     (2, 2, 64, 8), (10, 1, 64, 16)],
+                         ids=["gqa3-hd64", "mha-hd128", "gqa3-hd24", "bs1", "gqa4-hd64", "gqa8-hd64-bs5", "gqa8-hd128",
+                              "gqa3-hd33", "mha-hd64", "gqa10-portable"])
 def test_kernel_equals_gather_and_sdpa(dtype, tol, q_heads, kv_heads, hd, bs):
+    # With AVX-512, groups of 1-8 query heads take code specialised for their size (head_dim 64 and 128
+    # apart, other head sizes with a masked last vector); 10 takes the portable path.
     q, k, v, idx, lens = paged_case(7, q_heads, kv_heads, hd, bs, dtype)
     assert cpu_kernels.supports(q, k)
     got = cpu_kernels.paged_decode(q, k, v, idx, lens, int(lens.max()))

@@ -7,6 +7,22 @@
  * out = sum p v / sum p. Each (pair, kv head) is one task with its own fixed summation order, so a
  * pair's output depends neither on the other pairs of the batch nor on the thread count.
  *
+ * On AVX-512 (groups of up to 8 query heads) a task runs as code specialised for its group size (and
+ * for head_dim 64 or 128), so the G queries and the G output accumulators stay in registers and each K
+ * and V row is read once for all G:
+ * - rows are widened to fp32 without shuffles (bf16: the even elements shifted up, the odd ones
+ *   masked; the accumulators keep the even and odd dimensions apart until the end), so q.k and p v
+ *   are plain FMAs on exact values;
+ * - K pass: per token, one 16-lane partial dot product per query head; the partials of 16 tokens are
+ *   reduced together by a transpose-and-add tree (15 shuffle+add steps for 16 scores, where a
+ *   horizontal sum takes 4 per score), then scaled by scale * log2(e);
+ * - softmax: 2^(s - max) by a degree-7 polynomial and vscalefps, 16 tokens per instruction, summed in
+ *   16 lanes;
+ * - the next block's rows are prefetched, one row per token read (the last K block prefetches the
+ *   first V block): a pair's blocks are scattered over the cache, out of the hardware prefetchers' view.
+ * Larger groups, and machines without AVX-512, take the portable code (same method, scalar loops that
+ * the compiler vectorises). The two paths round differently (within fp32 rounding of each other).
+ *
  * Built on first use by colm_runtime/model/cpu_kernels.py (gcc -O3 -march=native -fopenmp, compiled
  * with fast-math for vectorised expf and reductions, linked without it so the process keeps IEEE
  * denormals).
@@ -43,8 +59,8 @@ static inline void store_row(void *base, int64_t at, int bf16, int64_t hd, const
     }
 }
 
-/* One (pair, kv head): G query heads over L tokens. hd is a compile-time constant in the callers below,
- * so the dot products and the weighted sums unroll and vectorise. */
+/* Portable path, one (pair, kv head): G query heads over L tokens. hd is a compile-time constant in the
+ * callers below, so the dot products and the weighted sums unroll and vectorise. */
 static inline __attribute__((always_inline)) void attend(
         const void *q, const void *k, const void *v, void *out, const int64_t *blocks, int64_t L,
         int64_t i, int64_t h, int64_t G, int64_t q_heads, int64_t tok_stride, int64_t block_size, float scale,
@@ -89,6 +105,234 @@ static inline __attribute__((always_inline)) void attend(
     for (int64_t g = 0; g < G; g++) store_row(out, (i * q_heads + h * G + g) * hd, bf16, hd, acc[g], 1.f / l[g]);
 }
 
+static void attend_portable(const void *q, const void *k, const void *v, void *out, const int64_t *blocks, int64_t L,
+                            int64_t i, int64_t h, int64_t G, int64_t q_heads, int64_t tok_stride, int64_t block_size,
+                            float scale, int bf16, int64_t head_dim, float *restrict s) {
+    switch (head_dim) { /* the common head sizes get their own unrolled code */
+    case 64:
+        attend(q, k, v, out, blocks, L, i, h, G, q_heads, tok_stride, block_size, scale, bf16, 64, s);
+        break;
+    case 128:
+        attend(q, k, v, out, blocks, L, i, h, G, q_heads, tok_stride, block_size, scale, bf16, 128, s);
+        break;
+    default:
+        attend(q, k, v, out, blocks, L, i, h, G, q_heads, tok_stride, block_size, scale, bf16, head_dim, s);
+    }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+
+#define VEC_G 8 /* group sizes with their own code; larger groups take the portable path */
+#define MAX_U 16 /* fp32 vectors per row: head_dim up to 256 */
+
+/* 2^x for x <= 0: x = n + f with |f| <= 1/2, 2^f by its Taylor polynomial of degree 7 (error below
+ * 1e-8 relative, under an fp32 rounding), times 2^n by vscalefps. Below 2^-126 the weight is 0: it
+ * cannot change an fp32 sum that holds the maximum's 1, and denormals would only cost time later. */
+static inline __m512 exp2_neg(__m512 x) {
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 p = _mm512_set1_ps(1.5252733804059838e-05f);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530393381606e-04f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428441e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-03f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821576e-02f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+    const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ);
+    return _mm512_maskz_scalef_ps(live, p, n);
+}
+
+/* a[0..15]: 16 vectors of partial sums -> one vector whose lane t is the sum of a[t]'s lanes. Halving
+ * the width at each level takes 8 + 4 + 2 + 1 shuffle pairs and adds for all 16, where a horizontal sum
+ * takes 4 levels for each. The tree leaves lane 4k+e holding a[4e+k]; one permute puts it back. */
+static inline __m512 reduce16(const __m512 *a) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++) /* 256-bit halves: a[2i] in lanes 0-7, a[2i+1] in lanes 8-15 */
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++) /* 128-bit quarters: a[4i+k] in quarter k */
+        c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)
+        d[i] = _mm512_add_ps(_mm512_unpacklo_ps(c[2 * i], c[2 * i + 1]), _mm512_unpackhi_ps(c[2 * i], c[2 * i + 1]));
+    const __m512 e = _mm512_add_ps(_mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(d[0], d[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), e);
+}
+
+/* A row as fp32 vectors: fp32 storage in NU = hd/16 loads; bf16 storage in NU = hd/32 loads of 32, each
+ * widened into its even elements (shifted up) and its odd ones (masked): no shuffles, and the products
+ * of bf16 values are exact in fp32. The accumulators then hold the even and odd dimensions apart,
+ * interleaved once at the end. (vdpbf16ps takes bf16 pairs as they are, but measured slower here than
+ * the widening and twice the FMAs.) hd is a constant in the hot instances, so the masks fold away. */
+static inline __attribute__((always_inline)) int64_t row_units(int64_t hd, int bf16) {
+    return bf16 ? (hd + 31) / 32 : (hd + 15) / 16;
+}
+
+/* Whole units are plain loads: gcc treats a masked load as reading any memory, and then stores every
+ * accumulator back to the stack after each token instead of keeping them in registers. */
+static inline __attribute__((always_inline)) void load_vecs(const char *row, int64_t hd, int bf16, __m512 *dst) {
+    for (int64_t u = 0; u < row_units(hd, bf16); u++) {
+        if (bf16) {
+            const int64_t rest = hd - 32 * u;
+            const __m512i x = rest >= 32 ? _mm512_loadu_si512(row + 64 * u)
+                                         : _mm512_maskz_loadu_epi16((__mmask32)((1u << rest) - 1), row + 64 * u);
+            dst[2 * u] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+            dst[2 * u + 1] = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xFFFF0000u)));
+        } else {
+            const int64_t rest = hd - 16 * u;
+            dst[u] = rest >= 16 ? _mm512_loadu_ps(row + 64 * u)
+                                : _mm512_maskz_loadu_ps((__mmask16)((1u << rest) - 1), row + 64 * u);
+        }
+    }
+}
+
+/* Software prefetch, one block ahead, one row per token read: a pair's blocks are scattered over the
+ * cache, so the hardware prefetchers cannot guess the next one. (Measured: prefetching the whole next
+ * block at once stalls on the fill buffers; two blocks ahead, or into L2 only, is no better.) */
+static inline __attribute__((always_inline)) void prefetch_row(const char *p, int64_t bytes) {
+    if (p)
+        for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
+/* One (pair, kv head) with G (a constant, <= VEC_G) query heads over L tokens. s: G * round16(L) floats. */
+static inline __attribute__((always_inline)) void attend512(
+        const void *q, const void *k, const void *v, void *out, const int64_t *blocks, int64_t L, int64_t i,
+        int64_t h, const int G, int64_t q_heads, int64_t tok_stride, int64_t block_size, float scale, const int bf16,
+        const int64_t hd, float *restrict s) {
+    const int64_t NU = row_units(hd, bf16), NV = bf16 ? 2 * NU : NU, esz = bf16 ? 2 : 4;
+    const int64_t Lp = (L + 15) & ~(int64_t)15, nblk = (L + block_size - 1) / block_size;
+    const int64_t row_bytes = hd * esz, stride_bytes = tok_stride * esz;
+    /* the score is (q.k) scale log2(e), so that the softmax's exp is a 2^x */
+    const __m512 sc = _mm512_set1_ps(scale * 1.4426950408889634f);
+    const char *kc = (const char *)k + h * row_bytes, *vc = (const char *)v + h * row_bytes;
+#define BLOCK(base, b) ((base) + blocks[b] * block_size * stride_bytes)
+
+    __m512 qf[VEC_G][MAX_U];
+    for (int g = 0; g < G; g++) load_vecs((const char *)q + (i * q_heads + h * G + g) * row_bytes, hd, bf16, qf[g]);
+
+    /* K pass: scores of 16 tokens at a time, their running maximum per query head. The last K block
+     * prefetches the first V block. */
+    __m512 part[VEC_G][16], mx[VEC_G];
+    for (int g = 0; g < G; g++) mx[g] = _mm512_set1_ps(-FLT_MAX);
+    int n = 0;
+    int64_t t = 0;
+    for (int64_t b = 0; b < nblk; b++) {
+        const char *base = BLOCK(kc, b), *next = b + 1 < nblk ? BLOCK(kc, b + 1) : BLOCK(vc, 0);
+        const int64_t jn = L - t < block_size ? L - t : block_size;
+        for (int64_t j = 0; j < jn; j++, t++) {
+            prefetch_row(next + j * stride_bytes, row_bytes);
+            __m512 kf[MAX_U];
+            load_vecs(base + j * stride_bytes, hd, bf16, kf);
+            for (int g = 0; g < G; g++) {
+                __m512 acc = _mm512_mul_ps(qf[g][0], kf[0]);
+                for (int64_t u = 1; u < NV; u++) acc = _mm512_fmadd_ps(qf[g][u], kf[u], acc);
+                part[g][n] = acc;
+            }
+            if (++n == 16 || t + 1 == L) { /* the last chunk may be short: its idle lanes stay out */
+                const int64_t t0 = t + 1 - n;
+                const __mmask16 live = (__mmask16)((1u << n) - 1);
+                for (int g = 0; g < G; g++) {
+                    for (int r = n; r < 16; r++) part[g][r] = _mm512_setzero_ps();
+                    const __m512 x = _mm512_mul_ps(reduce16(part[g]), sc);
+                    _mm512_store_ps(s + g * Lp + t0, x);
+                    mx[g] = _mm512_mask_max_ps(mx[g], live, mx[g], x);
+                }
+                n = 0;
+            }
+        }
+    }
+
+    /* softmax weights in place, their sums in 16 lanes (the idle lanes of the last chunk are 0) */
+    float inv[VEC_G];
+    for (int g = 0; g < G; g++) {
+        const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx[g]));
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t t0 = 0; t0 < L; t0 += 16) {
+            const __mmask16 live = L - t0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (L - t0)) - 1);
+            const __m512 p = _mm512_maskz_mov_ps(live, exp2_neg(_mm512_sub_ps(_mm512_load_ps(s + g * Lp + t0), m)));
+            _mm512_store_ps(s + g * Lp + t0, p);
+            sum = _mm512_add_ps(sum, p);
+        }
+        inv[g] = 1.f / _mm512_reduce_add_ps(sum);
+    }
+
+    /* V pass: out_g = sum_t p_g,t v_t */
+    __m512 acc[VEC_G][MAX_U];
+    for (int g = 0; g < G; g++)
+        for (int64_t u = 0; u < NV; u++) acc[g][u] = _mm512_setzero_ps();
+    t = 0;
+    for (int64_t b = 0; b < nblk; b++) {
+        const char *base = BLOCK(vc, b), *next = b + 1 < nblk ? BLOCK(vc, b + 1) : NULL;
+        const int64_t jn = L - t < block_size ? L - t : block_size;
+        for (int64_t j = 0; j < jn; j++, t++) {
+            prefetch_row(next ? next + j * stride_bytes : NULL, row_bytes);
+            __m512 vf[MAX_U];
+            load_vecs(base + j * stride_bytes, hd, bf16, vf);
+            for (int g = 0; g < G; g++) {
+                const __m512 p = _mm512_set1_ps(s[g * Lp + t]);
+                for (int64_t u = 0; u < NV; u++) acc[g][u] = _mm512_fmadd_ps(p, vf[u], acc[g][u]);
+            }
+        }
+    }
+#undef BLOCK
+
+    for (int g = 0; g < G; g++) {
+        float o[MAX_HD + 32] __attribute__((aligned(64)));
+        for (int64_t u = 0; u < NU; u++) {
+            if (bf16) { /* even and odd dimensions back in order */
+                const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+                const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+                _mm512_store_ps(o + 32 * u, _mm512_permutex2var_ps(acc[g][2 * u], lo, acc[g][2 * u + 1]));
+                _mm512_store_ps(o + 32 * u + 16, _mm512_permutex2var_ps(acc[g][2 * u], hi, acc[g][2 * u + 1]));
+            } else {
+                _mm512_store_ps(o + 16 * u, acc[g][u]);
+            }
+        }
+        store_row(out, (i * q_heads + h * G + g) * hd, bf16, hd, o, inv[g]);
+    }
+}
+
+/* The common head sizes get one function per group size and storage, where the group's q and
+ * accumulators live in registers; other head sizes one function per storage. (Separate functions, not
+ * one switch: a single function holding every instance took gcc 20 s to build.) */
+typedef void attend_fn(const void *, const void *, const void *, void *, const int64_t *, int64_t, int64_t, int64_t,
+                       int64_t, int64_t, int64_t, int64_t, float, int64_t, float *restrict);
+#define DEF(G, BF16, HD, NAME)                                                                                      \
+    static void NAME(const void *q, const void *k, const void *v, void *out, const int64_t *blocks, int64_t L,      \
+                     int64_t i, int64_t h, int64_t g, int64_t q_heads, int64_t tok_stride, int64_t block_size,       \
+                     float scale, int64_t hd, float *restrict s) {                                                   \
+        attend512(q, k, v, out, blocks, L, i, h, G, q_heads, tok_stride, block_size, scale, BF16, HD, s);           \
+    }
+#define DEF_G(G)                                                                                                    \
+    DEF(G, 0, 64, f32_64_##G) DEF(G, 0, 128, f32_128_##G) DEF(G, 1, 64, bf16_64_##G) DEF(G, 1, 128, bf16_128_##G)
+DEF_G(1) DEF_G(2) DEF_G(3) DEF_G(4) DEF_G(5) DEF_G(6) DEF_G(7) DEF_G(8)
+DEF(g, 0, hd, f32_any) DEF(g, 1, hd, bf16_any)
+#define ROW(P) {P##1, P##2, P##3, P##4, P##5, P##6, P##7, P##8}
+static attend_fn *const attend_table[2][2][VEC_G] = {{ROW(f32_64_), ROW(f32_128_)}, {ROW(bf16_64_), ROW(bf16_128_)}};
+#undef ROW
+#undef DEF_G
+#undef DEF
+
+static void attend_vec(const void *q, const void *k, const void *v, void *out, const int64_t *blocks, int64_t L,
+                       int64_t i, int64_t h, int64_t G, int64_t q_heads, int64_t tok_stride, int64_t block_size,
+                       float scale, int bf16, int64_t head_dim, float *restrict s) {
+    attend_fn *f = head_dim == 64 || head_dim == 128 ? attend_table[bf16 != 0][head_dim == 128][G - 1]
+                   : bf16                            ? bf16_any
+                                                     : f32_any;
+    f(q, k, v, out, blocks, L, i, h, G, q_heads, tok_stride, block_size, scale, head_dim, s);
+}
+#define HAVE_VEC 1
+#else
+#define VEC_G 0
+#define HAVE_VEC 0
+static void attend_vec(const void *q, const void *k, const void *v, void *out, const int64_t *blocks, int64_t L,
+                       int64_t i, int64_t h, int64_t G, int64_t q_heads, int64_t tok_stride, int64_t block_size,
+                       float scale, int bf16, int64_t head_dim, float *restrict s) {}
+#endif
+
 /* q, out: [pairs, q_heads, head_dim]; k, v: [blocks, block_size, kv_heads, head_dim]; idx: [pairs, nb];
  * lens: [pairs], each <= max_len. bf16: storage is bf16 (else fp32). Returns 0, or -1 if head_dim or
  * the group size exceeds the kernel's limits (nothing written). */
@@ -97,24 +341,21 @@ int paged_decode(const void *q, const void *k, const void *v, void *out, const i
                  int64_t block_size, int64_t max_len, float scale, int bf16, int threads) {
     const int64_t G = q_heads / kv_heads, tok_stride = kv_heads * head_dim, tasks = pairs * kv_heads;
     if (head_dim > MAX_HD || G > MAX_G || G * kv_heads != q_heads) return -1;
+    const int vec = HAVE_VEC && G <= VEC_G;
 #pragma omp parallel num_threads(threads)
     {
-        float *s = malloc(sizeof(float) * G * (max_len > 0 ? max_len : 1));
+        /* scores: the vector path pads each query head's row to whole 16-token chunks */
+        const int64_t len = ((max_len > 0 ? max_len : 1) + 15) & ~(int64_t)15;
+        float *s = aligned_alloc(64, sizeof(float) * G * len);
 #pragma omp for schedule(static)
         for (int64_t task = 0; task < tasks; task++) {
             const int64_t i = task / kv_heads, h = task % kv_heads;
-            const int64_t *blocks = idx + i * nb;
-            switch (head_dim) { /* the common head sizes get their own unrolled code */
-            case 64:
-                attend(q, k, v, out, blocks, lens[i], i, h, G, q_heads, tok_stride, block_size, scale, bf16, 64, s);
-                break;
-            case 128:
-                attend(q, k, v, out, blocks, lens[i], i, h, G, q_heads, tok_stride, block_size, scale, bf16, 128, s);
-                break;
-            default:
-                attend(q, k, v, out, blocks, lens[i], i, h, G, q_heads, tok_stride, block_size, scale, bf16,
-                       head_dim, s);
-            }
+            if (vec)
+                attend_vec(q, k, v, out, idx + i * nb, lens[i], i, h, G, q_heads, tok_stride, block_size, scale, bf16,
+                           head_dim, s);
+            else
+                attend_portable(q, k, v, out, idx + i * nb, lens[i], i, h, G, q_heads, tok_stride, block_size, scale,
+                                bf16, head_dim, s);
         }
         free(s);
     }

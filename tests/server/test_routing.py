@@ -57,7 +57,11 @@ def test_tiers(app, model_info):
     expect = {"economy": (1, -10), "standard": (max(1, n // 2), 0), "premium": (n, 10)}
     for tier, (k, priority) in expect.items():
         colm = colm_of(post(app, {"model": base, "tier": tier, "latency_budget_ms": 1e7}))
-        assert (colm["chains"], colm["reason"], colm["tier"], colm["priority"]) == (k, "tier", tier, priority)
+        # The router's choice is requested_chains; the shared app may still carry the earlier tests' load,
+        # and then admission's capacity signal (nothing else) may take chains off (test_degradation.py).
+        assert (colm["requested_chains"], colm["tier"], colm["priority"]) == (k, tier, priority), colm
+        assert (colm["chains"], colm["reason"]) == (k, "tier") or (
+            colm["reason"] == "degraded" and colm["degrade_reasons"] == ["capacity"] and colm["chains"] < k), colm
     colm = colm_of(post(app, {"model": base}, {"X-CoLM-Tier": "economy"}))
     assert (colm["chains"], colm["reason"]) == (1, "tier")
     colm = colm_of(post(app, {"model": base, "tier": "economy", "priority": 3}))

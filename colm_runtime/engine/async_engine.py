@@ -20,6 +20,7 @@ from colm_runtime.engine.llm_engine import LLMEngine
 from colm_runtime.engine.types import (EngineClient, EngineError, EngineRequest, EngineStats, EngineStopped,
                                        InvalidRequest, RequestOutput)
 from colm_runtime.engine.validation import check_queue
+from colm_runtime.model import cpu_kernels
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class AsyncEngine(EngineClient):
     # ---- EngineClient --------------------------------------------------------------------------------
     async def start(self) -> None:
         if self._thread is None:
+            cpu_kernels.release_thread_pool()  # this thread's idle OpenMP pool slows the engine thread's
             self._thread = threading.Thread(target=self._loop, name="colm-engine", daemon=True)
             self._thread.start()
 

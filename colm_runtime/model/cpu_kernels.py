@@ -40,7 +40,7 @@ import torch
 log = logging.getLogger("colm.kernels")
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("paged_decode.c", "gemv_bf16.c", "gemm_amx_bf16.c",
-                                                                      "rms_norm_bf16.c", "sample_rows.c"))
+                                                                      "rms_norm_bf16.c", "sample_rows.c", "threads.c"))
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu11"]
 _DTYPES = (torch.float32, torch.bfloat16)
 MAX_HEAD_DIM, MAX_GROUP = 256, 64  # csrc/paged_decode.c MAX_HD, MAX_G
@@ -115,6 +115,7 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm_bf16.restype = None
     lib.sample_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT]
     lib.sample_rows.restype = None
+    lib.release_thread_pool.restype = _INT
     return lib
 
 
@@ -238,3 +239,10 @@ def sample_rows(logits: torch.Tensor, temperatures: list[float], uniforms: torch
     library().sample_rows(logits.data_ptr(), B, V, logits.stride(0), temps.data_ptr(), u.data_ptr(),
                           *(None if c is None else c.data_ptr() for c in cuts), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def release_thread_pool() -> bool:
+    """Let the calling thread's OpenMP worker threads exit (csrc/threads.c): the server's main thread,
+    done loading the model, before the engine thread takes every step. False without the kernels."""
+    lib = library()
+    return lib is not None and lib.release_thread_pool() == 0

@@ -251,3 +251,16 @@ def test_sample_rows_cuts_top_k_top_p_min_p_as_the_torch_path(top_k, top_p, min_
     drawn, support = set(ids.unique().tolist()), set(probs.nonzero()[:, 0].tolist())
     assert drawn <= support and {j for j in support if probs[j] >= 2 / n} <= drawn
     assert (share - probs).abs().max() < 2 / n
+
+
+def test_releasing_a_threads_openmp_pool_keeps_later_parallel_work_correct():
+    # AsyncEngine.start releases the loading thread's pool; a later parallel region there (a test, a
+    # second engine) starts a new one and computes the same.
+    x = torch.randn(64, 4096)
+    before = x.exp().sum(dim=1)
+    assert cpu_kernels.release_thread_pool()
+    torch.testing.assert_close(x.exp().sum(dim=1), before, rtol=0, atol=0)
+    q, k, v, idx, lens = paged_case(16, 9, 3, 64, 16, torch.float32, seed=3)
+    first = cpu_kernels.paged_decode(q, k, v, idx, lens, int(lens.max()))
+    assert cpu_kernels.release_thread_pool()
+    assert torch.equal(cpu_kernels.paged_decode(q, k, v, idx, lens, int(lens.max())), first)

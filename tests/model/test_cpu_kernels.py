@@ -232,7 +232,8 @@ def test_sample_rows_reads_strided_rows_and_flags_rows_without_mass():
 
 
 @pytest.mark.parametrize("top_k,top_p,min_p", [(50, 1.0, 0.0), (0, 0.8, 0.0), (300, 0.5, 0.0), (0, 1.0, 0.05),
-                                               (40, 0.9, 0.1), (2, 0.01, 0.0), (10**6, 0.999, 0.0)])
+                                               (40, 0.9, 0.1), (2, 0.01, 0.0), (10**6, 0.999, 0.0), (0, 5e-324, 0.0),
+                                               (3, 1e-30, 0.5)])  # 5e-324: 0 in the kernel's float32 (a fuzzed 500)
 def test_sample_rows_cuts_top_k_top_p_min_p_as_the_torch_path(top_k, top_p, min_p):
     # A grid of uniforms maps onto the CDF: each token's share of the draws is its probability to within
     # a grid step, so the kernel's distribution (histogram select, one bucket sorted) must equal

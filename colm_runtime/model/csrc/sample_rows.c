@@ -153,7 +153,7 @@ static int64_t filter_row(const float *restrict e, int64_t V, int64_t top_k, flo
         const double target = (double)top_p * kept;
         double acc = 0.0;
         int64_t b = BUCKETS - 1;
-        for (; b > 0 && b > cut && acc + mass[b] < target; b--) acc += mass[b];
+        for (; b > 0 && b > cut && (cnt[b] == 0 || acc + mass[b] < target); b--) acc += mass[b];
         if (b > 0 && b != cut) { /* the nucleus ends in a bucket above the top-k cut: sort that one */
             cut = b;
             keep = bucket_sorted(e, V, b, cands);
@@ -164,6 +164,7 @@ static int64_t filter_row(const float *restrict e, int64_t V, int64_t top_k, flo
             keep = i > 0 ? i : 1;
         }
     }
+    if (cut >= 0 && keep < 1) return -1; /* cannot happen (a cut bucket holds a token); the torch path if it did */
     const float floor = min_p > 0.f ? min_p : 0.f; /* the max token's exp is 1: min-p drops exps < min_p */
     double sum = 0.0;
     for (int64_t i = 0; i < keep; i++)

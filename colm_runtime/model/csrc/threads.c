@@ -8,4 +8,10 @@
  */
 #include <omp.h>
 
-int release_thread_pool(void) { return omp_pause_resource_all(omp_pause_hard); }
+int release_thread_pool(void) {
+#if _OPENMP >= 201811 || (defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 9) /* libgomp has it from gcc 9 */
+    return omp_pause_resource_all(omp_pause_hard);
+#else
+    return -1;
+#endif
+}

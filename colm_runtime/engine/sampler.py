@@ -210,13 +210,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default: torch.Generat
         if free:
             sub = logits if len(free) == len(ps) else logits[free]
             u = torch.rand(len(free), generator=default, dtype=torch.float64)
-            cuts = [[ps[i].top_k for i in free], [ps[i].top_p for i in free], [ps[i].min_p for i in free]]
-            plain = all(_plain(ps[i], logits.shape[1]) for i in free)
-            drawn = cpu_kernels.sample_rows(sub, [ps[i].temperature for i in free], u, *([None] * 3 if plain else cuts))
-            ok = (drawn >= 0).tolist()
-            tokens[[i for i, good in zip(free, ok) if good]] = drawn[drawn >= 0]
-            done = {i for i, good in zip(free, ok) if good}  # a degenerate row (-1) goes the torch way
-            rand = [i for i in rand if i not in done]
+            cuts = [None] * 3
+            if not all(_plain(ps[i], logits.shape[1]) for i in free):
+                cuts = [[ps[i].top_k for i in free], [ps[i].top_p for i in free], [ps[i].min_p for i in free]]
+            drawn = cpu_kernels.sample_rows(sub, [ps[i].temperature for i in free], u, *cuts)
+            ok = drawn >= 0
+            done = [i for i, good in zip(free, ok.tolist()) if good]  # a degenerate row (-1) goes the torch way
+            tokens[done] = drawn[ok]
+            drawn_rows = set(done)
+            rand = [i for i in rand if i not in drawn_rows]
     if rand:
         sub = logits if len(rand) == len(ps) else logits[rand]
         probs = processed_probs(sub, [ps[i] for i in rand])

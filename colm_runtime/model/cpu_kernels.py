@@ -18,8 +18,8 @@ The shared library is compiled once per source, flags and CPU (`-march=native`) 
 $XDG_CACHE_HOME/colm/kernels (default ~/.cache/colm/kernels) and reused; building takes ~6 s (the files
 compile side by side; paged_decode.c's specialisations are most of it). No compiler, a failed build or
 COLM_CPU_KERNELS=0: callers get None and keep the torch path (same results up to rounding), and one log
-line says why. The library links the OpenMP runtime torch has
-already loaded (same soname), so it shares torch's threads instead of starting a second pool.
+line says why. The library links the OpenMP runtime torch has already loaded (same soname), so it
+shares torch's threads instead of starting a second pool.
 """
 
 from __future__ import annotations

@@ -53,7 +53,6 @@ def bucket_rows(n: int) -> int:
     return 1 << max(0, n - 1).bit_length() if n <= 64 else -(-n // 64) * 64
 
 
-
 def linear_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ w.T (+ bias) for x: [r, d], w: [o, d], into out ([r, o], may be a strided column block) when

@@ -144,7 +144,7 @@ AMX int gemm_amx_bf16(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t 
     {
 #pragma omp for schedule(static)
         for (int64_t ks = 0; ks < K / 32; ks++) pack_x(x, M, ldx, tiles, ks, ks + 1, xp);
-        tilecfg cfg[2]; /* per x-tile pair: column widths of its last, maybe partial, tile */
+        tilecfg cfg; /* loaded per x-tile pair: its last tile may be partial */
         float s[256] __attribute__((aligned(64)));
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < pairs; p++) {
@@ -154,9 +154,8 @@ AMX int gemm_amx_bf16(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t 
                 const int wide = t0 + 1 < tiles;
                 const int mc[2] = {(int)(M - t0 * 16 < 16 ? M - t0 * 16 : 16),
                                    wide ? (int)(M - (t0 + 1) * 16 < 16 ? M - (t0 + 1) * 16 : 16) : 16};
-                tilecfg *c = &cfg[t0 / 2 % 2];
-                config(c, mc[0], wide ? mc[1] : 16);
-                _tile_loadconfig(c);
+                config(&cfg, mc[0], wide ? mc[1] : 16);
+                _tile_loadconfig(&cfg);
                 blocks(W, ldw, n0, two, K, xp, tiles, t0, wide, N, s, y, ldy, t0 * 16, mc, out_f32);
             }
         }

@@ -30,20 +30,19 @@
 
 #define CHUNK 256
 
-static inline int finite_bits(float f) {
+static inline uint32_t bits(float f) {
     uint32_t u;
     memcpy(&u, &f, 4);
-    return (u & 0x7F800000u) != 0x7F800000u;
+    return u;
 }
 
-static inline int is_neg_inf(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u == 0xFF800000u;
-}
+static inline int finite_bits(float f) { return (bits(f) & 0x7F800000u) != 0x7F800000u; }
 
-static int64_t sample_row(const float *restrict x, int64_t V, float T, double u, float *restrict e,
-                          double *restrict chunk, double *restrict total_out) {
+static inline int is_neg_inf(float f) { return bits(f) == 0xFF800000u; }
+
+/* The row's exps into e and their per-chunk sums into chunk -> their total, or -1 for a row with no
+ * finite positive mass. */
+static double row_exps(const float *restrict x, int64_t V, float T, float *restrict e, double *restrict chunk) {
     float mx = -INFINITY;
     int any_bad = 0;
     for (int64_t j = 0; j < V; j++) {
@@ -68,8 +67,12 @@ static int64_t sample_row(const float *restrict x, int64_t V, float T, double u,
         chunk[c] = s;
         total += s;
     }
-    if (!(total > 0.0) || !finite_bits((float)total)) return -1;
-    *total_out = total;
+    return total > 0.0 && finite_bits((float)total) ? total : -1;
+}
+
+/* The inverse-CDF draw over row_exps' exps and chunk sums. */
+static int64_t draw_chunks(const float *restrict e, const double *restrict chunk, int64_t V, double total, double u) {
+    const int64_t nc = (V + CHUNK - 1) / CHUNK;
     double target = u * total;
     if (target >= total) target = nextafter(total, 0.0);
     double acc = 0.0;
@@ -107,12 +110,6 @@ static int by_mass_desc(const void *a, const void *b) {
     return x->j < y->j ? -1 : x->j > y->j;
 }
 
-static inline uint32_t bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return u;
-}
-
 /* The tokens of bucket b, by mass descending (ties: lower id first) -> their count. */
 static int64_t bucket_sorted(const float *restrict e, int64_t V, int64_t b, cand *restrict out) {
     int64_t n = 0;
@@ -122,7 +119,7 @@ static int64_t bucket_sorted(const float *restrict e, int64_t V, int64_t b, cand
     return n;
 }
 
-/* Row r with top_k (0: off), top_p (>= 1: off), min_p (<= 0: off): the exps e (from sample_row's pass)
+/* Row r with top_k (0: off), top_p (>= 1: off), min_p (<= 0: off): the exps e (from row_exps)
  * cut to the row's nucleus, drawn with u. The kept set is every token of a bucket above `cut` plus the
  * first `keep` tokens of bucket `cut` by mass (sorted into cands), less those under the min-p floor.
  * Scratch: cnt and mass [BUCKETS], cands [V]. */
@@ -208,10 +205,13 @@ void sample_rows(const float *x, int64_t rows, int64_t V, int64_t ldx, const flo
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             const int cut = filters && ((top_k[r] > 0 && top_k[r] < V) || top_p[r] < 1.f || min_p[r] > 0.f);
-            double total = 0.0;
-            out[r] = ok ? sample_row(x + r * ldx, V, temps[r], u[r], e, chunk, &total) : -1;
-            if (cut && out[r] >= 0)
+            const double total = ok ? row_exps(x + r * ldx, V, temps[r], e, chunk) : -1;
+            if (total < 0)
+                out[r] = -1;
+            else if (cut)
                 out[r] = filter_row(e, V, top_k[r] < V ? top_k[r] : 0, top_p[r], min_p[r], u[r], total, cnt, mass, cands);
+            else
+                out[r] = draw_chunks(e, chunk, V, total, u[r]);
         }
         free(e);
         free(chunk);

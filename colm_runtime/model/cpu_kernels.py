@@ -40,7 +40,8 @@ import torch
 log = logging.getLogger("colm.kernels")
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("paged_decode.c", "gemv_bf16.c", "gemm_amx_bf16.c",
-                                                                      "rms_norm_bf16.c", "sample_rows.c", "threads.c"))
+                                                                      "rms_norm_bf16.c", "sample_rows.c", "threads.c",
+                                                                      "gemm_f32.c"))
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu11"]
 _DTYPES = (torch.float32, torch.bfloat16)
 MAX_HEAD_DIM, MAX_GROUP = 256, 64  # csrc/paged_decode.c MAX_HD, MAX_G
@@ -111,8 +112,13 @@ def library() -> ctypes.CDLL | None:
     lib.gemm_amx_bf16.argtypes = lib.gemv_bf16.argtypes
     lib.gemm_amx_bf16.restype = _INT
     lib.has_amx = lib.gemm_amx_init() == 0  # the CPU has AMX-BF16 and Linux granted this process its tiles
+    lib.gemm_f32.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _INT, _INT]
+    lib.gemm_f32.restype = _INT
+    lib.has_f32 = bool(lib.gemm_f32_supported())
     lib.rms_norm_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _F32, _P, _INT]
     lib.rms_norm_bf16.restype = None
+    lib.rms_norm_f32.argtypes = lib.rms_norm_bf16.argtypes
+    lib.rms_norm_f32.restype = None
     lib.sample_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT]
     lib.sample_rows.restype = None
     lib.release_thread_pool.restype = _INT
@@ -199,19 +205,64 @@ def _rows(fn, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch
     return y
 
 
+F32_MAX_ROWS = 32  # csrc/gemm_f32.c takes up to 64 rows; from ~48 MKL's sgemm is as fast or faster
+
+
+def has_f32_rows() -> bool:
+    """Whether fp32 products of decode rows run on gemm_f32 here: a CPU with AVX2 and FMA but not
+    AVX-512 (measured there only: 1.2-3.5x MKL at 1-32 rows; ATen's MKL keeps AVX-512 CPUs)."""
+    lib = library()
+    return lib is not None and lib.has_f32 and not _has_avx512()
+
+
+def f32_rows_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether gemm_f32 takes x [M, K] @ w [N, K].T: fp32 CPU tensors with unit inner strides, 1-32 rows,
+    where has_f32_rows."""
+    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu":
+        return False
+    if x.dim() != 2 or x.stride(1) != 1 or w.stride(1) != 1 or not 1 <= x.shape[0] <= F32_MAX_ROWS:
+        return False
+    return has_f32_rows()
+
+
+@functools.lru_cache(maxsize=1)
+def _has_avx512() -> bool:
+    return " avx512f" in _cpu_key()
+
+
+def gemm_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+             accumulate: bool = False) -> torch.Tensor:
+    """x [M, K] @ w [N, K].T (+ bias) into out ([M, N], unit inner stride, may be a column block of a
+    wider tensor; += the product with accumulate) or a new tensor, on AVX2 FMAs. Call only where
+    f32_rows_ok."""
+    M, K = x.shape
+    N = w.shape[0]
+    if out is None:
+        out = torch.empty(M, N, dtype=torch.float32)
+    assert out.shape == (M, N) and out.stride(1) == 1 and (bias is None or bias.is_contiguous())
+    rc = library().gemm_f32(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), out.data_ptr(),
+                            out.stride(0), None if bias is None else bias.data_ptr(), int(accumulate),
+                            torch.get_num_threads())
+    assert rc == 0, "gemm_f32: outside its limits (check f32_rows_ok first)"
+    return out
+
+
 def rms_norm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether rms_norm_bf16 can take x [rows, n*c] (unit inner stride) with w [n*c]: bf16 on the CPU."""
-    return (x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
+    """Whether rms_norm_rows can take x [rows, n*c] (unit inner stride) with w [n*c]: bf16 or fp32 (both
+    the same) on the CPU."""
+    return (x.dtype in _DTYPES and w.dtype == x.dtype and x.device.type == "cpu" and x.dim() == 2
             and x.stride(1) == 1 and w.is_contiguous() and library() is not None)
 
 
-def rms_norm_bf16(x: torch.Tensor, w: torch.Tensor, segment: int, eps: float) -> torch.Tensor:
+def rms_norm_rows(x: torch.Tensor, w: torch.Tensor, segment: int, eps: float) -> torch.Tensor:
     """RMSNorm of each `segment`-wide slice of every row of x [rows, n*segment], slice j scaled by
-    w[j*segment:(j+1)*segment] -> a new [rows, n*segment] bf16 tensor. Call only where rms_norm_ok."""
+    w[j*segment:(j+1)*segment] -> a new [rows, n*segment] tensor of x's dtype (bf16: rounded as
+    transformers rounds it). Call only where rms_norm_ok."""
     rows, width = x.shape
-    out = torch.empty(rows, width, dtype=torch.bfloat16)
-    library().rms_norm_bf16(x.data_ptr(), rows, x.stride(0), w.data_ptr(), width // segment, segment, eps,
-                            out.data_ptr(), torch.get_num_threads())
+    out = torch.empty(rows, width, dtype=x.dtype)
+    fn = library().rms_norm_bf16 if x.dtype == torch.bfloat16 else library().rms_norm_f32
+    fn(x.data_ptr(), rows, x.stride(0), w.data_ptr(), width // segment, segment, eps, out.data_ptr(),
+       torch.get_num_threads())
     return out
 
 

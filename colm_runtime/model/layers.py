@@ -63,6 +63,8 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = Non
     bucket_rows(r), into a fresh output: oneDNN's kernels are then keyed by (bucket, weight) only, not by
     the strides of whichever slice a step multiplies, and CoLMModel.warm_kernels can build them all."""
     if x.dtype == torch.float32 or x.device.type != "cpu":
+        if cpu_kernels.f32_rows_ok(x, w) and (out is None or out.stride(1) == 1):  # AVX2 without AVX-512: MKL packs W on every call
+            return cpu_kernels.gemm_f32(x, w, out, bias)
         if out is None:
             return F.linear(x, w, bias)
         return torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
@@ -153,7 +155,7 @@ class ChainRMSNorm(nn.Module):
         width = self.offsets[chains]
         w = self.weight[:width]
         if self._equal and x.dim() == 2 and not torch.is_grad_enabled() and cpu_kernels.rms_norm_ok(x, w):
-            return cpu_kernels.rms_norm_bf16(x[:, :width], w, self.widths[0], self.eps)  # one pass, not seven ops
+            return cpu_kernels.rms_norm_rows(x[:, :width], w, self.widths[0], self.eps)  # one pass, not 6-7 ops
         if self._equal:
             # Equal chains: one pass over every row and chain of the step. A row's unused chains are
             # normalised too (elementwise, negligible next to the matmuls) and never read afterwards.

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from colm_runtime.config import ModelConfig
+from colm_runtime.model import cpu_kernels
 from colm_runtime.model.attention import ChainAttention, plan_step
 from colm_runtime.model.batch import ForwardBatch
 from colm_runtime.model.kv_cache import ChainKVCache
@@ -105,7 +106,9 @@ class CoLMModel(nn.Module):
         to read; ATen's bf16 matrix-vector product reads a row-major head 2x faster, and the whole bf16
         step ran 1.05-1.08x faster). Call it after any dtype or device move."""
         w = self.head_weight
-        row_major = self.cfg.n_chains == 1 and w.dtype != torch.float32 and w.device.type == "cpu"
+        cpu = w.device.type == "cpu"
+        row_major = cpu and ((self.cfg.n_chains == 1 and w.dtype != torch.float32)
+                             or (w.dtype == torch.float32 and cpu_kernels.has_f32_rows()))
         for mod in (self.embed, self.lm_head):
             if mod is None or (mod.weight.stride(0) == 1) != row_major:
                 continue  # already in the wanted layout
@@ -160,6 +163,12 @@ class CoLMModel(nn.Module):
             if hidden.dim() == 2:
                 return linear_rows(hidden[:, : off[chains]], W[:, : off[chains]]).float()
             return F.linear(hidden[..., : off[chains]], W[:, : off[chains]]).float()
+        if hidden.dtype == torch.float32 and cpu_kernels.f32_rows_ok(hidden, W):  # row-major head: see above
+            out = cpu_kernels.gemm_f32(hidden[:, : off[1]], W[:, : off[1]])
+            for j in range(1, chains):
+                cpu_kernels.gemm_f32(hidden[: rows[j], off[j] : off[j + 1]], W[:, off[j] : off[j + 1]], out[: rows[j]],
+                                     accumulate=True)
+            return out
         if hidden.dtype == torch.float32:
             out = torch.mm(hidden[:, : off[1]], W[:, : off[1]].t())
             for j in range(1, chains):

@@ -149,11 +149,24 @@ def test_rms_norm_kernel_rounds_as_the_torch_path(chains, c):
     x = wide[:, : chains * c]  # a column prefix, as ChainRMSNorm takes x[..., :width]
     w = (1 + torch.randn(chains * c, generator=g) * 0.1).to(torch.bfloat16)
     assert cpu_kernels.rms_norm_ok(x, w)
-    got = cpu_kernels.rms_norm_bf16(x, w, c, 1e-5)
+    got = cpu_kernels.rms_norm_rows(x, w, c, 1e-5)
     ref = (F.rms_norm(x.unflatten(-1, (chains, c)), (c,), eps=1e-5) * w.view(chains, c)).flatten(-2)
     step = ref.float().abs().clamp_min(1e-30) * 2 ** -7  # one bf16 step (8 significant bits) or less
     assert ((got.float() - ref.float()).abs() <= step).all()
     assert (got == ref).float().mean() > 0.97  # nearly all bitwise equal
+
+
+@pytest.mark.parametrize("chains,c", [(1, 576), (3, 64), (2, 40)])
+def test_fp32_rms_norm_kernel_equals_torch(chains, c):
+    g = torch.Generator().manual_seed(c)
+    wide = torch.randn(17, chains * c + 8, generator=g) * 3
+    x = wide[:, : chains * c]
+    w = 1 + torch.randn(chains * c, generator=g) * 0.1
+    assert cpu_kernels.rms_norm_ok(x, w)
+    got = cpu_kernels.rms_norm_rows(x, w, c, 1e-5)
+    ref = (F.rms_norm(x.unflatten(-1, (chains, c)), (c,), eps=1e-5) * w.view(chains, c)).flatten(-2)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert not cpu_kernels.rms_norm_ok(x, w.to(torch.bfloat16))  # mixed dtypes: the torch path
 
 
 def check_strided(product, rows, k):
@@ -191,6 +204,69 @@ def test_amx_takes_strided_operands_and_the_routing_keeps_its_limits():
     assert lib.gemm_amx_bf16(xs.data_ptr(), 8, 640, wide.data_ptr(), 40, 384, 640, y.data_ptr(), 40, 0, 2) == -1
     assert lib.gemm_amx_bf16(xs.data_ptr(), 65, 640, wide.data_ptr(), 48, 384, 640, y.data_ptr(), 40, 0, 2) == -1
     assert not y.any()
+
+
+needs_f32_kernel = pytest.mark.skipif(not (cpu_kernels.library() and cpu_kernels.library().has_f32),
+                                      reason="this CPU has no AVX2/FMA")
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 32, 33, 64])
+@pytest.mark.parametrize("n,k", [(49, 576), (7, 40), (130, 1537), (2, 3)], ids=["tail-rows", "short-k", "odd-k", "tiny"])
+def test_gemm_f32_equals_a_float64_product(rows, n, k):
+    # Every x-row group (4, then 1-3 left), every W block (3, then 1-2 left), K tails of 1-7 values.
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
+    ref = x.double() @ w.double().T
+    torch.testing.assert_close(cpu_kernels.gemm_f32(x, w).double(), ref, rtol=1e-5, atol=1e-4 * k ** 0.5)
+    torch.testing.assert_close(cpu_kernels.gemm_f32(x, w, bias=b).double(), ref + b.double(), rtol=1e-5,
+                               atol=1e-4 * k ** 0.5)
+
+
+@needs_f32_kernel
+def test_gemm_f32_takes_strided_operands_writes_column_blocks_and_accumulates():
+    g = torch.Generator().manual_seed(7)
+    wide = torch.randn(96, 600, generator=g)  # W: a column prefix of a wider row-major matrix (a chain's head)
+    xs = torch.randn(40, 600, generator=g)
+    w, x = wide[:, 192:384], xs[::2, 192:384]  # strided x rows, W rows not starting at column 0
+    y = torch.full((20, 200), 5.0)
+    out = cpu_kernels.gemm_f32(x, w, out=y[:, 50:146])  # a column block of a wider output
+    ref = x.double() @ w.double().T
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
+    assert (y[:, :50] == 5).all() and (y[:, 146:] == 5).all()  # nothing outside the block is written
+    cpu_kernels.gemm_f32(x, w, out=y[:, 50:146], accumulate=True)
+    torch.testing.assert_close(y[:, 50:146].double(), 2 * ref, rtol=1e-5, atol=2e-4)
+    lib = cpu_kernels.library()  # the kernel refuses rows outside 1..64, writing nothing
+    z = torch.zeros(65, 96)
+    assert lib.gemm_f32(xs.data_ptr(), 65, 600, wide.data_ptr(), 96, 192, 600, z.data_ptr(), 96, None, 0, 2) == -1
+    assert lib.gemm_f32(xs.data_ptr(), 0, 600, wide.data_ptr(), 96, 192, 600, z.data_ptr(), 96, None, 0, 2) == -1
+    assert not z.any()
+    assert not cpu_kernels.f32_rows_ok(xs[:33], wide)  # above F32_MAX_ROWS: MKL's sgemm
+    assert not cpu_kernels.f32_rows_ok(x.to(torch.bfloat16), w.to(torch.bfloat16))
+    assert not cpu_kernels.f32_rows_ok(x, wide.T[:, :40])  # columns of W not contiguous
+
+
+@pytest.mark.skipif(not cpu_kernels.has_f32_rows(), reason="fp32 decode products stay on MKL on this CPU")
+def test_fp32_chain_layers_and_mixed_head_on_the_kernel_equal_the_torch_path(monkeypatch):
+    """ChainLinear into column blocks (rows a chain skips stay zero) and the mixed-chain head (each chain's
+    slice accumulated on its own rows) through gemm_f32, against the same model with the kernel routed off."""
+    from colm_runtime.testing import random_model, small_config
+
+    model = random_model(small_config(chains=(2, 3, 2), head_dim=8, vocab_size=300))
+    assert model.head_weight.stride(1) == 1  # fp32 head kept row-major for the kernel
+    rows = [9, 6, 2]  # a mixed batch: 9 rows use chain 1, 6 chain 2, 2 chain 3
+    h = torch.randn(9, model.cfg.dim, generator=torch.Generator().manual_seed(3))
+    lin = model.layers[0].ffn.gate_up
+    def run():
+        with torch.inference_mode():  # ChainLinear writes into column blocks at inference only
+            return lin(h, 3, rows), model.logits(h, 3, rows), model.logits(h, 2)
+
+    got = run()
+    monkeypatch.setattr(cpu_kernels, "f32_rows_ok", lambda x, w: False)
+    ref = run()
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert (got[0][rows[2]:, lin.out_offsets[2]:] == 0).all()
 
 
 def test_sample_rows_never_draws_a_token_of_probability_zero_whatever_the_uniform():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from colm_runtime.model import ForwardBatch, SeqSpec, cpu_kernels
 from colm_runtime.testing import random_model, small_config
-from colm_runtime.model import ForwardBatch, SeqSpec
 from tests.model._helpers import IDS, SETTINGS, PagedRunner, full_logits, rand_ids
 
 TOL = dict(rtol=0, atol=1e-5)
@@ -83,9 +83,9 @@ def test_decode_steps_of_every_chain_pattern_equal_each_row_alone(setting, patte
             torch.testing.assert_close(g, alone[sid].step([(sid, toks, ctx, k)])[0], **TOL)
 
 
-def test_rows_pay_only_for_their_chains():
+def test_rows_pay_only_for_their_chains(monkeypatch):
     """A chain's blocks run on exactly the rows that use it: every matmul on a chain block's weight is
-    recorded (F.linear in training, torch.mm / addmm into the output in inference)."""
+    recorded (F.linear in training, torch.mm / addmm into the output in inference, or our fp32 kernel)."""
     from torch.overrides import TorchFunctionMode
 
     cfg = small_config()
@@ -103,6 +103,14 @@ def test_rows_pay_only_for_their_chains():
                     seen[weights[w.data_ptr()]].append(x.shape[0])
             return func(*args, **(kwargs or {}))
 
+    kernel = cpu_kernels.gemm_f32
+
+    def recorded_kernel(x, w, *args, **kwargs):
+        if w.data_ptr() in weights:
+            seen[weights[w.data_ptr()]].append(x.shape[0])
+        return kernel(x, w, *args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "gemm_f32", recorded_kernel)
     run = PagedRunner(model)
     with Record():
         run.step([(0, [1, 2, 3], 0, 1), (1, [4, 5], 0, 4), (2, [6], 0, 2)])

@@ -114,6 +114,8 @@ def library() -> ctypes.CDLL | None:
     lib.has_amx = lib.gemm_amx_init() == 0  # the CPU has AMX-BF16 and Linux granted this process its tiles
     lib.gemm_f32.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _INT, _INT]
     lib.gemm_f32.restype = _INT
+    lib.gemm_f32_tall.argtypes = lib.gemm_f32.argtypes
+    lib.gemm_f32_tall.restype = _INT
     lib.has_f32 = bool(lib.gemm_f32_supported())
     lib.rms_norm_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _F32, _P, _INT]
     lib.rms_norm_bf16.restype = None
@@ -205,22 +207,22 @@ def _rows(fn, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch
     return y
 
 
-F32_MAX_ROWS = 32  # csrc/gemm_f32.c takes up to 64 rows; from ~48 MKL's sgemm is as fast or faster
+F32_TALL_ROWS = 16  # from 16 rows gemm_f32_tall (packed x panels, broadcast W) beats gemm_f32 (W rows in place)
 
 
 def has_f32_rows() -> bool:
-    """Whether fp32 products of decode rows run on gemm_f32 here: a CPU with AVX2 and FMA but not
-    AVX-512 (measured there only: 1.2-3.5x MKL at 1-32 rows; ATen's MKL keeps AVX-512 CPUs)."""
+    """Whether fp32 products run on csrc/gemm_f32.c here: a CPU with AVX2 and FMA but not AVX-512
+    (measured there only: 1.3-3.5x MKL at 1-32 rows, 1.0-1.5x at 64-256; ATen's MKL keeps AVX-512 CPUs)."""
     lib = library()
     return lib is not None and lib.has_f32 and not _has_avx512()
 
 
 def f32_rows_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether gemm_f32 takes x [M, K] @ w [N, K].T: fp32 CPU tensors with unit inner strides, 1-32 rows,
-    where has_f32_rows."""
+    """Whether gemm_f32 takes x [M, K] @ w [N, K].T: fp32 CPU tensors with unit inner strides, where
+    has_f32_rows."""
     if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu":
         return False
-    if x.dim() != 2 or x.stride(1) != 1 or w.stride(1) != 1 or not 1 <= x.shape[0] <= F32_MAX_ROWS:
+    if x.dim() != 2 or x.stride(1) != 1 or w.stride(1) != 1 or x.shape[0] < 1:
         return False
     return has_f32_rows()
 
@@ -231,18 +233,20 @@ def _has_avx512() -> bool:
 
 
 def gemm_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-             accumulate: bool = False) -> torch.Tensor:
+             accumulate: bool = False, tall: bool | None = None) -> torch.Tensor:
     """x [M, K] @ w [N, K].T (+ bias) into out ([M, N], unit inner stride, may be a column block of a
-    wider tensor; += the product with accumulate) or a new tensor, on AVX2 FMAs. Call only where
-    f32_rows_ok."""
+    wider tensor; += the product with accumulate) or a new tensor, on AVX2 FMAs: gemm_f32_tall from
+    F32_TALL_ROWS rows (or as `tall` says), else gemm_f32 (at most 64 rows). Call only where f32_rows_ok."""
     M, K = x.shape
     N = w.shape[0]
     if out is None:
         out = torch.empty(M, N, dtype=torch.float32)
     assert out.shape == (M, N) and out.stride(1) == 1 and (bias is None or bias.is_contiguous())
-    rc = library().gemm_f32(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), out.data_ptr(),
-                            out.stride(0), None if bias is None else bias.data_ptr(), int(accumulate),
-                            torch.get_num_threads())
+    if tall is None:
+        tall = M >= F32_TALL_ROWS
+    fn = library().gemm_f32_tall if tall else library().gemm_f32
+    rc = fn(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), out.data_ptr(), out.stride(0),
+            None if bias is None else bias.data_ptr(), int(accumulate), torch.get_num_threads())
     assert rc == 0, "gemm_f32: outside its limits (check f32_rows_ok first)"
     return out
 

@@ -211,37 +211,42 @@ needs_f32_kernel = pytest.mark.skipif(not (cpu_kernels.library() and cpu_kernels
 
 
 @needs_f32_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 32, 33, 64])
+@pytest.mark.parametrize("tall", [False, True], ids=["rows", "tall"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 7, 8, 13, 16, 32, 33, 64, 130])
 @pytest.mark.parametrize("n,k", [(49, 576), (7, 40), (130, 1537), (2, 3)], ids=["tail-rows", "short-k", "odd-k", "tiny"])
-def test_gemm_f32_equals_a_float64_product(rows, n, k):
-    # Every x-row group (4, then 1-3 left), every W block (3, then 1-2 left), K tails of 1-7 values.
+def test_gemm_f32_equals_a_float64_product(tall, rows, n, k):
+    # gemm_f32: every x-row group (4, then 1-3 left), every W block (3, then 1-2 left), K tails of 1-7
+    # values. gemm_f32_tall: full and zero-padded x panels of 16, W blocks of 6 and the 1-5 rows left.
+    if rows > 64 and not tall:
+        pytest.skip("gemm_f32 takes at most 64 rows")
     g = torch.Generator().manual_seed(rows * 1000 + n)
     x, w, b = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g), torch.randn(n, generator=g)
     ref = x.double() @ w.double().T
-    torch.testing.assert_close(cpu_kernels.gemm_f32(x, w).double(), ref, rtol=1e-5, atol=1e-4 * k ** 0.5)
-    torch.testing.assert_close(cpu_kernels.gemm_f32(x, w, bias=b).double(), ref + b.double(), rtol=1e-5,
+    torch.testing.assert_close(cpu_kernels.gemm_f32(x, w, tall=tall).double(), ref, rtol=1e-5, atol=1e-4 * k ** 0.5)
+    torch.testing.assert_close(cpu_kernels.gemm_f32(x, w, bias=b, tall=tall).double(), ref + b.double(), rtol=1e-5,
                                atol=1e-4 * k ** 0.5)
 
 
 @needs_f32_kernel
-def test_gemm_f32_takes_strided_operands_writes_column_blocks_and_accumulates():
+@pytest.mark.parametrize("tall", [False, True], ids=["rows", "tall"])
+def test_gemm_f32_takes_strided_operands_writes_column_blocks_and_accumulates(tall):
     g = torch.Generator().manual_seed(7)
     wide = torch.randn(96, 600, generator=g)  # W: a column prefix of a wider row-major matrix (a chain's head)
     xs = torch.randn(40, 600, generator=g)
     w, x = wide[:, 192:384], xs[::2, 192:384]  # strided x rows, W rows not starting at column 0
     y = torch.full((20, 200), 5.0)
-    out = cpu_kernels.gemm_f32(x, w, out=y[:, 50:146])  # a column block of a wider output
+    out = cpu_kernels.gemm_f32(x, w, out=y[:, 50:146], tall=tall)  # a column block of a wider output
     ref = x.double() @ w.double().T
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
     assert (y[:, :50] == 5).all() and (y[:, 146:] == 5).all()  # nothing outside the block is written
-    cpu_kernels.gemm_f32(x, w, out=y[:, 50:146], accumulate=True)
+    cpu_kernels.gemm_f32(x, w, out=y[:, 50:146], accumulate=True, tall=tall)
     torch.testing.assert_close(y[:, 50:146].double(), 2 * ref, rtol=1e-5, atol=2e-4)
     lib = cpu_kernels.library()  # the kernel refuses rows outside 1..64, writing nothing
     z = torch.zeros(65, 96)
     assert lib.gemm_f32(xs.data_ptr(), 65, 600, wide.data_ptr(), 96, 192, 600, z.data_ptr(), 96, None, 0, 2) == -1
     assert lib.gemm_f32(xs.data_ptr(), 0, 600, wide.data_ptr(), 96, 192, 600, z.data_ptr(), 96, None, 0, 2) == -1
+    assert lib.gemm_f32_tall(xs.data_ptr(), 0, 600, wide.data_ptr(), 96, 192, 600, z.data_ptr(), 96, None, 0, 2) == -1
     assert not z.any()
-    assert not cpu_kernels.f32_rows_ok(xs[:33], wide)  # above F32_MAX_ROWS: MKL's sgemm
     assert not cpu_kernels.f32_rows_ok(x.to(torch.bfloat16), w.to(torch.bfloat16))
     assert not cpu_kernels.f32_rows_ok(x, wide.T[:, :40])  # columns of W not contiguous
 

@@ -12,6 +12,7 @@
  * ATen's product everywhere else.
  */
 #include <stdint.h>
+#include <stdlib.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -108,10 +109,84 @@ TGT int gemm_f32(const float *x, int64_t M, int64_t ldx, const float *W, int64_t
     return 0;
 }
 
+/* Taller products (prefill, large batches): y^T = W . x^T with x^T packed per call into panels of 16
+ * rows, [K][16] each (zero-padded), and W read where it lies. A 6 x 16 block of y^T sums in 12
+ * accumulators: per k, two loads of the x panel, six broadcasts of W values, twelve FMAs. A block of 6
+ * W rows stays in L1 while every panel passes over it; the panels (M x K floats) stay in L2. */
+#define TR 6   /* W rows per tall block */
+#define TP 16  /* x rows per panel */
+
+TGT static void tall_block(const float *const wr[TR], int nvalid, const float *xp, int64_t K, int64_t m0, int64_t M,
+                           float *y, int64_t ldy, int64_t n0, const float *bias, int accumulate) {
+    __m256 c[TR][2];
+#pragma GCC unroll 6
+    for (int r = 0; r < TR; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        const __m256 b0 = _mm256_load_ps(xp + k * TP), b1 = _mm256_load_ps(xp + k * TP + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < TR; r++) {
+            const __m256 a = _mm256_broadcast_ss(wr[r] + k);
+            c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
+            c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
+        }
+    }
+    /* Out of the registers with constant indices only: a variable index into c would keep it in memory
+     * (gcc then stores all 12 accumulators on every k). */
+    float v[TR][TP];
+#pragma GCC unroll 6
+    for (int r = 0; r < TR; r++) {
+        _mm256_storeu_ps(v[r], c[r][0]);
+        _mm256_storeu_ps(v[r] + 8, c[r][1]);
+    }
+    const int64_t mrows = M - m0 < TP ? M - m0 : TP;
+    for (int r = 0; r < nvalid; r++) {
+        const float b = bias ? bias[n0 + r] : 0.f;
+        for (int64_t m = 0; m < mrows; m++) {
+            float *out = y + (m0 + m) * ldy + n0 + r;
+            *out = accumulate ? *out + v[r][m] + b : v[r][m] + b;
+        }
+    }
+}
+
+/* Any M >= 1; returns 0, or -1 without AVX2/FMA or memory for the panels (nothing written). */
+TGT int gemm_f32_tall(const float *x, int64_t M, int64_t ldx, const float *W, int64_t N, int64_t K, int64_t ldw,
+                      float *y, int64_t ldy, const float *bias, int accumulate, int threads) {
+    if (M < 1 || !gemm_f32_supported()) return -1;
+    const int64_t panels = (M + TP - 1) / TP;
+    float *xp = aligned_alloc(64, (size_t)(panels * K * TP * sizeof(float) + 64));
+    if (!xp) return -1;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++)
+            for (int64_t k = 0; k < K; k++)
+                for (int64_t i = 0; i < TP; i++) {
+                    const int64_t m = p * TP + i;
+                    xp[(p * K + k) * TP + i] = m < M ? x[m * ldx + k] : 0.f;
+                }
+        const int64_t blocks = (N + TR - 1) / TR;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t n0 = b * TR;
+            const int nvalid = N - n0 < TR ? (int)(N - n0) : TR;
+            const float *wr[TR];
+            for (int r = 0; r < TR; r++) wr[r] = W + (n0 + (r < nvalid ? r : nvalid - 1)) * ldw;
+            for (int64_t p = 0; p < panels; p++)
+                tall_block(wr, nvalid, xp + p * K * TP, K, p * TP, M, y, ldy, n0, bias, accumulate);
+        }
+    }
+    free(xp);
+    return 0;
+}
+
 #else
 int gemm_f32_supported(void) { return 0; }
 int gemm_f32(const float *x, int64_t M, int64_t ldx, const float *W, int64_t N, int64_t K, int64_t ldw, float *y,
              int64_t ldy, const float *bias, int accumulate, int threads) {
+    return -1;
+}
+int gemm_f32_tall(const float *x, int64_t M, int64_t ldx, const float *W, int64_t N, int64_t K, int64_t ldw, float *y,
+                  int64_t ldy, const float *bias, int accumulate, int threads) {
     return -1;
 }
 #endif

@@ -253,8 +253,9 @@ def test_gemm_f32_takes_strided_operands_writes_column_blocks_and_accumulates(ta
 
 @pytest.mark.skipif(not cpu_kernels.has_f32_rows(), reason="fp32 decode products stay on MKL on this CPU")
 def test_fp32_chain_layers_and_mixed_head_on_the_kernel_equal_the_torch_path(monkeypatch):
-    """ChainLinear into column blocks (rows a chain skips stay zero) and the mixed-chain head (each chain's
-    slice accumulated on its own rows) through gemm_f32, against the same model with the kernel routed off."""
+    """ChainLinear into column blocks (rows a chain skips stay zero) and the mixed-chain head (one product,
+    the columns a row does not use zeroed) through gemm_f32, against the same model with the kernel routed
+    off (ATen: each chain's slice accumulated on its own rows)."""
     from colm_runtime.testing import random_model, small_config
 
     model = random_model(small_config(chains=(2, 3, 2), head_dim=8, vocab_size=300))

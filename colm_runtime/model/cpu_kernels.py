@@ -3,8 +3,12 @@
 - `paged_decode` (csrc/paged_decode.c): decode attention that reads the paged K/V cache in place.
   Without it a decode step gathers every sequence's K/V blocks into a padded copy and runs SDPA over
   the copy: at batch 32 on SmolLM2 in bf16 those were ~30% of a decode step (docs/performance.md).
-- `rms_norm_bf16` (csrc/rms_norm_bf16.c): RMSNorm of bf16 rows (one segment per chain) in one pass,
-  rounded as transformers rounds it, instead of seven torch ops.
+- `rms_norm_rows` (csrc/rms_norm_bf16.c): RMSNorm of bf16 rows (one segment per chain) in one pass,
+  rounded as transformers rounds it, instead of seven torch ops; fp32 rows likewise (F.rms_norm's ~6).
+- `gemm_f32` (csrc/gemm_f32.c): fp32 products on CPUs with AVX2 and FMA but no AVX-512 (MKL's sgemm
+  packs W on every call: 4-7 GB/s at 1-32 rows there, where a plain sum reads 18 GB/s): W rows read in
+  place against groups of up to 4 x rows below 16 rows (1.3-3.5x MKL), x packed into panels of 16 rows
+  against broadcast W values from 16 rows (1.5-2.4x MKL at 32, 1.0-1.5x at 64-256).
 - `gemv_bf16` (csrc/gemv_bf16.c): bf16 products of 1-8 rows with AVX-512 BF16 dot products, streaming
   each weight once with software prefetch: 1.4-1.9x ATen's `mv` / oneDNN at 1-4 rows, ~1.1x at 8, where a decode
   step is bound by reading the weights. Where the CPU has AMX it takes 1-3 rows only:
@@ -210,26 +214,19 @@ def _rows(fn, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch
 F32_TALL_ROWS = 16  # from 16 rows gemm_f32_tall (packed x panels, broadcast W) beats gemm_f32 (W rows in place)
 
 
+@functools.lru_cache(maxsize=1)
 def has_f32_rows() -> bool:
     """Whether fp32 products run on csrc/gemm_f32.c here: a CPU with AVX2 and FMA but not AVX-512
     (measured there only: 1.3-3.5x MKL at 1-32 rows, 1.0-1.5x at 64-256; ATen's MKL keeps AVX-512 CPUs)."""
     lib = library()
-    return lib is not None and lib.has_f32 and not _has_avx512()
+    return lib is not None and lib.has_f32 and " avx512f" not in _cpu_key()
 
 
 def f32_rows_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether gemm_f32 takes x [M, K] @ w [N, K].T: fp32 CPU tensors with unit inner strides, where
-    has_f32_rows."""
-    if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu" or w.device.type != "cpu":
-        return False
-    if x.dim() != 2 or x.stride(1) != 1 or w.stride(1) != 1 or x.shape[0] < 1:
-        return False
-    return has_f32_rows()
-
-
-@functools.lru_cache(maxsize=1)
-def _has_avx512() -> bool:
-    return " avx512f" in _cpu_key()
+    has_f32_rows. (Called for every product of a step: the cheap tests first.)"""
+    return (x.dtype == torch.float32 and w.dtype == torch.float32 and has_f32_rows() and x.is_cpu
+            and w.is_cpu and x.dim() == 2 and x.stride(1) == 1 and w.stride(1) == 1 and x.shape[0] >= 1)
 
 
 def gemm_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
@@ -240,13 +237,13 @@ def gemm_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, 
     M, K = x.shape
     N = w.shape[0]
     if out is None:
-        out = torch.empty(M, N, dtype=torch.float32)
-    assert out.shape == (M, N) and out.stride(1) == 1 and (bias is None or bias.is_contiguous())
-    if tall is None:
-        tall = M >= F32_TALL_ROWS
-    fn = library().gemm_f32_tall if tall else library().gemm_f32
+        out = torch.empty(M, N)
+    elif out.shape != (M, N) or out.stride(1) != 1:
+        raise ValueError("gemm_f32: out must be [M, N] with unit inner stride")
+    lib = library()
+    fn = lib.gemm_f32_tall if (M >= F32_TALL_ROWS if tall is None else tall) else lib.gemm_f32
     rc = fn(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), out.data_ptr(), out.stride(0),
-            None if bias is None else bias.data_ptr(), int(accumulate), torch.get_num_threads())
+            None if bias is None else bias.contiguous().data_ptr(), accumulate, torch.get_num_threads())
     assert rc == 0, "gemm_f32: outside its limits (check f32_rows_ok first)"
     return out
 

@@ -20,6 +20,7 @@
 #define TGT __attribute__((target("avx2,fma")))
 #define NB 3  /* W rows per block */
 #define MR 4  /* x rows per group */
+#define PF 4  /* prefetch W this many blocks ahead (interleaved A/B: 1.1-1.4x at 4-8 rows, ~1.0x at one) */
 
 int gemm_f32_supported(void) {
     __builtin_cpu_init();
@@ -49,6 +50,8 @@ TGT static inline __attribute__((always_inline)) void block(const float *x, int6
     for (; k + 8 <= K; k += 8) {
         __m256 w[NB];
         for (int j = 0; j < nb; j++) w[j] = _mm256_loadu_ps(wr[j] + k);
+        if ((k & 15) == 0)  /* one per 64-byte line: W's rows PF blocks ahead (past W's end: a no-op) */
+            for (int j = 0; j < nb; j++) _mm_prefetch((const char *)(wr[j] + PF * NB * ldw + k), _MM_HINT_T0);
         for (int m = 0; m < R; m++) {
             const __m256 xv = _mm256_loadu_ps(xr[m] + k);
             for (int j = 0; j < nb; j++) acc[m][j] = _mm256_fmadd_ps(xv, w[j], acc[m][j]);

@@ -105,14 +105,17 @@ class ChainAttention(nn.Module):
         P, T = plan.kv_pools, y.shape[0]
         q, kv, hd = self.q_widths[0], self.kv_widths[0], self.cfg.head_dim
         c, h = q // hd, kv // hd
+        kc, vc = cache.k_all[self.layer], cache.v_all[self.layer]
+        if cpu_kernels.rope_store_ok(y, cos, kc):  # fp32 on the CPU: one C pass, not ~15 small ops
+            return cpu_kernels.rope_store_f32(y, P, c, h, hd, cos, sin, kc, vc, plan.kv_slots, plan.kv_rows)
         yc = y.view(T, P, q + 2 * kv)  # chain-major columns: [q | k | v] per chain
         qk = apply_rope(yc[..., : q + kv].reshape(T, P * (c + h), hd), cos, sin).view(T, P, c + h, hd)
         k = qk[:, :, c:].transpose(0, 1).reshape(P * T, h, hd)  # pool-major rows
         v = yc[..., q + kv :].transpose(0, 1).reshape(P * T, h, hd)
         if plan.kv_rows is not None:
             k, v = k.index_select(0, plan.kv_rows), v.index_select(0, plan.kv_rows)
-        cache.k_all[self.layer].view(-1, h, hd).index_copy_(0, plan.kv_slots, k)
-        cache.v_all[self.layer].view(-1, h, hd).index_copy_(0, plan.kv_slots, v)
+        kc.view(-1, h, hd).index_copy_(0, plan.kv_slots, k)
+        vc.view(-1, h, hd).index_copy_(0, plan.kv_slots, v)
         return qk[:, :, :c].reshape(T, P * c, hd)
 
     def _attend_plan(self, q: torch.Tensor, plan: StepPlan, cache: ChainKVCache, kmax: int) -> torch.Tensor:

@@ -125,6 +125,10 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm_bf16.restype = None
     lib.rms_norm_f32.argtypes = lib.rms_norm_bf16.argtypes
     lib.rms_norm_f32.restype = None
+    lib.swiglu_f32.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _INT]
+    lib.swiglu_f32.restype = None
+    lib.rope_store_f32.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _INT]
+    lib.rope_store_f32.restype = None
     lib.sample_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT]
     lib.sample_rows.restype = None
     lib.release_thread_pool.restype = _INT
@@ -265,6 +269,45 @@ def rms_norm_rows(x: torch.Tensor, w: torch.Tensor, segment: int, eps: float) ->
     fn(x.data_ptr(), rows, x.stride(0), w.data_ptr(), width // segment, segment, eps, out.data_ptr(),
        torch.get_num_threads())
     return out
+
+
+def swiglu_ok(gu: torch.Tensor) -> bool:
+    """Whether swiglu_f32 can take gu [rows, chains * 2F]: fp32 on the CPU, unit inner stride."""
+    return gu.dtype == torch.float32 and gu.is_cpu and gu.dim() == 2 and gu.stride(1) == 1 and library() is not None
+
+
+def swiglu_f32(gu: torch.Tensor, chains: int) -> torch.Tensor:
+    """silu(g) * u of every chain of gu [rows, chains * 2F] (per chain F gate then F up columns) -> a new
+    [rows, chains * F]. Call only where swiglu_ok."""
+    rows, width = gu.shape
+    F = width // (2 * chains)
+    out = torch.empty(rows, chains * F)
+    library().swiglu_f32(gu.data_ptr(), rows, gu.stride(0), chains, F, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def rope_store_ok(y: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether rope_store_f32 can take this step: fp32 rows, tables and cache on the CPU."""
+    return (y.dtype == torch.float32 and cos.dtype == torch.float32 and k_cache.dtype == torch.float32 and y.is_cpu
+            and y.dim() == 2 and y.stride(1) == 1 and k_cache.is_contiguous() and library() is not None)
+
+
+def rope_store_f32(y: torch.Tensor, pools: int, q_heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
+                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                   rows: torch.Tensor | None) -> torch.Tensor:
+    """Rope the queries and keys of y [T, pools * (q_heads + 2 kv_heads) * head_dim] at cos/sin [T, head_dim]
+    (layers.rope_cache's layout), store the keys and values of pool-major rows `rows` (None: all P*T) at
+    cache slots `slots` of k_cache/v_cache (one layer, [..., kv_heads, head_dim] contiguous), and return
+    the roped queries [T, pools * q_heads, head_dim]. Call only where rope_store_ok."""
+    T = y.shape[0]
+    cos, sin = cos.contiguous(), sin.contiguous()
+    slots = slots.to(torch.int64).contiguous()
+    rows = None if rows is None else rows.to(torch.int64).contiguous()
+    q = torch.empty(T, pools * q_heads, head_dim)
+    library().rope_store_f32(y.data_ptr(), T, y.stride(0), pools, q_heads, kv_heads, head_dim, cos.data_ptr(),
+                             sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
+                             None if rows is None else rows.data_ptr(), slots.shape[0], torch.get_num_threads())
+    return q
 
 
 def sample_ok(logits: torch.Tensor) -> bool:

@@ -169,6 +169,46 @@ def test_fp32_rms_norm_kernel_equals_torch(chains, c):
     assert not cpu_kernels.rms_norm_ok(x, w.to(torch.bfloat16))  # mixed dtypes: the torch path
 
 
+@pytest.mark.parametrize("chains,F_", [(1, 1536), (3, 40)])
+def test_fp32_swiglu_kernel_equals_torch(chains, F_):
+    g = torch.Generator().manual_seed(F_)
+    wide = torch.randn(13, chains * 2 * F_ + 5, generator=g) * 4
+    gu = wide[:, : chains * 2 * F_]  # strided rows, as a column block of a wider output would be
+    assert cpu_kernels.swiglu_ok(gu)
+    gate, up = gu.unflatten(-1, (chains, 2, F_)).unbind(-2)
+    torch.testing.assert_close(cpu_kernels.swiglu_f32(gu, chains), (F.silu(gate) * up).flatten(-2), rtol=1e-5, atol=1e-5)
+    assert not cpu_kernels.swiglu_ok(gu.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("pools,some_rows", [(1, False), (3, False), (3, True)], ids=["one", "all-pools", "some-rows"])
+def test_fp32_rope_and_store_kernel_equals_the_torch_path(pools, some_rows):
+    """Queries roped, keys roped and values copied into their cache slots, as attention.py's torch path
+    does (apply_rope, index_copy_); with some_rows, later rows own fewer pools (a mixed batch)."""
+    from colm_runtime.model.layers import apply_rope, rope_cache
+
+    g = torch.Generator().manual_seed(pools)
+    T, C, H, hd = 5, 3, 1, 16
+    y = torch.randn(T, pools * (C + 2 * H) * hd + 7, generator=g)[:, : pools * (C + 2 * H) * hd]
+    cos, sin = (t.index_select(0, torch.tensor([3, 9, 10, 11, 40])) for t in rope_cache(hd, 64, 10000.0))
+    rows = None
+    if some_rows:  # pool p keeps its first T - p rows
+        rows = torch.cat([torch.arange(p * T, p * T + T - p) for p in range(pools)])
+    n = pools * T if rows is None else rows.shape[0]
+    slots = torch.randperm(40, generator=g)[:n]
+    kc, vc = torch.zeros(40, H, hd), torch.zeros(40, H, hd)
+    q = cpu_kernels.rope_store_f32(y, pools, C, H, hd, cos, sin, kc, vc, slots, rows)
+    yc = y.reshape(T, pools, C + 2 * H, hd)
+    qk = apply_rope(yc[:, :, : C + H].reshape(T, pools * (C + H), hd), cos, sin).view(T, pools, C + H, hd)
+    torch.testing.assert_close(q, qk[:, :, :C].reshape(T, pools * C, hd), rtol=1e-6, atol=1e-6)
+    k = qk[:, :, C:].transpose(0, 1).reshape(pools * T, H, hd)
+    v = yc[:, :, C + H :].transpose(0, 1).reshape(pools * T, H, hd)
+    if rows is not None:
+        k, v = k.index_select(0, rows), v.index_select(0, rows)
+    kref, vref = torch.zeros(40, H, hd).index_copy_(0, slots, k), torch.zeros(40, H, hd).index_copy_(0, slots, v)
+    torch.testing.assert_close(kc, kref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(vc, vref)
+
+
 def check_strided(product, rows, k):
     """A column prefix of W (the mixed head's slices) against every other x row."""
     g = torch.Generator().manual_seed(rows)

@@ -42,3 +42,50 @@ void rms_norm_f32(const float *x, int64_t rows, int64_t ldx, const float *w, int
         for (int64_t i = 0; i < c; i++) os[i] = xs[i] * inv * ws[i];
     }
 }
+
+/* SwiGLU of fp32 rows: gu rows hold, per chain, F gate values then F up values; out[t, j*F + i] =
+ * silu(g) * u = g * u / (1 + exp(-g)) of chain j. One pass instead of unflatten, unbind, silu, multiply
+ * and flatten (expf vectorised under fast-math). */
+void swiglu_f32(const float *gu, int64_t rows, int64_t ldgu, int64_t chains, int64_t F, float *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * chains * F >= 32768)
+    for (int64_t r = 0; r < rows * chains; r++) {
+        const float *g = gu + (r / chains) * ldgu + (r % chains) * 2 * F, *u = g + F;
+        float *o = out + r * F;
+        for (int64_t i = 0; i < F; i++) o[i] = g[i] * u[i] / (1.f + expf(-g[i]));
+    }
+}
+
+/* Rotary embedding of one step's queries and keys, and the new K/V stored into the paged cache, for
+ * fp32 models with equal chains (attention.py _rope_and_store; one call per layer instead of ~15 small
+ * torch ops). y: [T, P*(C+2H)*hd] rows (stride ldy): per pool, C query heads, H key heads, H value heads;
+ * cos, sin: [T, hd] (rotate-half layout, sin's first half negated: x*cos + rotate(x)*sin); q_out:
+ * [T, P*C, hd]; kc, vc: one layer's cache as [slots, H, hd]; slots[i]: where pool-major K/V row
+ * rows[i] = p*T + t goes (rows NULL: row i). */
+static inline void rope_head(const float *x, const float *c, const float *s, int64_t hd, float *o) {
+    const int64_t half = hd / 2;
+    for (int64_t d = 0; d < half; d++) o[d] = x[d] * c[d] + x[d + half] * s[d];
+    for (int64_t d = half; d < hd; d++) o[d] = x[d] * c[d] + x[d - half] * s[d];
+}
+
+void rope_store_f32(const float *y, int64_t T, int64_t ldy, int64_t P, int64_t C, int64_t H, int64_t hd,
+                    const float *cos, const float *sin, float *q_out, float *kc, float *vc, const int64_t *slots,
+                    const int64_t *rows, int64_t R, int threads) {
+    const int64_t blk = (C + 2 * H) * hd;
+#pragma omp parallel num_threads(threads) if (T * P * blk >= 65536)
+    {
+#pragma omp for schedule(static) nowait
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t p = 0; p < P; p++)
+                for (int64_t h = 0; h < C; h++)
+                    rope_head(y + t * ldy + p * blk + h * hd, cos + t * hd, sin + t * hd, hd,
+                              q_out + ((t * P + p) * C + h) * hd);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < R; i++) {
+            const int64_t r = rows ? rows[i] : i, p = r / T, t = r % T;
+            const float *k = y + t * ldy + p * blk + C * hd, *v = k + H * hd;
+            float *kd = kc + slots[i] * H * hd, *vd = vc + slots[i] * H * hd;
+            for (int64_t h = 0; h < H; h++) rope_head(k + h * hd, cos + t * hd, sin + t * hd, hd, kd + h * hd);
+            for (int64_t e = 0; e < H * hd; e++) vd[e] = v[e];
+        }
+    }
+}

@@ -3,8 +3,10 @@
 - `paged_decode` (csrc/paged_decode.c): decode attention that reads the paged K/V cache in place.
   Without it a decode step gathers every sequence's K/V blocks into a padded copy and runs SDPA over
   the copy: at batch 32 on SmolLM2 in bf16 those were ~30% of a decode step (docs/performance.md).
-- `rms_norm_rows` (csrc/rms_norm_bf16.c): RMSNorm of bf16 rows (one segment per chain) in one pass,
+- `rms_norm_rows` (csrc/row_ops.c): RMSNorm of bf16 rows (one segment per chain) in one pass,
   rounded as transformers rounds it, instead of seven torch ops; fp32 rows likewise (F.rms_norm's ~6).
+  The same file: `swiglu_f32` (silu(g) * u of every chain) and `rope_store_f32` (a step's queries and
+  keys roped, its K/V stored into the paged cache) for fp32 models, one call each per layer.
 - `gemm_f32` (csrc/gemm_f32.c): fp32 products on CPUs with AVX2 and FMA but no AVX-512 (MKL's sgemm
   packs W on every call: 4-7 GB/s at 1-32 rows there, where a plain sum reads 18 GB/s): W rows read in
   place against groups of up to 4 x rows below 16 rows (1.3-3.5x MKL), x packed into panels of 16 rows
@@ -44,7 +46,7 @@ import torch
 log = logging.getLogger("colm.kernels")
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("paged_decode.c", "gemv_bf16.c", "gemm_amx_bf16.c",
-                                                                      "rms_norm_bf16.c", "sample_rows.c", "threads.c",
+                                                                      "row_ops.c", "sample_rows.c", "threads.c",
                                                                       "gemm_f32.c"))
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu11"]
 _DTYPES = (torch.float32, torch.bfloat16)

@@ -1,4 +1,7 @@
-/* RMSNorm of bf16 rows, rounded as transformers' LlamaRMSNorm rounds (and as layers.py's torch path):
+/* Row-wise ops of a step, one C pass each instead of several torch ops: RMSNorm (bf16 and fp32), and for
+ * fp32 models SwiGLU and rope + K/V store (below).
+ *
+ * RMSNorm of bf16 rows, rounded as transformers' LlamaRMSNorm rounds (and as layers.py's torch path):
  * per segment of c values, y = bf16(x * rsqrt(mean(x^2) + eps)) computed in fp32, then
  * out = bf16(y * w) with the product in fp32. A row of n * c values is n segments (one per chain),
  * segment j scaled by w[j*c : (j+1)*c]. One pass per row instead of torch's cast, square, mean, rsqrt,

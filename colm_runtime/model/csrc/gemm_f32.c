@@ -124,6 +124,7 @@ TGT static void tall_block(const float *const wr[TR], int nvalid, const float *x
     __m256 c[TR][2];
 #pragma GCC unroll 6
     for (int r = 0; r < TR; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
+#pragma GCC unroll 4  /* interleaved A/B of two builds: 1.07-1.11x at 32 and 128 rows, 0.98-1.09x in a first run */
     for (int64_t k = 0; k < K; k++) {
         const __m256 b0 = _mm256_load_ps(xp + k * TP), b1 = _mm256_load_ps(xp + k * TP + 8);
 #pragma GCC unroll 6

@@ -39,6 +39,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -118,7 +119,7 @@ def library() -> ctypes.CDLL | None:
     lib.gemm_amx_bf16.argtypes = lib.gemv_bf16.argtypes
     lib.gemm_amx_bf16.restype = _INT
     lib.has_amx = lib.gemm_amx_init() == 0  # the CPU has AMX-BF16 and Linux granted this process its tiles
-    lib.gemm_f32.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _INT, _INT]
+    lib.gemm_f32.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _INT]
     lib.gemm_f32.restype = _INT
     lib.gemm_f32_tall.argtypes = lib.gemm_f32.argtypes
     lib.gemm_f32_tall.restype = _INT
@@ -236,20 +237,29 @@ def f32_rows_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def gemm_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-             accumulate: bool = False, tall: bool | None = None) -> torch.Tensor:
+             row_k: Sequence[int] | None = None, tall: bool | None = None) -> torch.Tensor:
     """x [M, K] @ w [N, K].T (+ bias) into out ([M, N], unit inner stride, may be a column block of a
-    wider tensor; += the product with accumulate) or a new tensor, on AVX2 FMAs: gemm_f32_tall from
-    F32_TALL_ROWS rows (or as `tall` says), else gemm_f32 (at most 64 rows). Call only where f32_rows_ok."""
+    wider tensor) or a new tensor, on AVX2 FMAs: gemm_f32_tall from F32_TALL_ROWS rows (or as `tall`
+    says), else gemm_f32 (at most 64 rows). Call only where f32_rows_ok.
+
+    row_k (a mixed-chain LM head): row m uses x[m, :row_k[m]] only, non-increasing in m, and its other
+    columns must be zero; groups of rows then stop at their first row's K, so the product's FLOPs follow
+    each row's chains while W is read once."""
     M, K = x.shape
     N = w.shape[0]
     if out is None:
         out = torch.empty(M, N)
     elif out.shape != (M, N) or out.stride(1) != 1:
         raise ValueError("gemm_f32: out must be [M, N] with unit inner stride")
+    ks = None
+    if row_k is not None:
+        if len(row_k) != M or not all(K >= a >= b >= 1 for a, b in zip(row_k, [*row_k[1:], 1])):
+            raise ValueError("gemm_f32: row_k must hold M non-increasing values in 1..K")
+        ks = (ctypes.c_int64 * M)(*row_k)
     lib = library()
     fn = lib.gemm_f32_tall if (M >= F32_TALL_ROWS if tall is None else tall) else lib.gemm_f32
     rc = fn(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), out.data_ptr(), out.stride(0),
-            None if bias is None else bias.contiguous().data_ptr(), accumulate, torch.get_num_threads())
+            None if bias is None else bias.contiguous().data_ptr(), ks, torch.get_num_threads())
     assert rc == 0, "gemm_f32: outside its limits (check f32_rows_ok first)"
     return out
 

@@ -171,13 +171,17 @@ class CoLMModel(nn.Module):
                 out[: rows[j]].addmm_(hidden[: rows[j], off[j] : off[j + 1]], W[:, off[j] : off[j + 1]].t())
             return out
         # Reduced precision, or fp32 on our kernel (gemm_f32): a product of a few dozen rows is bound by
-        # reading the head, not by rows, so one product over every chain's columns, with the columns a row
-        # does not use zeroed, costs what the all-chains head costs and saves a product and a [rows, vocab]
-        # fp32 add per chain (fp32 on this session's AVX2 machine, equal mix at batch 32: 22 ms against
-        # 31.5 ms for three passes over the head's chain slices, each strided and bound by its read).
+        # reading the head, so ONE product over every chain's columns, with the columns a row does not use
+        # zeroed, reads the head once (three passes over its chain slices, each strided and bound by its
+        # read, cost 31.5 ms against 22 ms at the equal mix of batch 32 in fp32 on an AVX2 machine). In
+        # fp32 our kernel also stops each group of rows at its first row's width (row_k), so the FLOPs
+        # follow the chains the rows use.
         h = hidden[:, : off[chains]].clone()  # [N, width(chains)]
         for j in range(1, chains):
             h[rows[j] :, off[j] : off[j + 1]] = 0
+        if h.dtype == torch.float32:
+            row_k = [off[c] for c in range(chains, 0, -1) for _ in range(rows[c - 1] - (rows[c] if c < chains else 0))]
+            return cpu_kernels.gemm_f32(h, W[:, : off[chains]], row_k=row_k)
         return linear_rows(h, W[:, : off[chains]]).float()
 
     @torch.inference_mode()

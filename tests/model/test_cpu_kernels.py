@@ -269,7 +269,7 @@ def test_gemm_f32_equals_a_float64_product(tall, rows, n, k):
 
 @needs_f32_kernel
 @pytest.mark.parametrize("tall", [False, True], ids=["rows", "tall"])
-def test_gemm_f32_takes_strided_operands_writes_column_blocks_and_accumulates(tall):
+def test_gemm_f32_takes_strided_operands_and_writes_column_blocks(tall):
     g = torch.Generator().manual_seed(7)
     wide = torch.randn(96, 600, generator=g)  # W: a column prefix of a wider row-major matrix (a chain's head)
     xs = torch.randn(40, 600, generator=g)
@@ -279,29 +279,65 @@ def test_gemm_f32_takes_strided_operands_writes_column_blocks_and_accumulates(ta
     ref = x.double() @ w.double().T
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-4)
     assert (y[:, :50] == 5).all() and (y[:, 146:] == 5).all()  # nothing outside the block is written
-    cpu_kernels.gemm_f32(x, w, out=y[:, 50:146], accumulate=True, tall=tall)
-    torch.testing.assert_close(y[:, 50:146].double(), 2 * ref, rtol=1e-5, atol=2e-4)
     lib = cpu_kernels.library()  # the kernel refuses rows outside 1..64, writing nothing
     z = torch.zeros(65, 96)
-    assert lib.gemm_f32(xs.data_ptr(), 65, 600, wide.data_ptr(), 96, 192, 600, z.data_ptr(), 96, None, 0, 2) == -1
-    assert lib.gemm_f32(xs.data_ptr(), 0, 600, wide.data_ptr(), 96, 192, 600, z.data_ptr(), 96, None, 0, 2) == -1
-    assert lib.gemm_f32_tall(xs.data_ptr(), 0, 600, wide.data_ptr(), 96, 192, 600, z.data_ptr(), 96, None, 0, 2) == -1
+    assert lib.gemm_f32(xs.data_ptr(), 65, 600, wide.data_ptr(), 96, 192, 600, z.data_ptr(), 96, None, None, 2) == -1
+    assert lib.gemm_f32(xs.data_ptr(), 0, 600, wide.data_ptr(), 96, 192, 600, z.data_ptr(), 96, None, None, 2) == -1
+    assert lib.gemm_f32_tall(xs.data_ptr(), 0, 600, wide.data_ptr(), 96, 192, 600, z.data_ptr(), 96, None, None, 2) == -1
     assert not z.any()
     assert not cpu_kernels.f32_rows_ok(x.to(torch.bfloat16), w.to(torch.bfloat16))
     assert not cpu_kernels.f32_rows_ok(x, wide.T[:, :40])  # columns of W not contiguous
 
 
+@needs_f32_kernel
+@pytest.mark.parametrize("tall", [False, True], ids=["rows", "tall"])
+@pytest.mark.parametrize("counts", [(3, 3, 3), (10, 11, 11), (16, 0, 16), (1, 20, 7), (0, 0, 5), (5, 9, 0)])
+def test_gemm_f32_with_ragged_rows_equals_the_product_of_the_zeroed_rows(tall, counts):
+    # A mixed-chain head: counts[i] rows use the first (3 - i) * 200 - 7 columns (a K tail), ordered
+    # widest first, their other columns zero. Group boundaries (4 rows; panel halves of 8) fall inside and
+    # between the runs.
+    widths = [593, 393, 193]
+    row_k = [wd for wd, c in zip(widths, counts) for _ in range(c)]
+    g = torch.Generator().manual_seed(sum(counts))
+    w = torch.randn(50, 600, generator=g)[:, :593]
+    x = torch.randn(len(row_k), 593, generator=g)
+    for m, k in enumerate(row_k):
+        x[m, k:] = 0
+    got = cpu_kernels.gemm_f32(x, w, row_k=row_k, tall=tall)
+    torch.testing.assert_close(got.double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-4 * 593 ** 0.5)
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("tall", [False, True], ids=["rows", "tall"])
+def test_gemm_f32_does_not_read_columns_past_a_groups_row_k(tall):
+    # 16 rows at K 576, 16 at K 192: every group of rows (4, or half a panel of 16) is uniform, so the
+    # garbage in the second run's columns 192.. is never multiplied: the FLOPs follow the chains.
+    g = torch.Generator().manual_seed(11)
+    w, x = torch.randn(30, 576, generator=g), torch.randn(32, 576, generator=g)
+    zeroed = x.clone()
+    zeroed[16:, 192:] = 0
+    got = cpu_kernels.gemm_f32(x, w, row_k=[576] * 16 + [192] * 16, tall=tall)
+    torch.testing.assert_close(got.double(), zeroed.double() @ w.double().T, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError):
+        cpu_kernels.gemm_f32(x, w, row_k=[192] * 16 + [576] * 16)  # increasing
+    with pytest.raises(ValueError):
+        cpu_kernels.gemm_f32(x, w, row_k=[577] * 32)  # past K
+    with pytest.raises(ValueError):
+        cpu_kernels.gemm_f32(x, w, row_k=[576] * 31)  # not one per row
+
+
 @pytest.mark.skipif(not cpu_kernels.has_f32_rows(), reason="fp32 decode products stay on MKL on this CPU")
-def test_fp32_chain_layers_and_mixed_head_on_the_kernel_equal_the_torch_path(monkeypatch):
+@pytest.mark.parametrize("rows", [[9, 6, 2], [40, 27, 10]], ids=["few", "tall"])
+def test_fp32_chain_layers_and_mixed_head_on_the_kernel_equal_the_torch_path(monkeypatch, rows):
     """ChainLinear into column blocks (rows a chain skips stay zero) and the mixed-chain head (one product,
-    the columns a row does not use zeroed) through gemm_f32, against the same model with the kernel routed
+    the columns a row does not use zeroed, each group of rows stopping at its width) through gemm_f32, against the same model with the kernel routed
     off (ATen: each chain's slice accumulated on its own rows)."""
     from colm_runtime.testing import random_model, small_config
 
     model = random_model(small_config(chains=(2, 3, 2), head_dim=8, vocab_size=300))
     assert model.head_weight.stride(1) == 1  # fp32 head kept row-major for the kernel
-    rows = [9, 6, 2]  # a mixed batch: 9 rows use chain 1, 6 chain 2, 2 chain 3
-    h = torch.randn(9, model.cfg.dim, generator=torch.Generator().manual_seed(3))
+    # a mixed batch: rows[0] rows use chain 1, rows[1] chain 2, rows[2] chain 3 (the head: ragged rows)
+    h = torch.randn(rows[0], model.cfg.dim, generator=torch.Generator().manual_seed(3))
     lin = model.layers[0].ffn.gate_up
     def run():
         with torch.inference_mode():  # ChainLinear writes into column blocks at inference only

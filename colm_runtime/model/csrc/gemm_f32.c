@@ -1,4 +1,5 @@
-/* fp32 products of a decode batch's rows on AVX2 + FMA: y[M, N] (+)= x[M, K] . W[N, K]^T (+ bias), M <= 64.
+/* fp32 products on AVX2 + FMA: y[M, N] = x[M, K] . W[N, K]^T (+ bias): gemm_f32 for a decode batch's
+ * few rows (M <= 64), gemm_f32_tall (below) for taller ones.
  *
  * At a few dozen rows a product is bound by reading W (every weight of the model, once per decode
  * step), yet on a 2-core AVX2 machine (AMD EPYC, no AVX-512) MKL's sgemm reads W at 4-7 GB/s at 1-32
@@ -10,6 +11,11 @@
  *
  * x86-64 with AVX2 and FMA only (checked at run time: gemm_f32_supported); the Python side keeps
  * ATen's product everywhere else.
+ *
+ * row_k (NULL: K for every row): a mixed-chain batch's LM head, rows ordered by chain count, descending:
+ * row m uses only x[m, :row_k[m]] (non-increasing in m) and its other columns must be zero. The kernels
+ * then stop each group of rows at the K of its first row, so the head's FLOPs follow the chains each row
+ * uses while W is still read once for all rows.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -38,8 +44,7 @@ TGT static inline float hsum(__m256 v) {
  * unroll and the R x nb accumulators stay in registers. */
 TGT static inline __attribute__((always_inline)) void block(const float *x, int64_t ldx, int64_t m0, const int R,
                                                             const float *W, int64_t ldw, int64_t n0, const int nb,
-                                                            int64_t K, float *y, int64_t ldy, const float *bias,
-                                                            int accumulate) {
+                                                            int64_t K, float *y, int64_t ldy, const float *bias) {
     __m256 acc[MR][NB];
     for (int m = 0; m < R; m++)
         for (int j = 0; j < nb; j++) acc[m][j] = _mm256_setzero_ps();
@@ -71,13 +76,13 @@ TGT static inline __attribute__((always_inline)) void block(const float *x, int6
         for (int j = 0; j < nb; j++) {
             float s = hsum(acc[m][j]);
             if (bias) s += bias[n0 + j];
-            float *out = y + (m0 + m) * ldy + n0 + j;
-            *out = accumulate ? *out + s : s;
+            y[(m0 + m) * ldy + n0 + j] = s;
         }
 }
 
-/* Every x row against nb W rows from n0: groups of MR rows, then the rest. */
-#define GROUP(R) block(x, ldx, m, R, W, ldw, n0, nb_c, K, y, ldy, bias, accumulate)
+/* Every x row against nb W rows from n0: groups of MR rows, then the rest; a group stops at its first
+ * row's K. */
+#define GROUP(R) block(x, ldx, m, R, W, ldw, n0, nb_c, row_k ? row_k[m] : K, y, ldy, bias)
 #define ROWS(NBC)                                                                      \
     do {                                                                               \
         const int nb_c = NBC;                                                          \
@@ -91,23 +96,22 @@ TGT static inline __attribute__((always_inline)) void block(const float *x, int6
     } while (0)
 
 TGT static void rows_block(const float *x, int64_t ldx, int64_t M, const float *W, int64_t ldw, int64_t n0, int nb,
-                           int64_t K, float *y, int64_t ldy, const float *bias, int accumulate) {
+                           int64_t K, const int64_t *row_k, float *y, int64_t ldy, const float *bias) {
     if (nb == NB) ROWS(NB);
     else if (nb == 2) ROWS(2);
     else ROWS(1);
 }
 
-/* Returns 0, or -1 if M is outside 1..64 or the CPU lacks AVX2/FMA (nothing written). accumulate: y +=
- * the product (bias, if any, added too). */
+/* Returns 0, or -1 if M is outside 1..64 or the CPU lacks AVX2/FMA (nothing written). */
 TGT int gemm_f32(const float *x, int64_t M, int64_t ldx, const float *W, int64_t N, int64_t K, int64_t ldw,
-                 float *y, int64_t ldy, const float *bias, int accumulate, int threads) {
+                 float *y, int64_t ldy, const float *bias, const int64_t *row_k, int threads) {
     if (M < 1 || M > 64 || !gemm_f32_supported()) return -1;
     const int64_t blocks = (N + NB - 1) / NB;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t n0 = b * NB;
         const int nb = N - n0 < NB ? (int)(N - n0) : NB;
-        rows_block(x, ldx, M, W, ldw, n0, nb, K, y, ldy, bias, accumulate);
+        rows_block(x, ldx, M, W, ldw, n0, nb, K, row_k, y, ldy, bias);
     }
     return 0;
 }
@@ -115,25 +119,60 @@ TGT int gemm_f32(const float *x, int64_t M, int64_t ldx, const float *W, int64_t
 /* Taller products (prefill, large batches): y^T = W . x^T with x^T packed per call into panels of 16
  * rows, [K][16] each (zero-padded), and W read where it lies. A 6 x 16 block of y^T sums in 12
  * accumulators: per k, two loads of the x panel, six broadcasts of W values, twelve FMAs. A block of 6
- * W rows stays in L1 while every panel passes over it; the panels (M x K floats) stay in L2. */
+ * W rows stays in L1 while every panel passes over it; the panels (M x K floats) stay in L2. A panel's
+ * two halves of 8 rows each stop at their own K: the last panel's padding rows cost nothing past k = 0
+ * (21 rows cost 24, not 32), and with row_k each half stops at its first row's K. */
 #define TR 6   /* W rows per tall block */
 #define TP 16  /* x rows per panel */
 
-TGT static void tall_block(const float *const wr[TR], int nvalid, const float *xp, int64_t K, int64_t m0, int64_t M,
-                           float *y, int64_t ldy, int64_t n0, const float *bias, int accumulate) {
+/* One step of k: two loads of the x panel, six broadcasts of W values, twelve FMAs (HALF: the first 8
+ * rows only, six FMAs). */
+#define TALL_K(k)                                                                                  \
+    do {                                                                                           \
+        const __m256 b0 = _mm256_load_ps(xp + (k) * TP), b1 = _mm256_load_ps(xp + (k) * TP + 8);   \
+        _Pragma("GCC unroll 6") for (int r = 0; r < TR; r++) {                                    \
+            const __m256 a = _mm256_broadcast_ss(wr[r] + (k));                                     \
+            c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);                                             \
+            c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);                                             \
+        }                                                                                          \
+    } while (0)
+#define TALL_K_HALF(k)                                                                             \
+    do {                                                                                           \
+        const __m256 b0 = _mm256_load_ps(xp + (k) * TP);                                           \
+        _Pragma("GCC unroll 6") for (int r = 0; r < TR; r++)                                      \
+            c[r][0] = _mm256_fmadd_ps(_mm256_broadcast_ss(wr[r] + (k)), b0, c[r][0]);              \
+    } while (0)
+#define PREFETCH_NEXT(k)                                                                           \
+    _Pragma("GCC unroll 6") for (int r = 0; r < TR; r++) _mm_prefetch((const char *)(wn[r] + (k)), _MM_HINT_T1)
+
+/* Rows m0.. of one panel against a block of TR W rows: all 16 rows over k < k1, the first 8 over k1 <= k
+ * < k0. wn: the next block's W rows, fetched into L2 a line per row per 16 k while this block computes
+ * (NULL: no prefetch). At 32 rows (two panels over each block) W's reads otherwise stall the FMAs:
+ * interleaved A/B on cold weights, 1.13-1.38x at 21-32 rows, 1.05-1.08x at 128; ~1.0x (0.9-1.0) where
+ * W has only 192 rows (benchmarks/gemm_f32_ab.py). */
+TGT static void tall_block(const float *const wr[TR], const float *const wn[TR], int nvalid, const float *xp,
+                           int64_t k0, int64_t k1, int64_t m0, int64_t M, float *y, int64_t ldy, int64_t n0,
+                           const float *bias) {
     __m256 c[TR][2];
 #pragma GCC unroll 6
     for (int r = 0; r < TR; r++) c[r][0] = c[r][1] = _mm256_setzero_ps();
-#pragma GCC unroll 4  /* interleaved A/B of two builds: 1.07-1.11x at 32 and 128 rows, 0.98-1.09x in a first run */
-    for (int64_t k = 0; k < K; k++) {
-        const __m256 b0 = _mm256_load_ps(xp + k * TP), b1 = _mm256_load_ps(xp + k * TP + 8);
-#pragma GCC unroll 6
-        for (int r = 0; r < TR; r++) {
-            const __m256 a = _mm256_broadcast_ss(wr[r] + k);
-            c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
-            c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
+    int64_t k = 0;
+    if (wn)
+        for (; k + 16 <= k1; k += 16) {
+            PREFETCH_NEXT(k);
+#pragma GCC unroll 16
+            for (int kk = 0; kk < 16; kk++) TALL_K(k + kk);
         }
-    }
+#pragma GCC unroll 4  /* interleaved A/B of two builds: 1.07-1.11x at 32 and 128 rows, 0.98-1.09x in a first run */
+    for (; k < k1; k++) TALL_K(k);
+    if (wn)
+        for (; k + 16 <= k0; k += 16) {
+            PREFETCH_NEXT(k);
+#pragma GCC unroll 16
+            for (int kk = 0; kk < 16; kk++) TALL_K_HALF(k + kk);
+        }
+#pragma GCC unroll 4
+    for (; k < k0; k++) TALL_K_HALF(k);
     /* Out of the registers with constant indices only: a variable index into c would keep it in memory
      * (gcc then stores all 12 accumulators on every k). */
     float v[TR][TP];
@@ -143,18 +182,19 @@ TGT static void tall_block(const float *const wr[TR], int nvalid, const float *x
         _mm256_storeu_ps(v[r] + 8, c[r][1]);
     }
     const int64_t mrows = M - m0 < TP ? M - m0 : TP;
-    for (int r = 0; r < nvalid; r++) {
-        const float b = bias ? bias[n0 + r] : 0.f;
-        for (int64_t m = 0; m < mrows; m++) {
-            float *out = y + (m0 + m) * ldy + n0 + r;
-            *out = accumulate ? *out + v[r][m] + b : v[r][m] + b;
-        }
+    float b[TR];
+    for (int r = 0; r < TR; r++) b[r] = bias && r < nvalid ? bias[n0 + r] : 0.f;
+    /* Row by row: each output row's nvalid values are adjacent, and rows lie ldy apart (with a head's
+     * 49152 columns, a page apart): one address translation per row, not per value. */
+    for (int64_t m = 0; m < mrows; m++) {
+        float *out = y + (m0 + m) * ldy + n0;
+        for (int r = 0; r < nvalid; r++) out[r] = v[r][m] + b[r];
     }
 }
 
 /* Any M >= 1; returns 0, or -1 without AVX2/FMA or memory for the panels (nothing written). */
 TGT int gemm_f32_tall(const float *x, int64_t M, int64_t ldx, const float *W, int64_t N, int64_t K, int64_t ldw,
-                      float *y, int64_t ldy, const float *bias, int accumulate, int threads) {
+                      float *y, int64_t ldy, const float *bias, const int64_t *row_k, int threads) {
     if (M < 1 || !gemm_f32_supported()) return -1;
     const int64_t panels = (M + TP - 1) / TP;
     float *xp = aligned_alloc(64, (size_t)(panels * K * TP * sizeof(float) + 64));
@@ -173,10 +213,15 @@ TGT int gemm_f32_tall(const float *x, int64_t M, int64_t ldx, const float *W, in
         for (int64_t b = 0; b < blocks; b++) {
             const int64_t n0 = b * TR;
             const int nvalid = N - n0 < TR ? (int)(N - n0) : TR;
-            const float *wr[TR];
+            const float *wr[TR], *wn[TR];
             for (int r = 0; r < TR; r++) wr[r] = W + (n0 + (r < nvalid ? r : nvalid - 1)) * ldw;
-            for (int64_t p = 0; p < panels; p++)
-                tall_block(wr, nvalid, xp + p * K * TP, K, p * TP, M, y, ldy, n0, bias, accumulate);
+            const int next = n0 + 2 * TR <= N;  /* a whole next block: prefetch it while panel 0 computes */
+            for (int r = 0; r < TR; r++) wn[r] = W + (n0 + TR + r) * ldw;
+            for (int64_t p = 0; p < panels; p++) {
+                const int64_t m0 = p * TP, m1 = m0 + TP / 2;  /* the first row of each half */
+                const int64_t k0 = row_k ? row_k[m0] : K, k1 = m1 >= M ? 0 : row_k ? row_k[m1] : K;
+                tall_block(wr, p == 0 && next ? wn : NULL, nvalid, xp + p * K * TP, k0, k1, m0, M, y, ldy, n0, bias);
+            }
         }
     }
     free(xp);
@@ -186,11 +231,11 @@ TGT int gemm_f32_tall(const float *x, int64_t M, int64_t ldx, const float *W, in
 #else
 int gemm_f32_supported(void) { return 0; }
 int gemm_f32(const float *x, int64_t M, int64_t ldx, const float *W, int64_t N, int64_t K, int64_t ldw, float *y,
-             int64_t ldy, const float *bias, int accumulate, int threads) {
+             int64_t ldy, const float *bias, const int64_t *row_k, int threads) {
     return -1;
 }
 int gemm_f32_tall(const float *x, int64_t M, int64_t ldx, const float *W, int64_t N, int64_t K, int64_t ldw, float *y,
-                  int64_t ldy, const float *bias, int accumulate, int threads) {
+                  int64_t ldy, const float *bias, const int64_t *row_k, int threads) {
     return -1;
 }
 #endif

@@ -6,6 +6,7 @@ hits both alike. Prints the median of each side and before/after (> 1: this tree
   python benchmarks/step_ab.py bfloat16 1 32 --threads 1                          # same dtype both sides
   python benchmarks/step_ab.py bfloat16 1 32 --before-dtype float32 --threads 1   # main's fp32 vs our bf16
   python benchmarks/step_ab.py bfloat16 32 --random smollm2-3chain --chains mix   # a mixed batch
+  python benchmarks/step_ab.py float32 128 512 --prefill   # one fresh prompt of 128, then 512 tokens
 """
 import argparse
 import os
@@ -25,6 +26,8 @@ ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--chains", default="1", help="chain count of every row, or 'mix' (equal split over 1..n)")
 ap.add_argument("--before", default="/tmp/before-14", help="checkout of the 'before' commit")
 ap.add_argument("--before-dtype", default=None, help="dtype of the 'before' side (default: DTYPE)")
+ap.add_argument("--prefill", action="store_true", help="time the prefill step of one fresh prompt of BATCH tokens "
+                                                      "instead (its logits: the last token's)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 
@@ -39,8 +42,22 @@ def steps(root: str, dtype: torch.dtype) -> dict:
 
     m = random_model(a.random, "cpu", dtype) if a.random else load_model(a.model, "cpu", dtype)
     sys.path.pop(0)
+    if a.prefill:
+        return {b: prefill_step(m, b) for b in a.batch}
     return {b: DecodeStep(m, equal_mix(m.cfg.n_chains, b) if a.chains == "mix" else int(a.chains), b, 128)
             for b in a.batch}
+
+
+def prefill_step(model, n: int):
+    """One prompt of n tokens from an empty cache, at --chains chains (with the modules of the side
+    that loaded `model`)."""
+    batch_mod, cache_mod = sys.modules["colm_runtime.model.batch"], sys.modules["colm_runtime.model.kv_cache"]
+    cfg, bs, k = model.cfg, 16, int(a.chains)
+    nb = -(-n // bs)
+    cache = cache_mod.ChainKVCache(cfg, [nb] * cfg.n_kv_pools, bs, model.embed.weight.dtype, "cpu")
+    spec = batch_mod.SeqSpec([100 + i % 1000 for i in range(n)], 0, k, [list(range(nb))] * cfg.pools_for(k))
+    batch = batch_mod.ForwardBatch.build(cfg, [spec], bs, "cpu")
+    return lambda: model.forward_step(batch, cache)
 
 
 sides = {"before": steps(a.before, getattr(torch, a.before_dtype or a.dtype)),
@@ -57,5 +74,6 @@ for _ in range(a.rounds):
             t[s, b].append(time.perf_counter() - start)
 for b in a.batch:
     bm, am = statistics.median(t["before", b]), statistics.median(t["after", b])
-    print(f"{a.before_dtype or a.dtype} -> {a.dtype}, batch {b}, chains {a.chains}: before {bm * 1e3:.1f} ms, "
+    what = f"prefill of {b} tokens" if a.prefill else f"batch {b}"
+    print(f"{a.before_dtype or a.dtype} -> {a.dtype}, {what}, chains {a.chains}: before {bm * 1e3:.1f} ms, "
           f"after {am * 1e3:.1f} ms, before/after {bm / am:.2f}")

@@ -262,17 +262,29 @@ class StepPlan:
     kv_rows: torch.Tensor | None
 
 
+# A prefill chunk attends through the CPU kernel as one-query pairs (each token its own causal length)
+# rather than a gather and SDPA while q_len x (its context + q_len) is at most this: at 128 fresh tokens
+# SDPA's CPU kernel ran at ~11 GFLOP/s (0.83 ms a layer of SmolLM2), and the pairs re-read their K/V
+# from L2. Each pair reads its whole prefix, so past this SDPA's tiles cost less (benchmarks/step_ab.py
+# --prefill, fp32 on the AVX2 EPYC: 1.17x at 64 fresh tokens, 1.07x at 128, 1.00x at 192, 0.92x at 256).
+PAIRS_MAX_WORK = 128 * 192
+
+
 def plan_step(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> StepPlan | None:
     """The step's attention plan; None when chains or KV heads are unequal (per-chain fallback)."""
     if len(set(cfg.chains)) != 1 or cache.k_all is None:
         return None
     groups = [] if not cfg.kv_sharing else _decode_runs(cfg, batch, cache)
-    for g in batch.prefills:
+    as_pairs = (not cfg.kv_sharing and _kernel_takes(cfg, cache)
+                and all(g.q_len * g.total_len <= PAIRS_MAX_WORK for g in batch.prefills))
+    for g in [] if as_pairs else batch.prefills:
         P = cfg.pools_for(g.chains)
         idx = torch.cat([g.block_tables[p] + cache.offsets[p] for p in range(P)], dim=1)
         groups.append(AttnGroup(g.chains, P, 1, g.q_len, g.total_len,
                                 slice(g.row_start, g.row_start + g.q_len), idx, g.mask))
-    decode = None if cfg.kv_sharing or batch.dec_rows.shape[0] == 0 else _decode_pairs(batch, cache)
+    decode = None
+    if not cfg.kv_sharing and (batch.dec_rows.shape[0] or (as_pairs and batch.prefills)):
+        decode = _decode_pairs(batch, cache) if not (as_pairs and batch.prefills) else _step_pairs(batch, cache)
     P, T = cfg.pools_for(batch.max_chains), batch.num_tokens
     slots = rows = None
     if P == batch.max_chains:  # a pool per chain (plain CoLM, Air at 1 chain): rope q and k at once
@@ -281,6 +293,43 @@ def plan_step(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> Ste
         if slots.shape[0] != P * T:  # some rows use fewer pools: keep each pool's leading rows
             rows = torch.cat([torch.arange(p * T, p * T + batch.slots[p].shape[0], device=dev) for p in range(P)])
     return StepPlan(decode, groups, P, slots, rows)
+
+
+def _kernel_takes(cfg: ModelConfig, cache: ChainKVCache) -> bool:
+    """Whether cpu_kernels.paged_decode takes this model's pairs (as supports() says for its tensors)."""
+    k = cache.k_all[0]
+    q = k.new_empty(0, cfg.chains[0], cfg.head_dim)
+    return cpu_kernels.supports(q, k)
+
+
+def _step_pairs(batch: ForwardBatch, cache: ChainKVCache) -> DecodePairs:
+    """Plain CoLM on the CPU kernel: every query row of the step as (row, chain) pairs, decode rows and
+    prefill tokens alike; a prefill token at position c + s attends positions 0..c + s of its chain's
+    pool (causal by its own length), so ONE kernel call per layer serves the whole step."""
+    kmax, dev = batch.max_chains, batch.input_ids.device
+    q_idx, tables, lens = [], [], []
+    nd = batch.dec_rows.shape[0]
+    for p, n in enumerate(batch.dec_count):
+        if n:
+            q_idx.append(batch.dec_rows[:n] * kmax + p)
+            tables.append(batch.dec_tables[p][:n] + cache.offsets[p])
+            lens.append(batch.dec_lens[:n])
+    for g in batch.prefills:
+        rows = torch.arange(g.row_start, g.row_start + g.q_len, device=dev)
+        ctx = g.total_len - g.q_len
+        for p in range(g.chains):
+            q_idx.append(rows * kmax + p)
+            tables.append((g.block_tables[p] + cache.offsets[p]).expand(g.q_len, -1))
+            lens.append(torch.arange(ctx + 1, g.total_len + 1, device=dev))
+    nb = max(t.shape[1] for t in tables)
+    tables = [t if t.shape[1] == nb else torch.cat([t, t[:, :1].expand(-1, nb - t.shape[1])], 1) for t in tables]
+    q_idx, idx, lens = torch.cat(q_idx), torch.cat(tables), torch.cat(lens)
+    q_idx, perm = q_idx.sort()  # row-major, the queries' order
+    idx, lens = idx.index_select(0, perm), lens.index_select(0, perm)
+    kv_len = max([batch.dec_len] * (nd > 0) + [g.total_len for g in batch.prefills])
+    mask = (torch.arange(kv_len, device=dev)[None, :] < lens[:, None])[:, None, None, :]  # the SDPA fallback's
+    every_row = q_idx.shape[0] == batch.num_tokens * kmax  # all (row, chain) pairs, in order: no gather
+    return DecodePairs(None if every_row else q_idx, idx, kv_len, mask, lens)
 
 
 def _decode_pairs(batch: ForwardBatch, cache: ChainKVCache) -> DecodePairs:

@@ -173,3 +173,39 @@ def test_upper_chains_computed_over_a_prefix_held_in_the_lower_pools(setting):
     assert torch.equal(run.cache.k[0][:, held], before[0]) and torch.equal(run.cache.v[0][:, held], before[1])
     sink = run.cache.k[0][:, run.cache.num_blocks[0]]
     assert sink.abs().sum() > 0, "the held rows' writes went to the sink"
+
+
+@pytest.mark.parametrize("setting", [dict(chains=(2, 2, 2, 2)), dict(chains=(3, 3, 3), head_dim=64),
+                                     dict(chains=(4, 4), kv_per_chain=2)], ids=["colm-2222", "colm-333-hd64", "gqa2"])
+def test_prefill_tokens_as_kernel_pairs_equal_the_sdpa_groups(setting, monkeypatch):
+    """On the CPU kernel a short prefill chunk (attention.PAIRS_MAX_WORK) attends as one-query pairs
+    (each token its own causal length), with the step's decode rows in the same call; past it, each
+    prefill is a group gathered for SDPA. Both give the same logits: a chunk over a cached past next to
+    decode rows at every chain count, and a fresh prompt."""
+    from colm_runtime.model import attention
+
+    cfg = small_config(**setting)
+    model = random_model(cfg)
+    n = cfg.n_chains
+    if not attention._kernel_takes(cfg, PagedRunner(model).cache):
+        pytest.skip("no CPU kernel for these shapes")
+    seqs = [(i, rand_ids(cfg, 12 + i, seed=20 + i), 1 + i % n) for i in range(n + 1)]
+
+    def run():
+        r = PagedRunner(model)
+        r.step([(sid, ids[:6], 0, k) for sid, ids, k in seqs])  # prefills: six tokens each
+        items = [(sid, ids[6:7], 6, k) for sid, ids, k in seqs[1:]]  # decode rows
+        items.insert(1, (seqs[0][0], seqs[0][1][6:], 6, seqs[0][2]))  # a chunk over 6 cached tokens
+        items.append((50, rand_ids(cfg, 10, seed=50), 0, n))  # a fresh prompt at every chain
+        return r.step(items, all_logits=True)
+
+    calls = []
+    step_pairs = attention._step_pairs
+    monkeypatch.setattr(attention, "_step_pairs", lambda *a: calls.append(1) or step_pairs(*a))
+    pairs = run()
+    assert len(calls) == 2  # both steps took the pairs
+    monkeypatch.setattr(attention, "PAIRS_MAX_WORK", 0)
+    groups = run()
+    assert len(calls) == 2
+    for a, b in zip(pairs, groups):
+        torch.testing.assert_close(a, b, **TOL)

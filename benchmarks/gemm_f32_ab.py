@@ -6,6 +6,7 @@ once). Prints each side's median and ours / theirs speed.
   python benchmarks/gemm_f32_ab.py                 # rows 1 4 8 16 32 64 128
   python benchmarks/gemm_f32_ab.py --rows 1 32 --threads 1
   python benchmarks/gemm_f32_ab.py --before HEAD~1 --rows 21 32 128   # this tree's kernels against HEAD~1's
+  python benchmarks/gemm_f32_ab.py --routes --rows 8 10 12 13 15      # gemm_f32_tall against gemm_f32
 
 Needs a CPU with AVX2 and FMA (the kernels refuse to run otherwise).
 """
@@ -27,6 +28,8 @@ ap.add_argument("--threads", type=int, default=2)
 ap.add_argument("--rounds", type=int, default=40)
 ap.add_argument("--before", default=None, help="a git revision: its csrc/gemm_f32.c against this tree's, both "
                                                "built here with the same flags, instead of ATen against ours")
+ap.add_argument("--routes", action="store_true", help="gemm_f32_tall against gemm_f32 at the same rows (where "
+                                                     "F32_TALL_ROWS should be)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 lib = cpu_kernels.library()
@@ -60,6 +63,9 @@ if a.before:
     old = subprocess.run(["git", "show", f"{a.before}:colm_runtime/model/csrc/gemm_f32.c"], capture_output=True,
                          text=True, check=True, cwd=SRC.parent).stdout
     sides = {"before": build(old, tmp.name, "before"), "ours": build(SRC.read_text(), tmp.name, "ours")}
+elif a.routes:  # "ours": the tall kernel
+    sides = {"rows": lambda x, w: cpu_kernels.gemm_f32(x, w, tall=False),
+             "ours": lambda x, w: cpu_kernels.gemm_f32(x, w, tall=True)}
 else:
     sides = {"aten": lambda x, w: torch.mm(x, w.T), "ours": cpu_kernels.gemm_f32}
 theirs = next(iter(sides))

@@ -283,8 +283,10 @@ def plan_step(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> Ste
         groups.append(AttnGroup(g.chains, P, 1, g.q_len, g.total_len,
                                 slice(g.row_start, g.row_start + g.q_len), idx, g.mask))
     decode = None
-    if not cfg.kv_sharing and (batch.dec_rows.shape[0] or (as_pairs and batch.prefills)):
-        decode = _decode_pairs(batch, cache) if not (as_pairs and batch.prefills) else _step_pairs(batch, cache)
+    if as_pairs and batch.prefills:  # prefill tokens join the decode rows as pairs
+        decode = _step_pairs(batch, cache)
+    elif not cfg.kv_sharing and batch.dec_rows.shape[0]:
+        decode = _decode_pairs(batch, cache)
     P, T = cfg.pools_for(batch.max_chains), batch.num_tokens
     slots = rows = None
     if P == batch.max_chains:  # a pool per chain (plain CoLM, Air at 1 chain): rope q and k at once

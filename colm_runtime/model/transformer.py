@@ -180,7 +180,8 @@ class CoLMModel(nn.Module):
         for j in range(1, chains):
             h[rows[j] :, off[j] : off[j + 1]] = 0
         if h.dtype == torch.float32:
-            row_k = [off[c] for c in range(chains, 0, -1) for _ in range(rows[c - 1] - (rows[c] if c < chains else 0))]
+            at = [*rows, 0]  # rows using exactly c chains: at[c - 1] - at[c], widest first
+            row_k = [off[c] for c in range(chains, 0, -1) for _ in range(at[c - 1] - at[c])]
             return cpu_kernels.gemm_f32(h, W[:, : off[chains]], row_k=row_k)
         return linear_rows(h, W[:, : off[chains]]).float()
 

@@ -275,7 +275,7 @@ def plan_step(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> Ste
     if len(set(cfg.chains)) != 1 or cache.k_all is None:
         return None
     groups = [] if not cfg.kv_sharing else _decode_runs(cfg, batch, cache)
-    as_pairs = (not cfg.kv_sharing and _kernel_takes(cfg, cache)
+    as_pairs = (not cfg.kv_sharing and kernel_takes(cfg, cache)
                 and all(g.q_len * g.total_len <= PAIRS_MAX_WORK for g in batch.prefills))
     for g in [] if as_pairs else batch.prefills:
         P = cfg.pools_for(g.chains)
@@ -297,7 +297,7 @@ def plan_step(cfg: ModelConfig, batch: ForwardBatch, cache: ChainKVCache) -> Ste
     return StepPlan(decode, groups, P, slots, rows)
 
 
-def _kernel_takes(cfg: ModelConfig, cache: ChainKVCache) -> bool:
+def kernel_takes(cfg: ModelConfig, cache: ChainKVCache) -> bool:
     """Whether cpu_kernels.paged_decode takes this model's pairs (as supports() says for its tensors)."""
     k = cache.k_all[0]
     q = k.new_empty(0, cfg.chains[0], cfg.head_dim)

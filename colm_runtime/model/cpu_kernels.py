@@ -48,7 +48,7 @@ log = logging.getLogger("colm.kernels")
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("paged_decode.c", "gemv_bf16.c", "gemm_amx_bf16.c",
                                                                       "row_ops.c", "sample_rows.c", "threads.c",
-                                                                      "gemm_f32.c"))
+                                                                      "gemm_f32.c", "layers_f32.c"))
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu11"]
 _DTYPES = (torch.float32, torch.bfloat16)
 MAX_HEAD_DIM, MAX_GROUP = 256, 64  # csrc/paged_decode.c MAX_HD, MAX_G
@@ -135,6 +135,8 @@ def library() -> ctypes.CDLL | None:
     lib.sample_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT]
     lib.sample_rows.restype = None
     lib.release_thread_pool.restype = _INT
+    lib.layers_f32.argtypes = [_P] * 13 + [_F32, _F32, _INT]
+    lib.layers_f32.restype = _INT
     return lib
 
 
@@ -323,6 +325,37 @@ def rope_store_f32(y: torch.Tensor, pools: int, q_heads: int, kv_heads: int, hea
                              sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
                              None if rows is None else rows.data_ptr(), slots.shape[0], torch.get_num_threads())
     return q
+
+
+LAYERS_F32_DIMS = ("T", "kmax", "NC", "cw", "C", "H", "hd", "F", "NP", "NB", "BS", "max_len", "R", "tall", "layers",
+                   "kv_stride")  # csrc/layers_f32.c's dims[], in order
+
+
+def layers_f32_ok(h: torch.Tensor, k_all: torch.Tensor | None) -> bool:
+    """Whether layers_f32 can run a step over hidden rows h with this shared K/V tensor: fp32 CPU
+    tensors, contiguous, on a CPU where gemm_f32 runs (the kernels the Python path would pick)."""
+    return (h.dtype == torch.float32 and has_f32_rows() and h.is_cpu and h.dim() == 2 and h.is_contiguous()
+            and k_all is not None and k_all.dtype == torch.float32 and k_all.is_cpu and k_all.is_contiguous())
+
+
+def layers_f32(h: torch.Tensor, dims: dict[str, int], wtab: torch.Tensor, rows: Sequence[int], cos: torch.Tensor,
+               sin: torch.Tensor, slots: torch.Tensor, kv_rows: torch.Tensor | None, q_idx: torch.Tensor | None,
+               block_idx: torch.Tensor, lens: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, eps: float,
+               scale: float) -> None:
+    """Every layer of one step over h [T, kmax * cw] in place, in one C call (csrc/layers_f32.c: the
+    kernels of the Python path in its order, bit-identical). dims: LAYERS_F32_DIMS; wtab: int64, per
+    layer the two norm weights' addresses, then per product (qkv, o, gate_up, down) and chain: weight,
+    bias (0: none), rows, columns, row stride. Call only where layers_f32_ok."""
+    i64 = lambda t: None if t is None else t.to(torch.int64).contiguous()
+    d = torch.tensor([dims[k] for k in LAYERS_F32_DIMS], dtype=torch.int64)
+    r = torch.tensor(list(rows), dtype=torch.int64)
+    slots, kv_rows, q_idx, block_idx, lens = map(i64, (slots, kv_rows, q_idx, block_idx, lens))
+    cos, sin = cos.contiguous(), sin.contiguous()
+    ptr = lambda t: None if t is None else t.data_ptr()
+    rc = library().layers_f32(h.data_ptr(), d.data_ptr(), wtab.data_ptr(), r.data_ptr(), cos.data_ptr(),
+                              sin.data_ptr(), slots.data_ptr(), ptr(kv_rows), ptr(q_idx), block_idx.data_ptr(),
+                              lens.data_ptr(), k_all.data_ptr(), v_all.data_ptr(), eps, scale, torch.get_num_threads())
+    assert rc == 0, "layers_f32: a kernel refused the step's shapes (or no memory for its scratch)"
 
 
 def sample_ok(logits: torch.Tensor) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colm_runtime.model import ForwardBatch, SeqSpec, cpu_kernels
+from colm_runtime.model import CoLMModel, ForwardBatch, SeqSpec, cpu_kernels
 from colm_runtime.testing import random_model, small_config
 from tests.model._helpers import IDS, SETTINGS, PagedRunner, full_logits, rand_ids
 
@@ -111,6 +111,9 @@ def test_rows_pay_only_for_their_chains(monkeypatch):
         return kernel(x, w, *args, **kwargs)
 
     monkeypatch.setattr(cpu_kernels, "gemm_f32", recorded_kernel)
+    # The Python loop of forward_step; the fused C path runs the same products on the same rows
+    # (tests/model/test_layers_f32.py: bit-identical, and blind to chains its rows do not use).
+    monkeypatch.setattr(CoLMModel, "_layers_in_c", lambda *a: False)
     run = PagedRunner(model)
     with Record():
         run.step([(0, [1, 2, 3], 0, 1), (1, [4, 5], 0, 4), (2, [6], 0, 2)])
@@ -187,7 +190,7 @@ def test_prefill_tokens_as_kernel_pairs_equal_the_sdpa_groups(setting, monkeypat
     cfg = small_config(**setting)
     model = random_model(cfg)
     n = cfg.n_chains
-    if not attention._kernel_takes(cfg, PagedRunner(model).cache):
+    if not attention.kernel_takes(cfg, PagedRunner(model).cache):
         pytest.skip("no CPU kernel for these shapes")
     seqs = [(i, rand_ids(cfg, 12 + i, seed=20 + i), 1 + i % n) for i in range(n + 1)]
 

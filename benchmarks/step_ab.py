@@ -7,6 +7,7 @@ hits both alike. Prints the median of each side and before/after (> 1: this tree
   python benchmarks/step_ab.py bfloat16 1 32 --before-dtype float32 --threads 1   # main's fp32 vs our bf16
   python benchmarks/step_ab.py bfloat16 32 --random smollm2-3chain --chains mix   # a mixed batch
   python benchmarks/step_ab.py float32 128 512 --prefill   # one fresh prompt of 128, then 512 tokens
+  python benchmarks/step_ab.py float32 32 --before-loop    # this tree: layers in one C call vs the Python loop
 """
 import argparse
 import os
@@ -28,11 +29,13 @@ ap.add_argument("--before", default="/tmp/before-14", help="checkout of the 'bef
 ap.add_argument("--before-dtype", default=None, help="dtype of the 'before' side (default: DTYPE)")
 ap.add_argument("--prefill", action="store_true", help="time the prefill step of one fresh prompt of BATCH tokens "
                                                       "instead (its logits: the last token's)")
+ap.add_argument("--before-loop", action="store_true", help="the 'before' side is this tree with every layer run by "
+                                                          "forward_step's Python loop (no layers_f32 call)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 
 
-def steps(root: str, dtype: torch.dtype) -> dict:
+def steps(root: str, dtype: torch.dtype, loop: bool = False) -> dict:
     """DecodeSteps of `root`'s code: its colm_runtime modules are imported afresh from root."""
     for k in [m for m in sys.modules if m.startswith("colm_runtime")]:
         del sys.modules[k]
@@ -42,6 +45,8 @@ def steps(root: str, dtype: torch.dtype) -> dict:
 
     m = random_model(a.random, "cpu", dtype) if a.random else load_model(a.model, "cpu", dtype)
     sys.path.pop(0)
+    if loop:
+        m._layers_in_c = lambda *args: False
     if a.prefill:
         return {b: prefill_step(m, b) for b in a.batch}
     return {b: DecodeStep(m, equal_mix(m.cfg.n_chains, b) if a.chains == "mix" else int(a.chains), b, 128)
@@ -60,7 +65,8 @@ def prefill_step(model, n: int):
     return lambda: model.forward_step(batch, cache)
 
 
-sides = {"before": steps(a.before, getattr(torch, a.before_dtype or a.dtype)),
+sides = {"before": steps(os.getcwd() if a.before_loop else a.before, getattr(torch, a.before_dtype or a.dtype),
+                        a.before_loop),
          "after": steps(os.getcwd(), getattr(torch, a.dtype))}
 for side in sides.values():
     for f in side.values():

@@ -18,6 +18,20 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Built with -DCOLM_LAYER_TIMING (benchmarks/layer_parts.py), each part of a layer adds its wall time to
+ * part_s, read and reset by layer_parts(); in the normal build PART(i, stmt) is stmt alone. */
+enum { P_NORM, P_QKV, P_ROPE, P_ATTN, P_O, P_GATE_UP, P_SWIGLU_ADD, P_DOWN, N_PARTS };
+#ifdef COLM_LAYER_TIMING
+#include <omp.h>
+static double part_s[N_PARTS];
+void layer_parts(double *out) {
+    for (int i = 0; i < N_PARTS; i++) out[i] = part_s[i], part_s[i] = 0;
+}
+#define PART(i, stmt) do { double t0_ = omp_get_wtime(); stmt; part_s[i] += omp_get_wtime() - t0_; } while (0)
+#else
+#define PART(i, stmt) do { stmt; } while (0)
+#endif
+
 int gemm_f32(const float *x, int64_t M, int64_t ldx, const float *W, int64_t N, int64_t K, int64_t ldw, float *y,
              int64_t ldy, const float *bias, const int64_t *row_k, int threads);
 int gemm_f32_tall(const float *x, int64_t M, int64_t ldx, const float *W, int64_t N, int64_t K, int64_t ldw,
@@ -55,6 +69,19 @@ static void add_rows(float *h, const float *d, int64_t n, int threads) {
     for (int64_t i = 0; i < n; i++) h[i] += d[i];
 }
 
+/* The step's attention: every (row, chain) pair through paged_decode; with q_idx, the pairs rows use are
+ * gathered into qd, attended into od and scattered back (the rest of att stays 0). */
+static int attend(const float *q, const float *kc, const float *vc, float *att, float *qd, float *od,
+                  const int64_t *q_idx, int64_t NP, int64_t qw, const int64_t *block_idx, const int64_t *lens,
+                  int64_t NB, int64_t C, int64_t H, int64_t hd, int64_t BS, int64_t max_len, float scale,
+                  int threads) {
+    if (!q_idx) return paged_decode(q, kc, vc, att, block_idx, lens, NP, NB, C, H, hd, BS, max_len, scale, 0, threads);
+    for (int64_t i = 0; i < NP; i++) memcpy(qd + i * qw, q + q_idx[i] * qw, sizeof(float) * (size_t)qw);
+    int rc = paged_decode(qd, kc, vc, od, block_idx, lens, NP, NB, C, H, hd, BS, max_len, scale, 0, threads);
+    for (int64_t i = 0; i < NP && rc == 0; i++) memcpy(att + q_idx[i] * qw, od + i * qw, sizeof(float) * (size_t)qw);
+    return rc;
+}
+
 /* h: [T, kmax*cw] hidden rows, updated in place. rows: [kmax]. cos, sin: [T, hd]. slots, kv_rows: the K/V
  * stores (kv_rows NULL: every pool-major row). q_idx: [NP] pair -> row*kmax + chain (NULL: pair i is
  * i, and NP == T*kmax); block_idx: [NP, NB] global block ids; lens: [NP]. k_all, v_all: the shared K/V
@@ -82,24 +109,23 @@ int layers_f32(float *h, const int64_t *dims, const int64_t *wtab, const int64_t
         const int64_t *qkv = L + 2, *o = qkv + NC * LIN_FIELDS, *gate_up = o + NC * LIN_FIELDS,
                       *down = gate_up + NC * LIN_FIELDS;
         float *kc = k_all + l * kv_stride, *vc = v_all + l * kv_stride;
-        rms_norm_f32(h, T, D, (const float *)(intptr_t)L[0], kmax, cw, eps, xa, threads);
-        if ((rc = chain_linear(xa, D, qkv, kmax, rows, tall, y, qkv_w, threads))) break;
-        rope_store_f32(y, T, qkv_w, kmax, C, H, hd, cos, sin, q, kc, vc, slots, kv_rows, R, threads);
-        if (q_idx) {  /* the pairs rows use: gathered, attended, scattered back (the rest of att stays 0) */
-            for (int64_t i = 0; i < NP; i++) memcpy(qd + i * qw, q + q_idx[i] * qw, sizeof(float) * (size_t)qw);
-            rc = paged_decode(qd, kc, vc, od, block_idx, lens, NP, NB, C, H, hd, BS, max_len, scale, 0, threads);
-            for (int64_t i = 0; i < NP && rc == 0; i++)
-                memcpy(att + q_idx[i] * qw, od + i * qw, sizeof(float) * (size_t)qw);
-        } else {
-            rc = paged_decode(q, kc, vc, att, block_idx, lens, NP, NB, C, H, hd, BS, max_len, scale, 0, threads);
-        }
-        if (rc || (rc = chain_linear(att, D, o, kmax, rows, tall, tmp, D, threads))) break;
-        add_rows(h, tmp, T * D, threads);
-        rms_norm_f32(h, T, D, (const float *)(intptr_t)L[1], kmax, cw, eps, xa, threads);
-        if ((rc = chain_linear(xa, D, gate_up, kmax, rows, tall, gu, kmax * 2 * F, threads))) break;
-        swiglu_f32(gu, T, kmax * 2 * F, kmax, F, act, threads);
-        if ((rc = chain_linear(act, kmax * F, down, kmax, rows, tall, tmp, D, threads))) break;
-        add_rows(h, tmp, T * D, threads);
+        PART(P_NORM, rms_norm_f32(h, T, D, (const float *)(intptr_t)L[0], kmax, cw, eps, xa, threads));
+        PART(P_QKV, rc = chain_linear(xa, D, qkv, kmax, rows, tall, y, qkv_w, threads));
+        if (rc) break;
+        PART(P_ROPE, rope_store_f32(y, T, qkv_w, kmax, C, H, hd, cos, sin, q, kc, vc, slots, kv_rows, R, threads));
+        PART(P_ATTN, rc = attend(q, kc, vc, att, qd, od, q_idx, NP, qw, block_idx, lens, NB, C, H, hd, BS, max_len,
+                                 scale, threads));
+        if (rc) break;
+        PART(P_O, rc = chain_linear(att, D, o, kmax, rows, tall, tmp, D, threads));
+        if (rc) break;
+        PART(P_SWIGLU_ADD, add_rows(h, tmp, T * D, threads));
+        PART(P_NORM, rms_norm_f32(h, T, D, (const float *)(intptr_t)L[1], kmax, cw, eps, xa, threads));
+        PART(P_GATE_UP, rc = chain_linear(xa, D, gate_up, kmax, rows, tall, gu, kmax * 2 * F, threads));
+        if (rc) break;
+        PART(P_SWIGLU_ADD, swiglu_f32(gu, T, kmax * 2 * F, kmax, F, act, threads));
+        PART(P_DOWN, rc = chain_linear(act, kmax * F, down, kmax, rows, tall, tmp, D, threads));
+        if (rc) break;
+        PART(P_SWIGLU_ADD, add_rows(h, tmp, T * D, threads));
     }
     free(xa), free(y), free(q), free(att), free(tmp), free(gu), free(act), free(qd), free(od);
     return rc;

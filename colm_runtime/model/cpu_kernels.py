@@ -220,10 +220,12 @@ def _rows(fn, x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype) -> torch
     return y
 
 
-# From 12 rows gemm_f32_tall (packed x panels, broadcast W) beats gemm_f32 (W rows in place) since its
-# panels' halves stop at their own K: cold weights, interleaved, tall / rows on SmolLM2's and the
-# three-chain shapes 0.70-1.05x at 4-9 rows, 0.92-1.14x at 10-11, 0.99-1.20x at 12, 1.05-1.38x at 13-15.
-F32_TALL_ROWS = 12
+# From 6 rows gemm_f32_tall (packed x panels, broadcast W) beats gemm_f32 (W rows in place) since its
+# panels' halves stop at their own K and tall_block is inlined (round 7): cold weights, interleaved, tall /
+# rows on SmolLM2's shapes 0.83-0.92x at 4 rows, 0.91-1.03x at 6, 0.96-1.10x at 7-9, 1.04-1.20x at 10-11;
+# SmolLM2 decode steps against a threshold of 12 (benchmarks/step_ab.py): 1.00-1.02x at batch 5-7, 1.08x
+# at 8, 1.03x at 9, 1.07x at 10, 1.20x at 11; the three-chain model's mixed batch of 32 1.02x.
+F32_TALL_ROWS = 6
 
 
 @functools.lru_cache(maxsize=1)

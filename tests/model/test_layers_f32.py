@@ -152,10 +152,12 @@ def test_fused_rows_never_read_the_chains_they_do_not_use(calls):
     assert torch.isnan(got[0]).any() and torch.isnan(got[2]).any()
 
 
-@pytest.mark.parametrize("counts", [(12, 12, 12), (14, 9, 3), (30, 1, 1)], ids=["12-12-12", "14-9-3", "30-1-1"])
+@pytest.mark.parametrize("counts", [(12, 12, 12), (14, 9, 3), (30, 1, 1), (4, 9, 20), (2, 3, 30)],
+                         ids=["12-12-12", "14-9-3", "30-1-1", "4-9-20", "2-3-30"])
 def test_fused_decode_of_many_rows_equals_the_python_loop(counts, calls, monkeypatch):
     """Enough rows that chain blocks run on the tall kernel (>= cpu_kernels.F32_TALL_ROWS rows) next to
-    few-row ones in the same product: rows at 3, 2 and 1 chains in these counts."""
+    few-row ones in the same product (4-9-20: chain 3 on 4 rows; 2-3-30: chains 2 and 3 on 5 and 2): rows at
+    3, 2 and 1 chains in these counts."""
     cfg = small_config(chains=(2, 2, 2), head_dim=64)
     model = random_model(cfg)
     chains = [3] * counts[0] + [2] * counts[1] + [1] * counts[2]

@@ -43,7 +43,8 @@ torch.set_num_threads(a.threads)
 model = random_model(a.random, "cpu", torch.float32)
 n = model.cfg.n_chains
 buf = (ctypes.c_double * len(PARTS))()
-runs = {f"{n} chains": [n] * a.batch, "equal mix": equal_mix(n, a.batch), "1 chain": [1] * a.batch}
+all_chains = f"{n} chains"
+runs = {all_chains: [n] * a.batch, "equal mix": equal_mix(n, a.batch), "1 chain": [1] * a.batch}
 steps = {name: DecodeStep(model, ks, a.batch, a.context) for name, ks in runs.items()}
 lib.layer_parts(buf)
 for step in steps.values():
@@ -72,14 +73,16 @@ def flop_share(ks: list[int], part: str) -> float:
 
 
 ms = {name: [v / a.rounds * 1000 for v in t] for name, t in totals.items()}
-full = ms[f"{n} chains"]
+full = ms[all_chains]
 print(f"{a.random}, fp32, batch {a.batch}, context {a.context}, {a.rounds} rounds; ms per step "
       f"(share of the {n}-chain step's part / FLOP share)")
 for name, t in ms.items():
     layers = sum(t[:-1])
     cells = []
     for i, part in enumerate(PARTS):
-        share = f" ({t[i] / full[i]:.2f}/{flop_share(runs[name], part):.2f})" if name != f"{n} chains" and full[i] else ""
+        share = ""
+        if name != all_chains and full[i]:
+            share = f" ({t[i] / full[i]:.2f}/{flop_share(runs[name], part):.2f})"
         cells.append(f"{part} {t[i]:.3g}{share}")
     print(f"{name}: step {t[-1]:.1f} ms ({t[-1] / full[-1]:.3f}), layers {layers:.1f}, outside {t[-1] - layers:.1f}")
     print("   " + ", ".join(cells))

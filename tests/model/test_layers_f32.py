@@ -3,6 +3,12 @@ forward_step: same kernels, same order, same rows; and it follows the model's we
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -174,19 +180,14 @@ def test_fused_decode_of_many_rows_equals_the_python_loop(counts, calls, monkeyp
 
 
 @pytest.mark.skipif(not cpu_kernels.has_f32_rows(), reason="the one-call layers run on AVX2 CPUs without AVX-512")
-def test_the_timing_build_reports_every_part_of_the_layers(tmp_path):
+def test_the_timing_build_reports_every_part_of_the_layers():
     """benchmarks/layer_parts.py builds the kernels with -DCOLM_LAYER_TIMING (a separate cached library)
     and reports each part's time for all chains, the equal mix and one chain; the normal build has no
     timers (PART is the statement alone)."""
-    import os
-    import re
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[2] / "benchmarks" / "layer_parts.py"
-    out = subprocess.run([sys.executable, str(script), "--random", "tiny", "--batch", "8", "--rounds", "2"],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "layer_parts.py"), "--random", "tiny", "--batch",
+                          "8", "--rounds", "2"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     steps = [ln for ln in lines if re.match(r"^(4 chains|equal mix|1 chain): step", ln)]

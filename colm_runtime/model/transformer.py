@@ -76,6 +76,7 @@ class CoLMModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
+        self._head0: tuple | None = None  # _head_chain0's copy, with the head's (address, version) it was made from
         self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(ChainBlock(cfg, i) for i in range(cfg.n_layers))
         self.norm = ChainRMSNorm(cfg.chain_widths, cfg.norm_eps)
@@ -163,6 +164,8 @@ class CoLMModel(nn.Module):
         off = self.norm.offsets
         if rows is None or all(r == hidden.shape[0] for r in rows):
             if hidden.dim() == 2:
+                if chains == 1 and (W1 := self._head_chain0()) is not None:
+                    return cpu_kernels.gemm_f32(hidden[:, : off[1]], W1)
                 return linear_rows(hidden[:, : off[chains]], W[:, : off[chains]]).float()
             return F.linear(hidden[..., : off[chains]], W[:, : off[chains]]).float()
         if hidden.dtype == torch.float32 and not cpu_kernels.f32_rows_ok(hidden, W):
@@ -185,13 +188,35 @@ class CoLMModel(nn.Module):
             return cpu_kernels.gemm_f32(h, W[:, : off[chains]], row_k=row_k)
         return linear_rows(h, W[:, : off[chains]]).float()
 
+    def _head_chain0(self) -> torch.Tensor | None:
+        """The head's first chain's columns as a contiguous copy, for the one-chain fp32 logits on our
+        kernel (gemm_f32) of a model of several chains; None elsewhere. The row-major head that kernel
+        reads holds chain 0's columns as a strided prefix of every row, and reading that costs 1.24-1.71x
+        reading the same values contiguously at 1-4 rows (SmolLM2's head in a three-chain model; the
+        default model's): one-chain decode steps 1.12-1.13x at batch 1-8 for 1/n_chains of the head's
+        memory (docs/performance.md, round 8). Same kernel, same sums: the same bits. Made on first use
+        (a training model never pays for it) and made again whenever the head moved or changed in place
+        (its address or its version counter)."""
+        W = self.head_weight
+        if (self.cfg.n_chains == 1 or W.dtype != torch.float32 or not W.is_cpu or W.stride(1) != 1
+                or not cpu_kernels.has_f32_rows()):
+            return None
+        key = (W.data_ptr(), W._version)
+        if self._head0 is None or self._head0[0] != key:
+            self._head0 = None  # free the stale copy before making the new one
+            self._head0 = (key, W.detach()[:, : self.norm.offsets[1]].contiguous())
+        return self._head0[1]
+
     @torch.inference_mode()
     def warm_kernels(self, max_rows: int, max_logit_rows: int) -> int:
         """Build every matmul kernel that steps of up to max_rows rows (and logits of up to max_logit_rows
         rows) can ask oneDNN for, on a reduced-precision CPU model (else nothing to do): linear_rows keys
         them by (row bucket, weight shape), so their memory is bounded and reached here, at start-up,
         rather than over hours of traffic. Layer 0 stands for every layer (same shapes; oneDNN keys a
-        kernel by shapes, not by the weight's address). Returns the number of products run."""
+        kernel by shapes, not by the weight's address). Returns the number of products run. On an fp32
+        model of several chains it makes the one-chain head's copy instead (_head_chain0), so that the
+        first one-chain request does not pay for it."""
+        self._head_chain0()
         W = self.head_weight
         if W.dtype == torch.float32 or W.device.type != "cpu":
             return 0
@@ -249,11 +274,11 @@ class CoLMModel(nn.Module):
         return table
 
     def load_state_dict(self, *args, **kwargs):
-        self._table = None  # with assign=True it replaces the Parameter objects the table holds
+        self._table = self._head0 = None  # with assign=True it replaces the Parameter objects the table holds
         return super().load_state_dict(*args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
-        self._table = None
+        self._table = self._head0 = None
         return super()._apply(fn, *args, **kwargs)
 
     def _layers_in_c(self, h: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache, plan, cos: torch.Tensor,

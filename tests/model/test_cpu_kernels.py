@@ -351,6 +351,37 @@ def test_fp32_chain_layers_and_mixed_head_on_the_kernel_equal_the_torch_path(mon
     assert (got[0][rows[2]:, lin.out_offsets[2]:] == 0).all()
 
 
+@pytest.mark.skipif(not cpu_kernels.has_f32_rows(), reason="fp32 decode products stay on MKL on this CPU")
+@pytest.mark.parametrize("n", [1, 9], ids=["few", "tall"])
+def test_one_chain_logits_read_a_copy_of_the_heads_first_chain_that_follows_the_head(n):
+    """One-chain fp32 logits of a model of several chains read a contiguous copy of the head's first
+    chain's columns: the same bits as the strided prefix of the head itself, and the copy is made again
+    when the head changes in place or moves (a stale copy would serve the old weights)."""
+    from colm_runtime.testing import random_model, small_config
+
+    model = random_model(small_config(chains=(2, 3, 2), head_dim=8, vocab_size=300))
+    W, w0 = model.head_weight, model.norm.offsets[1]
+    h = torch.randn(n, model.cfg.dim, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        got = model.logits(h, 1)
+    assert model._head0 is not None and model._head0[1].is_contiguous()
+    assert torch.equal(got, cpu_kernels.gemm_f32(h[:, :w0], W[:, :w0]))
+    with torch.no_grad():
+        W[:, :w0] *= 2  # in place: same address, new version
+    with torch.inference_mode():
+        assert torch.equal(model.logits(h, 1), cpu_kernels.gemm_f32(h[:, :w0], W[:, :w0]))
+    model.to(torch.float64)
+    assert model._head0 is None  # dropped on a move; a float64 head has no copy
+    with torch.inference_mode():
+        W = model.head_weight
+        torch.testing.assert_close(model.logits(h.double(), 1), (h.double()[:, :w0] @ W[:, :w0].t()).float())
+    assert model._head0 is None
+    one = random_model(small_config(chains=(2,), head_dim=8, vocab_size=300))
+    with torch.inference_mode():
+        one.logits(h[:, : one.cfg.dim], 1)
+    assert one._head0 is None  # one chain: the head's columns are contiguous already
+
+
 def test_sample_rows_never_draws_a_token_of_probability_zero_whatever_the_uniform():
     # Mass in the first and last chunks of 256 only (a partial last chunk: V = 1000), masked tokens in
     # between and at both ends; uniforms at 0, just below 1 and in between.

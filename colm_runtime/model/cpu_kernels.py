@@ -124,6 +124,8 @@ def library() -> ctypes.CDLL | None:
     lib.gemm_f32_tall.argtypes = lib.gemm_f32.argtypes
     lib.gemm_f32_tall.restype = _INT
     lib.has_f32 = bool(lib.gemm_f32_supported())
+    lib.gemm_bf16w.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I64, _INT]
+    lib.gemm_bf16w.restype = _INT
     lib.rms_norm_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _F32, _P, _INT]
     lib.rms_norm_bf16.restype = None
     lib.rms_norm_f32.argtypes = lib.rms_norm_bf16.argtypes
@@ -172,14 +174,18 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out
 
 
+# gemm_bf16w from 2 rows: at one row ATen's bf16 matrix-vector product (torch.mv, which linear_rows calls
+# then) reads W 1.4-1.6x faster than widening it; at 2 rows 0.96-1.19x, 3 1.3-1.6x, 8 2.5-3.1x, 32
+# 5.6-6.7x ATen's emulated bf16 GEMM (SmolLM2's gate_up and down shapes, 30 copies: cold weights).
+BF16_WIDEN_ROWS = 2
 GEMV_MAX_ROWS = 3  # csrc/gemv_bf16.c takes products of 1-3 rows (it handles up to 8; AMX wins from 4)
 AMX_ROWS = (4, 64)  # csrc/gemm_amx_bf16.c: products of 4-64 rows where the CPU has AMX (1.4-1.8x oneDNN)
 
 
 def rows_kernel(x: torch.Tensor, w: torch.Tensor) -> str | None:
     """Which of our bf16 product kernels takes x [M, K] @ w [N, K].T: "gemv" (1-3 rows, or up to 8
-    without AMX), "amx" (4-64 rows, K % 32 == 0, N % 16 == 0), or None (ATen's). bf16 CPU tensors with
-    unit inner strides only."""
+    without AMX), "amx" (4-64 rows, K % 32 == 0, N % 16 == 0), "widen" (any rows, on a CPU with neither:
+    gemm_bf16w), or None (ATen's). bf16 CPU tensors with unit inner strides only."""
     if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.device.type != "cpu":
         return None
     if x.dim() != 2 or x.stride(1) != 1 or w.stride(1) != 1:
@@ -192,7 +198,17 @@ def rows_kernel(x: torch.Tensor, w: torch.Tensor) -> str | None:
         return "amx"
     if lib.has_gemv and 1 <= M <= (GEMV_MAX_ROWS if lib.has_amx else 8):
         return "gemv"
+    if has_bf16_widen() and M >= BF16_WIDEN_ROWS:
+        return "widen"
     return None
+
+
+@functools.lru_cache(maxsize=1)
+def has_bf16_widen() -> bool:
+    """Whether bf16 products run on gemm_bf16w here: where has_f32_rows and the CPU has no bf16 dot
+    product of its own (no AVX-512 BF16, no AMX), so that ATen would emulate them."""
+    lib = library()
+    return has_f32_rows() and not lib.has_gemv and not lib.has_amx
 
 
 def gemv_bf16(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -207,6 +223,8 @@ def gemm_amx_bf16(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = tor
 
 def bf16_rows(x: torch.Tensor, w: torch.Tensor, kernel: str) -> torch.Tensor:
     """x @ w.T in bf16 on the kernel rows_kernel chose."""
+    if kernel == "widen":
+        return gemm_bf16w(x, w).to(torch.bfloat16)
     return gemm_amx_bf16(x, w) if kernel == "amx" else gemv_bf16(x, w)
 
 
@@ -258,16 +276,39 @@ def gemm_f32(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None, 
         out = torch.empty(M, N)
     elif out.shape != (M, N) or out.stride(1) != 1:
         raise ValueError("gemm_f32: out must be [M, N] with unit inner stride")
-    ks = None
-    if row_k is not None:
-        if len(row_k) != M or not all(K >= a >= b >= 1 for a, b in zip(row_k, [*row_k[1:], 1])):
-            raise ValueError("gemm_f32: row_k must hold M non-increasing values in 1..K")
-        ks = (ctypes.c_int64 * M)(*row_k)
+    ks = _row_k(row_k, M, K)
     lib = library()
     fn = lib.gemm_f32_tall if (M >= F32_TALL_ROWS if tall is None else tall) else lib.gemm_f32
     rc = fn(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), out.data_ptr(), out.stride(0),
             None if bias is None else bias.contiguous().data_ptr(), ks, torch.get_num_threads())
     assert rc == 0, "gemm_f32: outside its limits (check f32_rows_ok first)"
+    return out
+
+
+def _row_k(row_k: Sequence[int] | None, M: int, K: int):
+    if row_k is None:
+        return None
+    if len(row_k) != M or not all(K >= a >= b >= 1 for a, b in zip(row_k, [*row_k[1:], 1])):
+        raise ValueError("row_k must hold M non-increasing values in 1..K")
+    return (ctypes.c_int64 * M)(*row_k)
+
+
+def gemm_bf16w(x: torch.Tensor, w: torch.Tensor, row_k: Sequence[int] | None = None,
+               tall: bool | None = None) -> torch.Tensor:
+    """x [M, K] (any float dtype, widened to fp32) @ w [N, K].T (bf16, unit inner stride) -> fp32 [M, N],
+    on gemm_f32's kernels with W widened block by block (csrc/gemm_f32.c gemm_bf16w): the sums of
+    gemm_f32 on w.float(), bit for bit, reading W at half the bytes. row_k and tall as in gemm_f32 (here
+    the few-row kernel takes any number of rows). Call where has_bf16_widen."""
+    x = x.float()
+    M, K = x.shape
+    N = w.shape[0]
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    out = torch.empty(M, N)
+    rc = library().gemm_bf16w(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), out.data_ptr(), N,
+                              None, _row_k(row_k, M, K), F32_TALL_ROWS if tall is None else 1 if tall else M + 1,
+                              torch.get_num_threads())
+    assert rc == 0, "gemm_bf16w: no memory or no AVX2 (check has_bf16_widen first)"
     return out
 
 

@@ -105,13 +105,16 @@ class CoLMModel(nn.Module):
         """Store the [vocab, dim] head (and tied embedding) column-major, so that scale k's columns
         0..width(k) are one contiguous block: a strided read of them costs ~50% more at batch 1.
         Shapes, names and values are unchanged (checkpoints are written contiguous row-major).
-        Exception: a one-chain model in reduced precision on the CPU stays row-major (no column prefix
+        Exceptions, kept row-major on the CPU: a one-chain model in reduced precision (no column prefix
         to read; ATen's bf16 matrix-vector product reads a row-major head 2x faster, and the whole bf16
-        step ran 1.05-1.08x faster). Call it after any dtype or device move."""
+        step ran 1.05-1.08x faster), and a head that our row kernels read (gemm_f32 in fp32, gemm_bf16w in
+        bf16: both read W's rows where they lie; _head_chain0 keeps one chain's prefix contiguous).
+        Call it after any dtype or device move."""
         w = self.head_weight
         cpu = w.device.type == "cpu"
         row_major = cpu and ((self.cfg.n_chains == 1 and w.dtype != torch.float32)
-                             or (w.dtype == torch.float32 and cpu_kernels.has_f32_rows()))
+                             or (w.dtype == torch.float32 and cpu_kernels.has_f32_rows())
+                             or (w.dtype == torch.bfloat16 and cpu_kernels.has_bf16_widen()))
         for mod in (self.embed, self.lm_head):
             if mod is None or (mod.weight.stride(0) == 1) != row_major:
                 continue  # already in the wanted layout
@@ -165,7 +168,7 @@ class CoLMModel(nn.Module):
         if rows is None or all(r == hidden.shape[0] for r in rows):
             if hidden.dim() == 2:
                 if chains == 1 and (W1 := self._head_chain0()) is not None:
-                    return cpu_kernels.gemm_f32(hidden[:, : off[1]], W1)
+                    return linear_rows(hidden[:, : off[1]], W1).float()
                 return linear_rows(hidden[:, : off[chains]], W[:, : off[chains]]).float()
             return F.linear(hidden[..., : off[chains]], W[:, : off[chains]]).float()
         if hidden.dtype == torch.float32 and not cpu_kernels.f32_rows_ok(hidden, W):
@@ -182,10 +185,12 @@ class CoLMModel(nn.Module):
         h = hidden[:, : off[chains]].clone()  # [N, width(chains)]
         for j in range(1, chains):
             h[rows[j] :, off[j] : off[j + 1]] = 0
+        at = [*rows, 0]  # rows using exactly c chains: at[c - 1] - at[c], widest first
+        row_k = [off[c] for c in range(chains, 0, -1) for _ in range(at[c - 1] - at[c])]
         if h.dtype == torch.float32:
-            at = [*rows, 0]  # rows using exactly c chains: at[c - 1] - at[c], widest first
-            row_k = [off[c] for c in range(chains, 0, -1) for _ in range(at[c - 1] - at[c])]
             return cpu_kernels.gemm_f32(h, W[:, : off[chains]], row_k=row_k)
+        if cpu_kernels.rows_kernel(h, W[:, : off[chains]]) == "widen":  # rounded to bf16 as linear_rows rounds
+            return cpu_kernels.gemm_bf16w(h, W[:, : off[chains]], row_k=row_k).to(torch.bfloat16).float()
         return linear_rows(h, W[:, : off[chains]]).float()
 
     def _head_chain0(self) -> torch.Tensor | None:
@@ -198,8 +203,9 @@ class CoLMModel(nn.Module):
         (a training model never pays for it) and made again whenever the head moved or changed in place
         (its address or its version counter)."""
         W = self.head_weight
-        if (self.cfg.n_chains == 1 or W.dtype != torch.float32 or not W.is_cpu or W.stride(1) != 1
-                or not cpu_kernels.has_f32_rows()):
+        if self.cfg.n_chains == 1 or not W.is_cpu or W.stride(1) != 1 or not (
+                (W.dtype == torch.float32 and cpu_kernels.has_f32_rows())
+                or (W.dtype == torch.bfloat16 and cpu_kernels.has_bf16_widen())):
             return None
         key = (W.data_ptr(), W._version)
         if self._head0 is None or self._head0[0] != key:

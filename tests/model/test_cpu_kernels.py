@@ -326,6 +326,82 @@ def test_gemm_f32_does_not_read_columns_past_a_groups_row_k(tall):
         cpu_kernels.gemm_f32(x, w, row_k=[576] * 31)  # not one per row
 
 
+needs_bf16_widen = pytest.mark.skipif(not cpu_kernels.has_bf16_widen(),
+                                      reason="this CPU has a bf16 dot product (or no AVX2): bf16 stays on it or ATen")
+
+
+@needs_bf16_widen
+@pytest.mark.parametrize("tall", [False, True], ids=["rows", "tall"])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 33, 64])
+@pytest.mark.parametrize("n,k", [(49, 576), (7, 40), (130, 1537), (2, 3)], ids=["tail-rows", "short-k", "odd-k", "tiny"])
+def test_gemm_bf16w_sums_as_gemm_f32_on_the_widened_weight(tall, rows, n, k):
+    # Widening a bf16 is exact, and the same kernels sum in the same order: the same bits as gemm_f32 on
+    # w.float(), through every x group, W block (3 or 6, and the rows left) and K tail (1-7 values).
+    g = torch.Generator().manual_seed(rows * 1000 + n)
+    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g).to(torch.bfloat16)
+    assert torch.equal(cpu_kernels.gemm_bf16w(x, w, tall=tall), cpu_kernels.gemm_f32(x, w.float(), tall=tall))
+    assert torch.equal(cpu_kernels.gemm_bf16w(x.to(torch.bfloat16), w, tall=tall),
+                       cpu_kernels.gemm_f32(x.to(torch.bfloat16).float(), w.float(), tall=tall))
+
+
+@needs_bf16_widen
+@pytest.mark.parametrize("tall", [False, True], ids=["rows", "tall"])
+def test_gemm_bf16w_takes_strided_operands_and_ragged_rows(tall):
+    g = torch.Generator().manual_seed(8)
+    wide = torch.randn(96, 600, generator=g).to(torch.bfloat16)  # W: a column block of a wider matrix
+    xs = torch.randn(64, 600, generator=g)
+    w, x = wide[:, 192:576], xs[::2, 192:576]
+    assert torch.equal(cpu_kernels.gemm_bf16w(x, w, tall=tall), cpu_kernels.gemm_f32(x, w.float(), tall=tall))
+    row_k = [384] * 10 + [200] * 11 + [8] * 11  # a mixed head: rows widest first, their other columns zero
+    xz = x.clone()
+    for m, kk in enumerate(row_k):
+        xz[m, kk:] = 0
+    assert torch.equal(cpu_kernels.gemm_bf16w(xz, w, row_k=row_k, tall=tall),
+                       cpu_kernels.gemm_f32(xz, w.float(), row_k=row_k, tall=tall))
+    with pytest.raises(ValueError):
+        cpu_kernels.gemm_bf16w(xz, w, row_k=row_k[::-1])
+
+
+@needs_bf16_widen
+def test_bf16_products_route_to_the_widening_kernel_from_two_rows():
+    g = torch.Generator().manual_seed(9)
+    w, x = torch.randn(40, 96, generator=g).to(torch.bfloat16), torch.randn(70, 96, generator=g).to(torch.bfloat16)
+    assert cpu_kernels.rows_kernel(x[:1], w) is None  # one row: ATen's matrix-vector product reads W faster
+    for m in (cpu_kernels.BF16_WIDEN_ROWS, 9, 70):
+        assert cpu_kernels.rows_kernel(x[:m], w) == "widen"
+        from colm_runtime.model.layers import linear_rows
+
+        y = linear_rows(x[:m], w)
+        assert y.dtype == torch.bfloat16  # rounded once, from fp32 sums, as the other bf16 kernels round
+        assert torch.equal(y, cpu_kernels.gemm_f32(x[:m].float(), w.float()).to(torch.bfloat16))
+    assert cpu_kernels.rows_kernel(x[:4], w.T.contiguous().T) is None  # W's rows not contiguous: ATen
+
+
+@needs_bf16_widen
+def test_bf16_chain_layers_and_heads_on_the_widening_kernel_equal_aten(monkeypatch):
+    """A bf16 model of three chains: its ChainLinear, mixed-chain head (row_k), uniform heads and the
+    one-chain head's contiguous copy through gemm_bf16w, against the same model on ATen's products."""
+    from colm_runtime.testing import random_model, small_config
+
+    model = random_model(small_config(chains=(2, 3, 2), head_dim=8, vocab_size=300)).to(torch.bfloat16)
+    model.column_major_head()
+    assert model.head_weight.stride(1) == 1  # row-major: the kernel reads W's rows where they lie
+    rows = [40, 27, 10]
+    h = torch.randn(rows[0], model.cfg.dim, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    lin = model.layers[0].ffn.gate_up
+
+    def run():
+        with torch.inference_mode():
+            return lin(h, 3, rows), model.logits(h, 3, rows), model.logits(h, 2), model.logits(h, 1)
+
+    got = run()
+    assert model._head0 is not None and model._head0[1].dtype == torch.bfloat16
+    monkeypatch.setattr(cpu_kernels, "rows_kernel", lambda x, w: None)
+    ref = run()
+    for a, b in zip(got, ref):  # each rounded once to bf16 from fp32 sums in another order
+        torch.testing.assert_close(a.float(), b.float(), rtol=1.6e-2, atol=1e-2)
+
+
 @pytest.mark.skipif(not cpu_kernels.has_f32_rows(), reason="fp32 decode products stay on MKL on this CPU")
 @pytest.mark.parametrize("rows", [[9, 6, 2], [40, 27, 10]], ids=["few", "tall"])
 def test_fp32_chain_layers_and_mixed_head_on_the_kernel_equal_the_torch_path(monkeypatch, rows):

@@ -124,7 +124,7 @@ def library() -> ctypes.CDLL | None:
     lib.gemm_f32_tall.argtypes = lib.gemm_f32.argtypes
     lib.gemm_f32_tall.restype = _INT
     lib.has_f32 = bool(lib.gemm_f32_supported())
-    lib.gemm_bf16w.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _P, _P, _I64, _INT]
+    lib.gemm_bf16w.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _I64, _P, _I64, _INT, _P, _I64, _INT]
     lib.gemm_bf16w.restype = _INT
     lib.rms_norm_bf16.argtypes = [_P, _I64, _I64, _P, _I64, _I64, _F32, _P, _INT]
     lib.rms_norm_bf16.restype = None
@@ -224,7 +224,7 @@ def gemm_amx_bf16(x: torch.Tensor, w: torch.Tensor, out_dtype: torch.dtype = tor
 def bf16_rows(x: torch.Tensor, w: torch.Tensor, kernel: str) -> torch.Tensor:
     """x @ w.T in bf16 on the kernel rows_kernel chose."""
     if kernel == "widen":
-        return gemm_bf16w(x, w).to(torch.bfloat16)
+        return gemm_bf16w(x, w)
     return gemm_amx_bf16(x, w) if kernel == "amx" else gemv_bf16(x, w)
 
 
@@ -293,21 +293,23 @@ def _row_k(row_k: Sequence[int] | None, M: int, K: int):
     return (ctypes.c_int64 * M)(*row_k)
 
 
-def gemm_bf16w(x: torch.Tensor, w: torch.Tensor, row_k: Sequence[int] | None = None,
-               tall: bool | None = None) -> torch.Tensor:
-    """x [M, K] (any float dtype, widened to fp32) @ w [N, K].T (bf16, unit inner stride) -> fp32 [M, N],
-    on gemm_f32's kernels with W widened block by block (csrc/gemm_f32.c gemm_bf16w): the sums of
-    gemm_f32 on w.float(), bit for bit, reading W at half the bytes. row_k and tall as in gemm_f32 (here
-    the few-row kernel takes any number of rows). Call where has_bf16_widen."""
-    x = x.float()
+def gemm_bf16w(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None,
+               row_k: Sequence[int] | None = None, tall: bool | None = None) -> torch.Tensor:
+    """x [M, K] @ w [N, K].T, both bf16 with unit inner strides, into out ([M, N], bf16 or fp32, unit inner
+    stride, may be a column block of a wider tensor) or a new bf16 tensor, on gemm_f32's kernels with
+    both operands widened to fp32 (csrc/gemm_f32.c gemm_bf16w): gemm_f32's sums on x.float() and
+    w.float(), bit for bit, rounded once to bf16 for a bf16 out, while W is read at half the bytes. row_k
+    and tall as in gemm_f32 (here the few-row kernel takes any number of rows). Call where
+    has_bf16_widen."""
     M, K = x.shape
     N = w.shape[0]
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    out = torch.empty(M, N)
-    rc = library().gemm_bf16w(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), out.data_ptr(), N,
-                              None, _row_k(row_k, M, K), F32_TALL_ROWS if tall is None else 1 if tall else M + 1,
-                              torch.get_num_threads())
+    if out is None:
+        out = torch.empty(M, N, dtype=torch.bfloat16)
+    elif out.shape != (M, N) or out.stride(1) != 1 or out.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError("gemm_bf16w: out must be [M, N], bf16 or fp32, with unit inner stride")
+    rc = library().gemm_bf16w(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), out.data_ptr(),
+                              out.stride(0), int(out.dtype == torch.float32), _row_k(row_k, M, K),
+                              F32_TALL_ROWS if tall is None else 1 if tall else M + 1, torch.get_num_threads())
     assert rc == 0, "gemm_bf16w: no memory or no AVX2 (check has_bf16_widen first)"
     return out
 

@@ -70,6 +70,8 @@ def linear_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = Non
         return torch.mm(x, w.t(), out=out) if bias is None else torch.addmm(bias, x, w.t(), out=out)
     r = x.shape[0]
     if kernel := cpu_kernels.rows_kernel(x, w):  # ours stream W once, prefetched
+        if kernel == "widen" and bias is None and (out is None or out.stride(1) == 1):
+            return cpu_kernels.gemm_bf16w(x, w, out)  # straight into out's column block
         y = cpu_kernels.bf16_rows(x, w, kernel)
         if bias is not None:
             y += bias

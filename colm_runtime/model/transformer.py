@@ -190,7 +190,7 @@ class CoLMModel(nn.Module):
         if h.dtype == torch.float32:
             return cpu_kernels.gemm_f32(h, W[:, : off[chains]], row_k=row_k)
         if cpu_kernels.rows_kernel(h, W[:, : off[chains]]) == "widen":  # rounded to bf16 as linear_rows rounds
-            return cpu_kernels.gemm_bf16w(h, W[:, : off[chains]], row_k=row_k).to(torch.bfloat16).float()
+            return cpu_kernels.gemm_bf16w(h, W[:, : off[chains]], row_k=row_k).float()
         return linear_rows(h, W[:, : off[chains]]).float()
 
     def _head_chain0(self) -> torch.Tensor | None:

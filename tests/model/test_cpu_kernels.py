@@ -334,32 +334,37 @@ needs_bf16_widen = pytest.mark.skipif(not cpu_kernels.has_bf16_widen(),
 @pytest.mark.parametrize("tall", [False, True], ids=["rows", "tall"])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 16, 33, 64])
 @pytest.mark.parametrize("n,k", [(49, 576), (7, 40), (130, 1537), (2, 3)], ids=["tail-rows", "short-k", "odd-k", "tiny"])
-def test_gemm_bf16w_sums_as_gemm_f32_on_the_widened_weight(tall, rows, n, k):
+def test_gemm_bf16w_sums_as_gemm_f32_on_the_widened_operands(tall, rows, n, k):
     # Widening a bf16 is exact, and the same kernels sum in the same order: the same bits as gemm_f32 on
-    # w.float(), through every x group, W block (3 or 6, and the rows left) and K tail (1-7 values).
+    # the widened x and w, through every x group, W block (3 or 6, and the rows left) and K tail (1-7
+    # values); a bf16 out is that sum rounded once, as torch rounds.
     g = torch.Generator().manual_seed(rows * 1000 + n)
-    x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g).to(torch.bfloat16)
-    assert torch.equal(cpu_kernels.gemm_bf16w(x, w, tall=tall), cpu_kernels.gemm_f32(x, w.float(), tall=tall))
-    assert torch.equal(cpu_kernels.gemm_bf16w(x.to(torch.bfloat16), w, tall=tall),
-                       cpu_kernels.gemm_f32(x.to(torch.bfloat16).float(), w.float(), tall=tall))
+    x, w = (torch.randn(r, k, generator=g).to(torch.bfloat16) for r in (rows, n))
+    ref = cpu_kernels.gemm_f32(x.float(), w.float(), tall=tall)
+    assert torch.equal(cpu_kernels.gemm_bf16w(x, w, out=torch.empty(rows, n), tall=tall), ref)
+    assert torch.equal(cpu_kernels.gemm_bf16w(x, w, tall=tall), ref.to(torch.bfloat16))
 
 
 @needs_bf16_widen
 @pytest.mark.parametrize("tall", [False, True], ids=["rows", "tall"])
-def test_gemm_bf16w_takes_strided_operands_and_ragged_rows(tall):
+def test_gemm_bf16w_takes_strided_operands_writes_column_blocks_and_ragged_rows(tall):
     g = torch.Generator().manual_seed(8)
-    wide = torch.randn(96, 600, generator=g).to(torch.bfloat16)  # W: a column block of a wider matrix
-    xs = torch.randn(64, 600, generator=g)
-    w, x = wide[:, 192:576], xs[::2, 192:576]
-    assert torch.equal(cpu_kernels.gemm_bf16w(x, w, tall=tall), cpu_kernels.gemm_f32(x, w.float(), tall=tall))
+    wide, xs = (torch.randn(r, 600, generator=g).to(torch.bfloat16) for r in (96, 64))
+    w, x = wide[:, 192:576], xs[::2, 192:576]  # W: a column block of a wider matrix; x: strided rows
+    y = torch.full((32, 200), 5.0, dtype=torch.bfloat16)
+    out = cpu_kernels.gemm_bf16w(x, w, out=y[:, 50:146], tall=tall)
+    assert torch.equal(out, cpu_kernels.gemm_f32(x.float(), w.float(), tall=tall).to(torch.bfloat16))
+    assert (y[:, :50] == 5).all() and (y[:, 146:] == 5).all()  # nothing outside the block is written
     row_k = [384] * 10 + [200] * 11 + [8] * 11  # a mixed head: rows widest first, their other columns zero
     xz = x.clone()
     for m, kk in enumerate(row_k):
         xz[m, kk:] = 0
-    assert torch.equal(cpu_kernels.gemm_bf16w(xz, w, row_k=row_k, tall=tall),
-                       cpu_kernels.gemm_f32(xz, w.float(), row_k=row_k, tall=tall))
+    assert torch.equal(cpu_kernels.gemm_bf16w(xz, w, out=torch.empty(32, 96), row_k=row_k, tall=tall),
+                       cpu_kernels.gemm_f32(xz.float(), w.float(), row_k=row_k, tall=tall))
     with pytest.raises(ValueError):
         cpu_kernels.gemm_bf16w(xz, w, row_k=row_k[::-1])
+    with pytest.raises(ValueError):
+        cpu_kernels.gemm_bf16w(xz, w, out=torch.empty(32, 96, dtype=torch.float16))
 
 
 @needs_bf16_widen

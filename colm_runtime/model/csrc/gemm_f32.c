@@ -19,8 +19,9 @@
  */
 #include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #include <omp.h>
+
+#include "bf16.h"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -238,40 +239,40 @@ TGT int gemm_f32_tall(const float *x, int64_t M, int64_t ldx, const float *W, in
     return 0;
 }
 
-/* bf16 weights on the same kernels, for CPUs without a bf16 dot product (no AVX-512 BF16, no AMX), where
- * ATen emulates bf16 products (a decode step at batch 32 of SmolLM2's shape: seconds, not milliseconds):
- * y[M, N] (fp32) = x[M, K] (fp32) . W[N, K]^T (bf16) (+ bias). Each thread widens its block of W rows into
- * fp32 scratch in L1 (exact: a bf16 is the high half of an fp32) and runs the fp32 kernels on it (tall
- * from `tall` rows), so the sums are those of gemm_f32 / gemm_f32_tall on the widened W, bit for bit,
- * while W is read from memory at half the bytes. row_k as in gemm_f32. */
+/* bf16 products on the same kernels, for CPUs without a bf16 dot product (no AVX-512 BF16, no AMX), where
+ * ATen emulates them (a decode step of SmolLM2's shape at batch 32: 0.6 s, against 85 ms in fp32):
+ * out[M, N] = x[M, K] . W[N, K]^T, x and W bf16, out bf16 (rounded to nearest even) or fp32 (out_f32).
+ * x is widened once into fp32 (panels for the tall kernel); each thread widens its block of W rows into
+ * fp32 scratch in L1 and runs the fp32 kernels on it (tall from `tall` rows). Widening a bf16 is exact,
+ * so the sums are gemm_f32 / gemm_f32_tall's on the widened operands, bit for bit, while W is read from
+ * memory at half the bytes. row_k as in gemm_f32. */
 TGT static inline void widen_rows(const uint16_t *W, int64_t ldw, int64_t n0, int nvalid, int nrows, int64_t K,
-                                  float *dst, int64_t pf) {
+                                  float *dst, int64_t ldd, int64_t pf) {
     for (int r = 0; r < nrows; r++) {  /* rows past nvalid repeat the last valid one (tall_block's padding) */
         const uint16_t *src = W + (n0 + (r < nvalid ? r : nvalid - 1)) * ldw;
-        float *d = dst + r * K;
+        float *d = dst + r * ldd;
         int64_t k = 0;
         for (; k + 8 <= K; k += 8) {
-            if ((k & 31) == 0) _mm_prefetch((const char *)(src + pf * ldw + k), _MM_HINT_T0);
+            if (pf && (k & 31) == 0) _mm_prefetch((const char *)(src + pf * ldw + k), _MM_HINT_T0);
             const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + k)));
             _mm256_storeu_ps(d + k, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
         }
-        for (; k < K; k++) {
-            const uint32_t u = (uint32_t)src[k] << 16;
-            memcpy(d + k, &u, 4);
-        }
+        for (; k < K; k++) d[k] = bf16_to_f32(src[k]);
     }
 }
 
 /* Any M >= 1; returns 0, or -1 without AVX2/FMA or memory (nothing written). */
-TGT int gemm_bf16w(const float *x, int64_t M, int64_t ldx, const uint16_t *W, int64_t N, int64_t K, int64_t ldw,
-                   float *y, int64_t ldy, const float *bias, const int64_t *row_k, int64_t tall, int threads) {
+TGT int gemm_bf16w(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t *W, int64_t N, int64_t K, int64_t ldw,
+                   void *out, int64_t ldo, int out_f32, const int64_t *row_k, int64_t tall, int threads) {
     if (M < 1 || !gemm_f32_supported()) return -1;
     const int is_tall = M >= tall, per = is_tall ? TR : NB;
     const int64_t panels = is_tall ? (M + TP - 1) / TP : 0, blocks = (N + per - 1) / per;
-    float *xp = is_tall ? aligned_alloc(64, (size_t)(panels * K * TP * sizeof(float) + 64)) : NULL;
-    if (is_tall && !xp) return -1;
-    int rc = 0;
-#pragma omp parallel num_threads(threads)
+    float *xf = malloc(sizeof(float) * (size_t)(M * K)),
+          *xp = is_tall ? aligned_alloc(64, (size_t)(panels * K * TP * sizeof(float) + 64)) : NULL,
+          *yf = out_f32 ? out : malloc(sizeof(float) * (size_t)(M * N));
+    const int64_t ldy = out_f32 ? ldo : N;
+    int rc = (!xf || (is_tall && !xp) || !yf) ? -1 : 0;
+#pragma omp parallel num_threads(threads) if (rc == 0)
     {
         float *wf = aligned_alloc(64, (size_t)((TR * K * sizeof(float) + 63) / 64 * 64));
         if (!wf) {
@@ -280,17 +281,19 @@ TGT int gemm_bf16w(const float *x, int64_t M, int64_t ldx, const uint16_t *W, in
         }
 #pragma omp barrier
         if (rc == 0) {
+#pragma omp for schedule(static)
+            for (int64_t m = 0; m < M; m++) widen_rows(x, ldx, m, 1, 1, K, xf + m * K, K, 0);
             if (is_tall) {
 #pragma omp for schedule(static)
-                for (int64_t p = 0; p < panels; p++) pack_panel(x, ldx, M, K, p, xp);
+                for (int64_t p = 0; p < panels; p++) pack_panel(xf, K, M, K, p, xp);
             }
 #pragma omp for schedule(static)
             for (int64_t b = 0; b < blocks; b++) {
                 const int64_t n0 = b * per;
                 const int nvalid = N - n0 < per ? (int)(N - n0) : per;
-                widen_rows(W, ldw, n0, nvalid, is_tall ? TR : nvalid, K, wf, PF * per);
+                widen_rows(W, ldw, n0, nvalid, is_tall ? TR : nvalid, K, wf, K, PF * per);
                 if (!is_tall) {
-                    rows_block(x, ldx, M, wf, K, 0, nvalid, K, row_k, y + n0, ldy, bias ? bias + n0 : NULL);
+                    rows_block(xf, K, M, wf, K, 0, nvalid, K, row_k, yf + n0, ldy, NULL);
                     continue;
                 }
                 const float *wr[TR];
@@ -298,13 +301,19 @@ TGT int gemm_bf16w(const float *x, int64_t M, int64_t ldx, const uint16_t *W, in
                 for (int64_t p = 0; p < panels; p++) {
                     const int64_t m0 = p * TP, m1 = m0 + TP / 2;
                     const int64_t k0 = row_k ? row_k[m0] : K, k1 = m1 >= M ? 0 : row_k ? row_k[m1] : K;
-                    tall_block(wr, NULL, nvalid, xp + p * K * TP, k0, k1, m0, M, y, ldy, n0, bias);
+                    tall_block(wr, NULL, nvalid, xp + p * K * TP, k0, k1, m0, M, yf, ldy, n0, NULL);
                 }
+            }
+            if (!out_f32) {
+#pragma omp for schedule(static)
+                for (int64_t m = 0; m < M; m++)
+                    for (int64_t n = 0; n < N; n++) ((uint16_t *)out)[m * ldo + n] = f32_to_bf16(yf[m * N + n]);
             }
         }
         free(wf);
     }
-    free(xp);
+    free(xf), free(xp);
+    if (!out_f32) free(yf);
     return rc;
 }
 
@@ -405,8 +414,8 @@ int chain_gemm_f32(const float *x, int64_t ldx, const int64_t *lin, int64_t chai
                    float *y, int64_t ldy, int threads) {
     return -1;
 }
-int gemm_bf16w(const float *x, int64_t M, int64_t ldx, const uint16_t *W, int64_t N, int64_t K, int64_t ldw, float *y,
-               int64_t ldy, const float *bias, const int64_t *row_k, int64_t tall, int threads) {
+int gemm_bf16w(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t *W, int64_t N, int64_t K, int64_t ldw,
+               void *out, int64_t ldo, int out_f32, const int64_t *row_k, int64_t tall, int threads) {
     return -1;
 }
 #endif

@@ -196,3 +196,18 @@ def test_the_timing_build_reports_every_part_of_the_layers():
         times = [float(m) for m in re.findall(rf"\b{name} ([0-9.]+)", out.stdout)]
         assert len(times) == 3 and times[0] > 0, out.stdout
     assert not hasattr(cpu_kernels.library(), "layer_parts")
+
+
+@pytest.mark.skipif(not cpu_kernels.has_f32_rows(), reason="chain_gemm_f32 runs on AVX2 CPUs without AVX-512")
+def test_chain_map_parts_times_the_mix_and_each_of_its_parts():
+    """benchmarks/chain_map_parts.py: one map at all chains, at the equal mix's rows and each part of the
+    mix alone, with the mix's rows per chain from equal_mix (tiny: 8 rows over 4 chains -> 8, 6, 4, 2)."""
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "chain_map_parts.py"), "--random", "tiny",
+                          "--batch", "8", "--rounds", "2"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr
+    assert "rows per chain [8, 6, 4, 2]" in out.stdout, out.stdout
+    times = [float(t) for t in re.findall(r"^  .*?([0-9]+\.[0-9]+)$", out.stdout, re.M)]
+    assert len(times) == 6 and all(t > 0 for t in times), out.stdout
+    assert re.search(r"mix / all: [0-9.]+; mix / \(its parts alone\): [0-9.]+", out.stdout), out.stdout

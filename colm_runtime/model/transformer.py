@@ -194,14 +194,15 @@ class CoLMModel(nn.Module):
         return linear_rows(h, W[:, : off[chains]]).float()
 
     def _head_chain0(self) -> torch.Tensor | None:
-        """The head's first chain's columns as a contiguous copy, for the one-chain fp32 logits on our
-        kernel (gemm_f32) of a model of several chains; None elsewhere. The row-major head that kernel
-        reads holds chain 0's columns as a strided prefix of every row, and reading that costs 1.24-1.71x
-        reading the same values contiguously at 1-4 rows (SmolLM2's head in a three-chain model; the
-        default model's): one-chain decode steps 1.12-1.13x at batch 1-8 for 1/n_chains of the head's
-        memory (docs/performance.md, round 8). Same kernel, same sums: the same bits. Made on first use
-        (a training model never pays for it) and made again whenever the head moved or changed in place
-        (its address or its version counter)."""
+        """The head's first chain's columns as a contiguous copy, for the one-chain logits of a model of
+        several chains on our row kernels (gemm_f32 in fp32, gemm_bf16w in bf16); None elsewhere. The
+        row-major head those kernels read holds chain 0's columns as a strided prefix of every row, and
+        reading that costs 1.24-1.71x reading the same values contiguously at 1-4 rows (SmolLM2's head in
+        a three-chain model; the default model's): one-chain fp32 decode steps 1.04-1.08x at batch 1-32
+        on the former, 1.12x at batch 1 on the latter, for 1/n_chains of the head's memory
+        (docs/performance.md, round 8). Same kernel, same sums: the same bits. Made on first use (a
+        training model never pays for it) or by warm_kernels, and made again whenever the head moved or
+        changed in place (its address or its version counter)."""
         W = self.head_weight
         if self.cfg.n_chains == 1 or not W.is_cpu or W.stride(1) != 1 or not (
                 (W.dtype == torch.float32 and cpu_kernels.has_f32_rows())
@@ -219,9 +220,9 @@ class CoLMModel(nn.Module):
         rows) can ask oneDNN for, on a reduced-precision CPU model (else nothing to do): linear_rows keys
         them by (row bucket, weight shape), so their memory is bounded and reached here, at start-up,
         rather than over hours of traffic. Layer 0 stands for every layer (same shapes; oneDNN keys a
-        kernel by shapes, not by the weight's address). Returns the number of products run. On an fp32
-        model of several chains it makes the one-chain head's copy instead (_head_chain0), so that the
-        first one-chain request does not pay for it."""
+        kernel by shapes, not by the weight's address). Returns the number of products run. First it
+        makes the one-chain head's copy where one applies (_head_chain0), so that the first one-chain
+        request does not pay for it."""
         self._head_chain0()
         W = self.head_weight
         if W.dtype == torch.float32 or W.device.type != "cpu":

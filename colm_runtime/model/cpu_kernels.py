@@ -186,8 +186,8 @@ AMX_ROWS = (4, 64)  # csrc/gemm_amx_bf16.c: products of 4-64 rows where the CPU 
 
 def rows_kernel(x: torch.Tensor, w: torch.Tensor) -> str | None:
     """Which of our bf16 product kernels takes x [M, K] @ w [N, K].T: "gemv" (1-3 rows, or up to 8
-    without AMX), "amx" (4-64 rows, K % 32 == 0, N % 16 == 0), "widen" (any rows, on a CPU with neither:
-    gemm_bf16w), or None (ATen's). bf16 CPU tensors with unit inner strides only."""
+    without AMX), "amx" (4-64 rows, K % 32 == 0, N % 16 == 0), "widen" (from BF16_WIDEN_ROWS rows, on a CPU
+    with neither: gemm_bf16w), or None (ATen's). bf16 CPU tensors with unit inner strides only."""
     if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.device.type != "cpu":
         return None
     if x.dim() != 2 or x.stride(1) != 1 or w.stride(1) != 1:

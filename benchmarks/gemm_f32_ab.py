@@ -42,7 +42,8 @@ def build(source: str, tmp: str, name: str):
     is row_k (a pointer) here and `int accumulate` in older commits: a zero of 8 bytes passes as both."""
     c, so = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
     c.write_text(source)
-    subprocess.run(["gcc", *cpu_kernels.COMPILE_FLAGS, "-shared", str(c), "-o", str(so)], check=True)
+    subprocess.run(["gcc", *cpu_kernels.COMPILE_FLAGS, f"-I{SRC.parent}", "-shared", str(c), "-o", str(so)],
+                   check=True)  # -I: the headers gemm_f32.c includes (bf16.h) stay beside this tree's source
     dll = ctypes.CDLL(str(so))
     for fn in (dll.gemm_f32, dll.gemm_f32_tall):
         fn.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 5, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,

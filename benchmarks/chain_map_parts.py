@@ -36,7 +36,7 @@ lib.chain_gemm_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
 model = random_model(a.random, "cpu", torch.float32)
 n = model.cfg.n_chains
 maps = [getattr(blk.attn if a.map in ("qkv", "o") else blk.ffn, a.map) for blk in model.layers]
-# per layer and chain: weight address, bias (none), out rows, in width, row stride (layers_f32's table)
+# per layer and chain: weight address, bias (none), out rows, in width, row stride (layers_cpu.c's table)
 tables = [torch.tensor([[lin.weight.data_ptr(), 0, *lin.weight.shape, lin.weight.stride(0)] for lin in cl._lins],
                        dtype=torch.int64) for cl in maps]
 x = torch.randn(a.batch, maps[0].in_offsets[n])

@@ -1,5 +1,5 @@
 """Where a decode step's time goes, part by part, at all chains, at the equal mix and at one chain: the
-fp32 step whose layers run in one C call (csrc/layers_f32.c) built with -DCOLM_LAYER_TIMING, so every
+fp32 step whose layers run in one C call (csrc/layers_cpu.c) built with -DCOLM_LAYER_TIMING, so every
 part of every layer adds its wall time (norms, the four Chain-of-Linear maps, rope + K/V store,
 attention, SwiGLU and residual adds). What is left of the step is outside the layers: the embedding, the
 final norm, the LM head and the Python around them. Each part's time is also given as a share of the

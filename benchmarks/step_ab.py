@@ -30,7 +30,7 @@ ap.add_argument("--before-dtype", default=None, help="dtype of the 'before' side
 ap.add_argument("--prefill", action="store_true", help="time the prefill step of one fresh prompt of BATCH tokens "
                                                       "instead (its logits: the last token's)")
 ap.add_argument("--before-loop", action="store_true", help="the 'before' side is this tree with every layer run by "
-                                                          "forward_step's Python loop (no layers_f32 call)")
+                                                          "forward_step's Python loop (no layers_step call)")
 a = ap.parse_args()
 torch.set_num_threads(a.threads)
 

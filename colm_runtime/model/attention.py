@@ -106,8 +106,8 @@ class ChainAttention(nn.Module):
         q, kv, hd = self.q_widths[0], self.kv_widths[0], self.cfg.head_dim
         c, h = q // hd, kv // hd
         kc, vc = cache.k_all[self.layer], cache.v_all[self.layer]
-        if cpu_kernels.rope_store_ok(y, cos, kc):  # fp32 on the CPU: one C pass, not ~15 small ops
-            return cpu_kernels.rope_store_f32(y, P, c, h, hd, cos, sin, kc, vc, plan.kv_slots, plan.kv_rows)
+        if cpu_kernels.rope_store_ok(y, cos, kc):  # on the CPU: one C pass, not ~15 small ops
+            return cpu_kernels.rope_store_rows(y, P, c, h, hd, cos, sin, kc, vc, plan.kv_slots, plan.kv_rows)
         yc = y.view(T, P, q + 2 * kv)  # chain-major columns: [q | k | v] per chain
         qk = apply_rope(yc[..., : q + kv].reshape(T, P * (c + h), hd), cos, sin).view(T, P, c + h, hd)
         k = qk[:, :, c:].transpose(0, 1).reshape(P * T, h, hd)  # pool-major rows

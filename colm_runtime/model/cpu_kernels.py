@@ -5,8 +5,8 @@
   the copy: at batch 32 on SmolLM2 in bf16 those were ~30% of a decode step (docs/performance.md).
 - `rms_norm_rows` (csrc/row_ops.c): RMSNorm of bf16 rows (one segment per chain) in one pass,
   rounded as transformers rounds it, instead of seven torch ops; fp32 rows likewise (F.rms_norm's ~6).
-  The same file: `swiglu_f32` (silu(g) * u of every chain) and `rope_store_f32` (a step's queries and
-  keys roped, its K/V stored into the paged cache) for fp32 models, one call each per layer.
+  The same file: `swiglu_rows` (silu(g) * u of every chain) and `rope_store_rows` (a step's queries and
+  keys roped, its K/V stored into the paged cache), fp32 and bf16, one call each per layer.
 - `gemm_f32` (csrc/gemm_f32.c): fp32 products on CPUs with AVX2 and FMA but no AVX-512 (MKL's sgemm
   packs W on every call: 4-7 GB/s at 1-32 rows there, where a plain sum reads 18 GB/s): W rows read in
   place against groups of up to 4 x rows below 6 rows (1.3-3.5x MKL), x packed into panels of 16 rows
@@ -50,7 +50,7 @@ log = logging.getLogger("colm.kernels")
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / f for f in ("paged_decode.c", "gemv_bf16.c", "gemm_amx_bf16.c",
                                                                       "row_ops.c", "sample_rows.c", "threads.c",
-                                                                      "gemm_f32.c", "layers_f32.c"))
+                                                                      "gemm_f32.c", "layers_cpu.c"))
 COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=gnu11"]
 _DTYPES = (torch.float32, torch.bfloat16)
 MAX_HEAD_DIM, MAX_GROUP = 256, 64  # csrc/paged_decode.c MAX_HD, MAX_G
@@ -132,15 +132,15 @@ def library() -> ctypes.CDLL | None:
     lib.rms_norm_bf16.restype = None
     lib.rms_norm_f32.argtypes = lib.rms_norm_bf16.argtypes
     lib.rms_norm_f32.restype = None
-    lib.swiglu_f32.argtypes = [_P, _I64, _I64, _I64, _I64, _P, _INT]
-    lib.swiglu_f32.restype = None
-    lib.rope_store_f32.argtypes = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _INT]
-    lib.rope_store_f32.restype = None
+    for fn in (lib.swiglu_f32, lib.swiglu_bf16):
+        fn.argtypes, fn.restype = [_P, _I64, _I64, _I64, _I64, _P, _INT], None
+    for fn in (lib.rope_store_f32, lib.rope_store_bf16):
+        fn.argtypes, fn.restype = [_P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _P, _I64, _INT], None
     lib.sample_rows.argtypes = [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P, _INT]
     lib.sample_rows.restype = None
     lib.release_thread_pool.restype = _INT
-    lib.layers_f32.argtypes = [_P] * 13 + [_F32, _F32, _INT]
-    lib.layers_f32.restype = _INT
+    lib.layers_step.argtypes = [_P] * 13 + [_F32, _F32, _INT]
+    lib.layers_step.restype = _INT
     return lib
 
 
@@ -336,73 +336,82 @@ def rms_norm_rows(x: torch.Tensor, w: torch.Tensor, segment: int, eps: float) ->
 
 
 def swiglu_ok(gu: torch.Tensor) -> bool:
-    """Whether swiglu_f32 can take gu [rows, chains * 2F]: fp32 on the CPU, unit inner stride."""
-    return gu.dtype == torch.float32 and gu.is_cpu and gu.dim() == 2 and gu.stride(1) == 1 and library() is not None
+    """Whether swiglu_rows can take gu [rows, chains * 2F]: fp32 or bf16 on the CPU, unit inner stride."""
+    return gu.dtype in _DTYPES and gu.is_cpu and gu.dim() == 2 and gu.stride(1) == 1 and library() is not None
 
 
-def swiglu_f32(gu: torch.Tensor, chains: int) -> torch.Tensor:
+def swiglu_rows(gu: torch.Tensor, chains: int) -> torch.Tensor:
     """silu(g) * u of every chain of gu [rows, chains * 2F] (per chain F gate then F up columns) -> a new
-    [rows, chains * F]. Call only where swiglu_ok."""
+    [rows, chains * F] of gu's dtype (bf16: rounded as F.silu(g) * u rounds, silu then the product). Call
+    only where swiglu_ok."""
     rows, width = gu.shape
     F = width // (2 * chains)
-    out = torch.empty(rows, chains * F)
-    library().swiglu_f32(gu.data_ptr(), rows, gu.stride(0), chains, F, out.data_ptr(), torch.get_num_threads())
+    out = torch.empty(rows, chains * F, dtype=gu.dtype)
+    fn = library().swiglu_bf16 if gu.dtype == torch.bfloat16 else library().swiglu_f32
+    fn(gu.data_ptr(), rows, gu.stride(0), chains, F, out.data_ptr(), torch.get_num_threads())
     return out
 
 
 def rope_store_ok(y: torch.Tensor, cos: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether rope_store_f32 can take this step: fp32 rows, tables and cache on the CPU."""
-    return (y.dtype == torch.float32 and cos.dtype == torch.float32 and k_cache.dtype == torch.float32 and y.is_cpu
+    """Whether rope_store_rows can take this step: rows, tables and cache of one dtype (fp32 or bf16) on
+    the CPU."""
+    return (y.dtype in _DTYPES and cos.dtype == y.dtype and k_cache.dtype == y.dtype and y.is_cpu
             and y.dim() == 2 and y.stride(1) == 1 and k_cache.is_contiguous() and library() is not None)
 
 
-def rope_store_f32(y: torch.Tensor, pools: int, q_heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
-                   sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
-                   rows: torch.Tensor | None) -> torch.Tensor:
+def rope_store_rows(y: torch.Tensor, pools: int, q_heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
+                    sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                    rows: torch.Tensor | None) -> torch.Tensor:
     """Rope the queries and keys of y [T, pools * (q_heads + 2 kv_heads) * head_dim] at cos/sin [T, head_dim]
     (layers.rope_cache's layout), store the keys and values of pool-major rows `rows` (None: all P*T) at
     cache slots `slots` of k_cache/v_cache (one layer, [..., kv_heads, head_dim] contiguous), and return
-    the roped queries [T, pools * q_heads, head_dim]. Call only where rope_store_ok."""
+    the roped queries [T, pools * q_heads, head_dim]. In bf16, rounded as layers.apply_rope rounds with bf16
+    tables. Call only where rope_store_ok."""
     T = y.shape[0]
     cos, sin = cos.contiguous(), sin.contiguous()
     slots = slots.to(torch.int64).contiguous()
     rows = None if rows is None else rows.to(torch.int64).contiguous()
-    q = torch.empty(T, pools * q_heads, head_dim)
-    library().rope_store_f32(y.data_ptr(), T, y.stride(0), pools, q_heads, kv_heads, head_dim, cos.data_ptr(),
-                             sin.data_ptr(), q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(),
-                             None if rows is None else rows.data_ptr(), slots.shape[0], torch.get_num_threads())
+    q = torch.empty(T, pools * q_heads, head_dim, dtype=y.dtype)
+    fn = library().rope_store_bf16 if y.dtype == torch.bfloat16 else library().rope_store_f32
+    fn(y.data_ptr(), T, y.stride(0), pools, q_heads, kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(), q.data_ptr(),
+       k_cache.data_ptr(), v_cache.data_ptr(), slots.data_ptr(), None if rows is None else rows.data_ptr(),
+       slots.shape[0], torch.get_num_threads())
     return q
 
 
-LAYERS_F32_DIMS = ("T", "kmax", "NC", "cw", "C", "H", "hd", "F", "NP", "NB", "BS", "max_len", "R", "tall", "layers",
-                   "kv_stride")  # csrc/layers_f32.c's dims[], in order
+LAYERS_DIMS = ("T", "kmax", "NC", "cw", "C", "H", "hd", "F", "NP", "NB", "BS", "max_len", "R", "tall", "layers",
+               "kv_stride", "bf16")  # csrc/layers_cpu.c's dims[], in order
 
 
-def layers_f32_ok(h: torch.Tensor, k_all: torch.Tensor | None) -> bool:
-    """Whether layers_f32 can run a step over hidden rows h with this shared K/V tensor: fp32 CPU
-    tensors, contiguous, on a CPU where gemm_f32 runs (the kernels the Python path would pick)."""
-    return (h.dtype == torch.float32 and has_f32_rows() and h.is_cpu and h.dim() == 2 and h.is_contiguous()
-            and k_all is not None and k_all.dtype == torch.float32 and k_all.is_cpu and k_all.is_contiguous())
+def layers_ok(h: torch.Tensor, k_all: torch.Tensor | None) -> bool:
+    """Whether layers_step can run a step over hidden rows h with this shared K/V tensor: contiguous CPU
+    tensors of one dtype, fp32 where gemm_f32 runs or bf16 where gemm_bf16w does (the kernels the Python
+    path picks there)."""
+    return (((h.dtype == torch.float32 and has_f32_rows()) or (h.dtype == torch.bfloat16 and has_bf16_widen()))
+            and h.is_cpu and h.dim() == 2 and h.is_contiguous() and k_all is not None and k_all.dtype == h.dtype
+            and k_all.is_cpu and k_all.is_contiguous())
 
 
-def layers_f32(h: torch.Tensor, dims: dict[str, int], wtab: torch.Tensor, rows: Sequence[int], cos: torch.Tensor,
-               sin: torch.Tensor, slots: torch.Tensor, kv_rows: torch.Tensor | None, q_idx: torch.Tensor | None,
-               block_idx: torch.Tensor, lens: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, eps: float,
-               scale: float) -> None:
-    """Every layer of one step over h [T, kmax * cw] in place, in one C call (csrc/layers_f32.c: the
-    kernels of the Python path in its order, bit-identical). dims: LAYERS_F32_DIMS; wtab: int64, per
-    layer the two norm weights' addresses, then per product (qkv, o, gate_up, down) and chain: weight,
-    bias (0: none), rows, columns, row stride. Call only where layers_f32_ok."""
+def layers_step(h: torch.Tensor, dims: dict[str, int], wtab: torch.Tensor, rows: Sequence[int], cos: torch.Tensor,
+                sin: torch.Tensor, slots: torch.Tensor, kv_rows: torch.Tensor | None, q_idx: torch.Tensor | None,
+                block_idx: torch.Tensor, lens: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, eps: float,
+                scale: float) -> None:
+    """Every layer of one step over h [T, kmax * cw] in place, in one C call (csrc/layers_cpu.c: the
+    kernels of the Python path in its order, bit-identical), in h's dtype (weights, tables and K/V in the
+    same). dims: LAYERS_DIMS but "bf16" (filled in here); wtab: int64, per layer the two norm weights'
+    addresses, then per product (qkv, o, gate_up, down) and chain: weight, bias (0: none), rows, columns,
+    row stride. Call only where layers_ok."""
     i64 = lambda t: None if t is None else t.to(torch.int64).contiguous()
-    d = torch.tensor([dims[k] for k in LAYERS_F32_DIMS], dtype=torch.int64)
+    dims = {**dims, "bf16": int(h.dtype == torch.bfloat16)}
+    d = torch.tensor([dims[k] for k in LAYERS_DIMS], dtype=torch.int64)
     r = torch.tensor(list(rows), dtype=torch.int64)
     slots, kv_rows, q_idx, block_idx, lens = map(i64, (slots, kv_rows, q_idx, block_idx, lens))
     cos, sin = cos.contiguous(), sin.contiguous()
     ptr = lambda t: None if t is None else t.data_ptr()
-    rc = library().layers_f32(h.data_ptr(), d.data_ptr(), wtab.data_ptr(), r.data_ptr(), cos.data_ptr(),
-                              sin.data_ptr(), slots.data_ptr(), ptr(kv_rows), ptr(q_idx), block_idx.data_ptr(),
-                              lens.data_ptr(), k_all.data_ptr(), v_all.data_ptr(), eps, scale, torch.get_num_threads())
-    assert rc == 0, "layers_f32: a kernel refused the step's shapes (or no memory for its scratch)"
+    rc = library().layers_step(h.data_ptr(), d.data_ptr(), wtab.data_ptr(), r.data_ptr(), cos.data_ptr(),
+                               sin.data_ptr(), slots.data_ptr(), ptr(kv_rows), ptr(q_idx), block_idx.data_ptr(),
+                               lens.data_ptr(), k_all.data_ptr(), v_all.data_ptr(), eps, scale, torch.get_num_threads())
+    assert rc == 0, "layers_step: a kernel refused the step's shapes (or no memory for its scratch)"
 
 
 def sample_ok(logits: torch.Tensor) -> bool:

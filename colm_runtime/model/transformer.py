@@ -40,7 +40,7 @@ class ChainFFN(nn.Module):
     def forward(self, x: torch.Tensor, chains: int, rows: Rows = None) -> torch.Tensor:
         gu = self.gate_up(x, chains, rows)
         if self._equal and not torch.is_grad_enabled() and cpu_kernels.swiglu_ok(gu):  # one C pass
-            return self.down(cpu_kernels.swiglu_f32(gu, chains), chains, rows)
+            return self.down(cpu_kernels.swiglu_rows(gu, chains), chains, rows)
         if self._equal:  # one silu and one product for all rows and chains (unused ones are zero)
             g, u = gu.unflatten(-1, (chains, 2, self.ffn_widths[0])).unbind(-2)
             return self.down((F.silu(g) * u).flatten(-2), chains, rows)
@@ -249,10 +249,10 @@ class CoLMModel(nn.Module):
             out.append(acc)
         return out
 
-    def _layer_table(self) -> torch.Tensor | None:
-        """cpu_kernels.layers_f32's weight table: per layer the two norm weights' addresses, then per
+    def _layer_table(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """cpu_kernels.layers_step's weight table: per layer the two norm weights' addresses, then per
         product (qkv, o, gate_up, down) and chain its weight's address, its bias's (0: none), rows, columns
-        and row stride; None where a weight is not an fp32 CPU tensor with unit inner stride. Built once
+        and row stride; None unless every weight is a CPU tensor of `dtype` with unit inner stride. Built once
         and kept while every weight's address is unchanged (checked per step: ~40 us; walking the modules
         took ~4 ms). load_state_dict and moves drop it (they may replace the Parameter objects)."""
         if getattr(self, "_table", None) is None:
@@ -268,7 +268,7 @@ class CoLMModel(nn.Module):
         now = [0 if t is None else t.data_ptr() for t in params]
         if now != ptrs:
             table = None
-            if all(t is None or (t.dtype == torch.float32 and t.is_cpu and t.stride(-1) == 1
+            if all(t is None or (t.dtype == params[0].dtype and t.is_cpu and t.stride(-1) == 1
                                  and (t.dim() == 2 or t.is_contiguous())) for t in params):
                 flat = []
                 for i, p in enumerate(now):
@@ -278,7 +278,7 @@ class CoLMModel(nn.Module):
                         flat += (w.shape[0], w.shape[1], w.stride(0))
                 table = torch.tensor(flat, dtype=torch.int64)
             self._table = (params, now, table)
-        return table
+        return table if params[0].dtype == dtype else None
 
     def load_state_dict(self, *args, **kwargs):
         self._table = self._head0 = None  # with assign=True it replaces the Parameter objects the table holds
@@ -290,16 +290,18 @@ class CoLMModel(nn.Module):
 
     def _layers_in_c(self, h: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache, plan, cos: torch.Tensor,
                      sin: torch.Tensor) -> bool:
-        """Run every layer of the step in one C call (cpu_kernels.layers_f32) where it applies: fp32 on a
-        CPU where gemm_f32 runs, equal chains and FFN widths, and every query row of the step attending
-        through paged_decode as pairs. Same kernels, same order, bit-identical to the loop in
-        forward_step; False (nothing done) elsewhere."""
+        """Run every layer of the step in one C call (cpu_kernels.layers_step) where it applies: fp32 on a
+        CPU where gemm_f32 runs, or bf16 where gemm_bf16w does and every chain's product has the
+        BF16_WIDEN_ROWS rows that put it there (one row goes to torch.mv); equal chains and FFN widths, and
+        every query row of the step attending through paged_decode as pairs. Same kernels, same order,
+        bit-identical to the loop in forward_step; False (nothing done) elsewhere."""
         cfg = self.cfg
         if (plan is None or plan.decode is None or plan.groups or plan.kv_slots is None
-                or len(set(cfg.ffn_widths)) != 1 or not cpu_kernels.layers_f32_ok(h, cache.k_all)
-                or not kernel_takes(cfg, cache)):
+                or len(set(cfg.ffn_widths)) != 1 or not cpu_kernels.layers_ok(h, cache.k_all)
+                or not kernel_takes(cfg, cache)
+                or (h.dtype == torch.bfloat16 and min(batch.chain_rows) < cpu_kernels.BF16_WIDEN_ROWS)):
             return False
-        wtab = self._layer_table()
+        wtab = self._layer_table(h.dtype)
         if wtab is None:
             return False
         d = plan.decode
@@ -307,7 +309,7 @@ class CoLMModel(nn.Module):
                     H=cfg.chain_kv_heads[0], hd=cfg.head_dim, F=cfg.ffn_widths[0], NP=d.block_idx.shape[0],
                     NB=d.block_idx.shape[1], BS=cache.block_size, max_len=d.kv_len, R=plan.kv_slots.shape[0],
                     tall=cpu_kernels.F32_TALL_ROWS, layers=cfg.n_layers, kv_stride=cache.k_all.stride(0))
-        cpu_kernels.layers_f32(h, dims, wtab, batch.chain_rows, cos, sin, plan.kv_slots, plan.kv_rows, d.q_idx,
+        cpu_kernels.layers_step(h, dims, wtab, batch.chain_rows, cos, sin, plan.kv_slots, plan.kv_rows, d.q_idx,
                                d.block_idx, d.lens, cache.k_all, cache.v_all, cfg.norm_eps, cfg.head_dim ** -0.5)
         return True
 

@@ -112,7 +112,7 @@ def test_rows_pay_only_for_their_chains(monkeypatch):
 
     monkeypatch.setattr(cpu_kernels, "gemm_f32", recorded_kernel)
     # The Python loop of forward_step; the fused C path runs the same products on the same rows
-    # (tests/model/test_layers_f32.py: bit-identical, and blind to chains its rows do not use).
+    # (tests/model/test_layers_step.py: bit-identical, and blind to chains its rows do not use).
     monkeypatch.setattr(CoLMModel, "_layers_in_c", lambda *a: False)
     run = PagedRunner(model)
     with Record():

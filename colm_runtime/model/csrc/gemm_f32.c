@@ -317,8 +317,8 @@ TGT int gemm_bf16w(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t *W,
     return rc;
 }
 
-/* One Chain-of-Linear map in one parallel region (layers_f32.c): chain j's W_j [n_j, k_j] (lin: per chain
- * its address, bias, n_j, k_j, row stride, as layers_f32's table holds them) on x's first rows[j] rows,
+/* One Chain-of-Linear map in one parallel region (layers_cpu.c): chain j's W_j [n_j, k_j] (lin: per chain
+ * its address, bias, n_j, k_j, row stride, as layers_cpu's table holds them) on x's first rows[j] rows,
  * into column block j of y (rows past rows[j] are not written). Each chain runs the kernel, and so sums
  * in the order, that gemm_f32 / gemm_f32_tall would pick for it alone (tall from `tall` rows): the result
  * is bit-identical to one call per chain. What changes is who does what: x is packed once for every
@@ -326,28 +326,31 @@ TGT int gemm_bf16w(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t *W,
  * ranges (one fork and join per map, not per chain; a mixed batch's few-row blocks, bound by reading W,
  * mostly on one thread while the other computes the first chains). Decode steps 1.02-1.08x against
  * one call per chain (interleaved builds); walking every chain's block of each 6 rows in turn instead
- * was 0.96-0.99x. */
+ * was 0.96-0.99x.
+ * With w16 (chain_gemm_bf16w), W is bf16 and each block is widened into the thread's fp32 scratch first,
+ * as gemm_bf16w widens it: the sums are one gemm_bf16w call's per chain, bit for bit. */
 #define FEW_ROWS_COST 16  /* a few-row block costs about as much as a tall one of this many rows (W-bound) */
 
 typedef struct {
-    const float *w, *bias;
+    const void *w;
+    const float *bias;
     int64_t n, k, ldw, m, col, blocks, rows_per_block, cost;
     int tall;
 } chain_op;
 
-TGT int chain_gemm_f32(const float *x, int64_t ldx, const int64_t *lin, int64_t chains, const int64_t *rows,
-                       int64_t tall, float *y, int64_t ldy, int threads) {
+TGT static int chain_gemm(const float *x, int64_t ldx, const int64_t *lin, int64_t chains, const int64_t *rows,
+                          int64_t tall, float *y, int64_t ldy, int w16, int threads) {
     enum { MAXC = 16 };
     if (chains < 1 || chains > MAXC || !gemm_f32_supported()) return -1;
     chain_op op[MAXC];
-    int64_t total = 0, kmax = 0, mmax = 0, col = 0;
+    int64_t total = 0, kmax = 0, kall = 0, mmax = 0, col = 0;
     for (int64_t j = 0; j < chains; j++) {
         const int64_t *f = lin + j * 5;
         chain_op *c = &op[j];
-        c->w = (const float *)(intptr_t)f[0], c->bias = (const float *)(intptr_t)f[1];
+        c->w = (const void *)(intptr_t)f[0], c->bias = w16 ? NULL : (const float *)(intptr_t)f[1];
         c->n = f[2], c->k = f[3], c->ldw = f[4], c->m = rows[j], c->col = col;
         col += c->n;
-        if (c->m < 1 || (c->m < tall && c->m > 64)) return -1;
+        if (c->m < 1 || (c->m < tall && c->m > 64 && !w16)) return -1;
         c->tall = c->m >= tall;
         c->rows_per_block = c->tall ? TR : NB;
         c->blocks = (c->n + c->rows_per_block - 1) / c->rows_per_block;
@@ -355,6 +358,7 @@ TGT int chain_gemm_f32(const float *x, int64_t ldx, const int64_t *lin, int64_t 
         const int64_t mc = c->tall ? (c->m + 7) / 8 * 8 : (c->m > FEW_ROWS_COST ? c->m : FEW_ROWS_COST);
         c->cost = mc * c->k * c->rows_per_block;
         total += c->cost * c->blocks;
+        if (c->k > kall) kall = c->k;
         if (c->tall) {
             if (c->k > kmax) kmax = c->k;
             if (c->m > mmax) mmax = c->m;
@@ -364,28 +368,41 @@ TGT int chain_gemm_f32(const float *x, int64_t ldx, const int64_t *lin, int64_t 
     float *xp = panels ? aligned_alloc(64, (size_t)(panels * kmax * TP * sizeof(float) + 64)) : NULL;
     if (panels && !xp) return -1;
     if (threads < 1) threads = 1;
+    int rc = 0;
 #pragma omp parallel num_threads(threads)
     {
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+        float *wf = w16 ? aligned_alloc(64, (size_t)((TR * kall * sizeof(float) + 63) / 64 * 64)) : NULL;
+        if (w16 && !wf) {
+#pragma omp atomic write
+            rc = -1;
+        }
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < panels; p++) pack_panel(x, ldx, mmax, kmax, p, xp);
         /* this thread's blocks: those whose cumulative cost starts in [t, t+1) * total / nt */
         const int64_t lo = total * t / nt, hi = total * (t + 1) / nt;
         int64_t acc = 0;
-        for (int64_t j = 0; j < chains; j++) {
+        for (int64_t j = 0; j < chains && rc == 0; j++) {
             const chain_op *c = &op[j];
             for (int64_t b = 0; b < c->blocks; b++, acc += c->cost) {
                 if (acc < lo || acc >= hi) continue;
                 const int64_t n0 = b * c->rows_per_block;
                 const int nvalid = c->n - n0 < c->rows_per_block ? (int)(c->n - n0) : (int)c->rows_per_block;
+                const float *w = c->w;
+                int64_t ldw = c->ldw, n0w = n0;
+                if (w16) {  /* this block's rows widened, as gemm_bf16w widens them (padding rows: the last) */
+                    widen_rows(c->w, c->ldw, n0, nvalid, c->tall ? TR : nvalid, c->k, wf, c->k,
+                               PF * c->rows_per_block);
+                    w = wf, ldw = c->k, n0w = 0;
+                }
                 if (!c->tall) {
-                    rows_block(x, ldx, c->m, c->w, c->ldw, n0, nvalid, c->k, NULL, y + c->col, ldy, c->bias);
+                    rows_block(x, ldx, c->m, w, ldw, n0w, nvalid, c->k, NULL, y + c->col + n0 - n0w, ldy, c->bias);
                     continue;
                 }
                 const float *wr[TR], *wn[TR];
-                for (int r = 0; r < TR; r++) wr[r] = c->w + (n0 + (r < nvalid ? r : nvalid - 1)) * c->ldw;
-                const int next = n0 + 2 * TR <= c->n;
-                for (int r = 0; r < TR; r++) wn[r] = c->w + (n0 + TR + r) * c->ldw;
+                for (int r = 0; r < TR; r++) wr[r] = w + (n0w + (r < nvalid ? r : nvalid - 1)) * ldw;
+                const int next = !w16 && n0 + 2 * TR <= c->n;
+                for (int r = 0; r < TR; r++) wn[r] = w + (n0w + TR + r) * ldw;
                 const int64_t cp = (c->m + TP - 1) / TP;
                 for (int64_t p = 0; p < cp; p++) {
                     const int64_t m0 = p * TP, m1 = m0 + TP / 2;
@@ -395,9 +412,56 @@ TGT int chain_gemm_f32(const float *x, int64_t ldx, const int64_t *lin, int64_t 
                 }
             }
         }
+        free(wf);
     }
     free(xp);
-    return 0;
+    return rc;
+}
+
+TGT int chain_gemm_f32(const float *x, int64_t ldx, const int64_t *lin, int64_t chains, const int64_t *rows,
+                       int64_t tall, float *y, int64_t ldy, int threads) {
+    return chain_gemm(x, ldx, lin, chains, rows, tall, y, ldy, 0, threads);
+}
+
+/* The same map in bf16 (lin as above, bf16 weights): x [rows[0], >= every k_j] bf16 (row stride ldx) widened
+ * once, the products summed in fp32 scratch as chain_gemm_f32 sums them with W widened per block, and
+ * chain j's rows[j] rows rounded to bf16 into column block j of y (row stride ldy); a chain with a bias
+ * (bf16) adds it to the rounded product and rounds again, as linear_rows does on the Python path
+ * (gemm_bf16w, then += bias). Bit-identical to one gemm_bf16w call per chain (same rows and `tall`). */
+TGT int chain_gemm_bf16w(const uint16_t *x, int64_t ldx, const int64_t *lin, int64_t chains, const int64_t *rows,
+                         int64_t tall, uint16_t *y, int64_t ldy, int threads) {
+    if (chains < 1 || chains > 16) return -1;
+    int64_t M = 0, K = 0, N = 0;
+    for (int64_t j = 0; j < chains; j++) {
+        const int64_t *f = lin + j * 5;
+        if (rows[j] > M) M = rows[j];
+        if (f[3] > K) K = f[3];
+        N += f[2];
+    }
+    float *xf = malloc(sizeof(float) * (size_t)(M * K)), *yf = malloc(sizeof(float) * (size_t)(M * N));
+    int rc = (!xf || !yf) ? -1 : 0;
+    if (rc == 0) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t m = 0; m < M; m++) widen_rows(x, ldx, m, 1, 1, K, xf + m * K, K, 0);
+        rc = chain_gemm(xf, K, lin, chains, rows, tall, yf, N, 1, threads);
+    }
+    if (rc == 0) {
+        int64_t col = 0;
+        for (int64_t j = 0; j < chains; j++) {
+            const int64_t *f = lin + j * 5, n = f[2];
+            const uint16_t *bias = (const uint16_t *)(intptr_t)f[1];
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows[j] * n >= 32768)
+            for (int64_t m = 0; m < rows[j]; m++)
+                for (int64_t i = 0; i < n; i++) {
+                    uint16_t v = f32_to_bf16(yf[m * N + col + i]);
+                    if (bias) v = f32_to_bf16(bf16_to_f32(v) + bf16_to_f32(bias[i]));
+                    y[m * ldy + col + i] = v;
+                }
+            col += n;
+        }
+    }
+    free(xf), free(yf);
+    return rc;
 }
 
 #else
@@ -412,6 +476,10 @@ int gemm_f32_tall(const float *x, int64_t M, int64_t ldx, const float *W, int64_
 }
 int chain_gemm_f32(const float *x, int64_t ldx, const int64_t *lin, int64_t chains, const int64_t *rows, int64_t tall,
                    float *y, int64_t ldy, int threads) {
+    return -1;
+}
+int chain_gemm_bf16w(const uint16_t *x, int64_t ldx, const int64_t *lin, int64_t chains, const int64_t *rows,
+                     int64_t tall, uint16_t *y, int64_t ldy, int threads) {
     return -1;
 }
 int gemm_bf16w(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t *W, int64_t N, int64_t K, int64_t ldw,

@@ -1,5 +1,5 @@
-/* Row-wise ops of a step, one C pass each instead of several torch ops: RMSNorm (bf16 and fp32), and for
- * fp32 models SwiGLU and rope + K/V store (below).
+/* Row-wise ops of a step, one C pass each instead of several torch ops: RMSNorm, SwiGLU and rope + K/V
+ * store, each in bf16 and fp32 (the Python path and layers_cpu.c's one-call layers run the same ones).
  *
  * RMSNorm of bf16 rows, rounded as transformers' LlamaRMSNorm rounds (and as layers.py's torch path):
  * per segment of c values, y = bf16(x * rsqrt(mean(x^2) + eps)) computed in fp32, then
@@ -58,6 +58,21 @@ void swiglu_f32(const float *gu, int64_t rows, int64_t ldgu, int64_t chains, int
     }
 }
 
+/* The same of bf16 rows, rounded as torch's F.silu(g) * u rounds in bf16: silu in fp32 rounded to bf16,
+ * then the product in fp32 rounded to bf16. */
+void swiglu_bf16(const uint16_t *gu, int64_t rows, int64_t ldgu, int64_t chains, int64_t F, uint16_t *out,
+                 int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * chains * F >= 32768)
+    for (int64_t r = 0; r < rows * chains; r++) {
+        const uint16_t *g = gu + (r / chains) * ldgu + (r % chains) * 2 * F, *u = g + F;
+        uint16_t *o = out + r * F;
+        for (int64_t i = 0; i < F; i++) {
+            const float gv = bf16_to_f32(g[i]);
+            o[i] = f32_to_bf16(bf16_to_f32(f32_to_bf16(gv / (1.f + expf(-gv)))) * bf16_to_f32(u[i]));
+        }
+    }
+}
+
 /* Rotary embedding of one step's queries and keys, and the new K/V stored into the paged cache, for
  * fp32 models with equal chains (attention.py _rope_and_store; one call per layer instead of ~15 small
  * torch ops). y: [T, P*(C+2H)*hd] rows (stride ldy): per pool, C query heads, H key heads, H value heads;
@@ -70,25 +85,37 @@ static inline void rope_head(const float *x, const float *c, const float *s, int
     for (int64_t d = half; d < hd; d++) o[d] = x[d] * c[d] + x[d - half] * s[d];
 }
 
-void rope_store_f32(const float *y, int64_t T, int64_t ldy, int64_t P, int64_t C, int64_t H, int64_t hd,
-                    const float *cos, const float *sin, float *q_out, float *kc, float *vc, const int64_t *slots,
-                    const int64_t *rows, int64_t R, int threads) {
-    const int64_t blk = (C + 2 * H) * hd;
-#pragma omp parallel num_threads(threads) if (T * P * blk >= 65536)
-    {
-#pragma omp for schedule(static) nowait
-        for (int64_t t = 0; t < T; t++)
-            for (int64_t p = 0; p < P; p++)
-                for (int64_t h = 0; h < C; h++)
-                    rope_head(y + t * ldy + p * blk + h * hd, cos + t * hd, sin + t * hd, hd,
-                              q_out + ((t * P + p) * C + h) * hd);
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < R; i++) {
-            const int64_t r = rows ? rows[i] : i, p = r / T, t = r % T;
-            const float *k = y + t * ldy + p * blk + C * hd, *v = k + H * hd;
-            float *kd = kc + slots[i] * H * hd, *vd = vc + slots[i] * H * hd;
-            for (int64_t h = 0; h < H; h++) rope_head(k + h * hd, cos + t * hd, sin + t * hd, hd, kd + h * hd);
-            for (int64_t e = 0; e < H * hd; e++) vd[e] = v[e];
-        }
+/* bf16 rows and tables, rounded as layers.apply_rope rounds with tables in bf16: x*cos rounded to bf16,
+ * then that plus rotate(x)*sin rounded to bf16 (torch's mul, then addcmul). */
+static inline void rope_head_bf16(const uint16_t *x, const uint16_t *c, const uint16_t *s, int64_t hd, uint16_t *o) {
+    const int64_t half = hd / 2;
+    for (int64_t d = 0; d < hd; d++) {
+        const float xc = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[d]) * bf16_to_f32(c[d])));
+        o[d] = f32_to_bf16(xc + bf16_to_f32(x[d < half ? d + half : d - half]) * bf16_to_f32(s[d]));
     }
 }
+
+/* One definition for both dtypes: T the element type, ROPE its rope_head. */
+#define ROPE_STORE(NAME, T, ROPE)                                                                              \
+    void NAME(const T *y, int64_t T_, int64_t ldy, int64_t P, int64_t C, int64_t H, int64_t hd, const T *cos,  \
+              const T *sin, T *q_out, T *kc, T *vc, const int64_t *slots, const int64_t *rows, int64_t R,        \
+              int threads) {                                                                                   \
+        const int64_t blk = (C + 2 * H) * hd;                                                                  \
+        _Pragma("omp parallel num_threads(threads) if (T_ * P * blk >= 65536)") {                             \
+            _Pragma("omp for schedule(static) nowait") for (int64_t t = 0; t < T_; t++)                       \
+                for (int64_t p = 0; p < P; p++)                                                                \
+                    for (int64_t h = 0; h < C; h++)                                                            \
+                        ROPE(y + t * ldy + p * blk + h * hd, cos + t * hd, sin + t * hd, hd,                   \
+                             q_out + ((t * P + p) * C + h) * hd);                                              \
+            _Pragma("omp for schedule(static)") for (int64_t i = 0; i < R; i++) {                             \
+                const int64_t r = rows ? rows[i] : i, p = r / T_, t = r % T_;                                  \
+                const T *k = y + t * ldy + p * blk + C * hd, *v = k + H * hd;                                  \
+                T *kd = kc + slots[i] * H * hd, *vd = vc + slots[i] * H * hd;                                  \
+                for (int64_t h = 0; h < H; h++) ROPE(k + h * hd, cos + t * hd, sin + t * hd, hd, kd + h * hd); \
+                for (int64_t e = 0; e < H * hd; e++) vd[e] = v[e];                                             \
+            }                                                                                                  \
+        }                                                                                                      \
+    }
+
+ROPE_STORE(rope_store_f32, float, rope_head)
+ROPE_STORE(rope_store_bf16, uint16_t, rope_head_bf16)

@@ -1,5 +1,6 @@
-"""Every layer of a step in one C call (cpu_kernels.layers_f32) is bit-identical to the Python loop of
-forward_step: same kernels, same order, same rows; and it follows the model's weights when they change."""
+"""Every layer of a step in one C call (cpu_kernels.layers_step) is bit-identical to the Python loop of
+forward_step, in fp32 and in bf16: same kernels, same order, same rows; and it follows the model's weights
+when they change."""
 
 from __future__ import annotations
 
@@ -26,14 +27,23 @@ def calls(monkeypatch):
     rounding, not in kind), and a count of the fused calls."""
     monkeypatch.setattr(cpu_kernels, "has_f32_rows", lambda: True)
     n = [0]
-    real = cpu_kernels.layers_f32
+    real = cpu_kernels.layers_step
 
     def counted(*args, **kwargs):
         n[0] += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(cpu_kernels, "layers_f32", counted)
+    monkeypatch.setattr(cpu_kernels, "layers_step", counted)
     return n
+
+
+BF16 = pytest.param(torch.bfloat16, id="bf16", marks=pytest.mark.skipif(
+    not cpu_kernels.has_bf16_widen(), reason="bf16 layers run in one call where gemm_bf16w runs (no bf16 dot product)"))
+DTYPES = [pytest.param(torch.float32, id="fp32"), BF16]
+
+
+def in_dtype(model: CoLMModel, dtype: torch.dtype) -> CoLMModel:
+    return model if dtype == torch.float32 else model.to(dtype).column_major_head()
 
 
 def run_both(model: CoLMModel, monkeypatch, script) -> tuple[list, list, PagedRunner, PagedRunner]:
@@ -57,11 +67,13 @@ def assert_identical(got, want, fused: PagedRunner, loop: PagedRunner) -> None:
 @pytest.mark.parametrize("setting", [dict(chains=(2, 2, 2)), dict(chains=(2, 2), kv_per_chain=2),
                                      dict(chains=(4, 4), head_dim=64), dict(chains=(4,), kv_per_chain=2)],
                          ids=["3x2", "2x2-kv2", "2x4-hd64", "dense"])
-def test_fused_steps_equal_the_python_loop_bit_for_bit(setting, calls, monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_steps_equal_the_python_loop_bit_for_bit(setting, dtype, calls, monkeypatch):
     """Prefills (short enough to attend as pairs), decode steps at every chain pattern (all full, mixed
-    with gaps, all at one chain), and a prefill chunk joining decode rows."""
+    with gaps, all at one chain), and a prefill chunk joining decode rows. In bf16 the last step (one row)
+    keeps the loop: a one-row bf16 product runs on torch.mv there."""
     cfg = small_config(**setting)
-    model = random_model(cfg)
+    model = in_dtype(random_model(cfg), dtype)
     n = cfg.n_chains
     chains = [n, 1, n, 1 + n // 2, 1, n]
     seqs = [(i, rand_ids(cfg, 9 + 4 * i, seed=30 + i), k) for i, k in enumerate(chains)]
@@ -79,11 +91,12 @@ def test_fused_steps_equal_the_python_loop_bit_for_bit(setting, calls, monkeypat
 
     before = calls[0]
     got, want, fused, loop = run_both(model, monkeypatch, script)
-    assert calls[0] - before == 6, "every step of this script is one the fused path takes"
+    assert calls[0] - before == (6 if dtype == torch.float32 else 5), "the steps the fused path takes"
     assert_identical(got, want, fused, loop)
 
 
-def test_biased_products_are_fused_too(calls, monkeypatch):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_biased_products_are_fused_too(dtype, calls, monkeypatch):
     cfg = small_config(chains=(2, 2, 2))
     model = random_model(cfg)
     with torch.no_grad():
@@ -91,9 +104,10 @@ def test_biased_products_are_fused_too(calls, monkeypatch):
             for cl in (blk.attn.qkv, blk.attn.o, blk.ffn.gate_up, blk.ffn.down):
                 for lin in cl._lins:
                     lin.bias = torch.nn.Parameter(torch.randn(lin.weight.shape[0]) * 0.1)
+    model = in_dtype(model, dtype)
     ids = rand_ids(cfg, 12, seed=3)
-    script = lambda run: [run.step([(0, ids[:8], 0, 3), (1, ids[:5], 0, 2)]),
-                          run.step([(0, ids[8:9], 8, 3), (1, ids[5:6], 5, 2)])]
+    script = lambda run: [run.step([(0, ids[:8], 0, 3), (1, ids[:5], 0, 2), (2, ids[2:9], 0, 3)]),
+                          run.step([(0, ids[8:9], 8, 3), (1, ids[5:6], 5, 2), (2, ids[9:10], 7, 3)])]
     got, want, fused, loop = run_both(model, monkeypatch, script)
     assert calls[0] == 2
     assert_identical(got, want, fused, loop)
@@ -119,13 +133,16 @@ def test_the_fused_path_follows_weights_that_were_replaced_or_moved(calls, monke
 
 
 def test_steps_the_kernel_cannot_take_keep_the_python_loop(calls):
-    """Unequal chains and CoLM-Air (no plan of pairs) and bf16 run the loop; a long prefill attends
-    through SDPA groups, so its step does too."""
+    """Unequal chains and CoLM-Air (no plan of pairs), fp16, and bf16 with a chain on one row (torch.mv's
+    product) run the loop; a long prefill attends through SDPA groups, so its step does too."""
     for setting in (dict(chains=(1, 3)), dict(chains=(2, 2), kv_sharing=True)):
         cfg = small_config(**setting)
         PagedRunner(random_model(cfg)).step([(0, rand_ids(cfg, 6, seed=1), 0, cfg.n_chains)])
     cfg = small_config(chains=(2, 2))
-    PagedRunner(random_model(cfg).to(torch.bfloat16)).step([(0, rand_ids(cfg, 6, seed=1), 0, 2)])
+    PagedRunner(random_model(cfg).to(torch.float16)).step([(0, rand_ids(cfg, 6, seed=1), 0, 2)])
+    run = PagedRunner(random_model(cfg).to(torch.bfloat16))
+    run.step([(0, rand_ids(cfg, 1, seed=1), 0, 2)])
+    run.step([(1, rand_ids(cfg, 1, seed=1), 0, 2), (2, rand_ids(cfg, 3, seed=2), 0, 1)])  # chain 2 on one row
     assert calls[0] == 0
     model = random_model(cfg)
     PagedRunner(model, blocks=512).step([(0, rand_ids(cfg, 300, seed=2), 0, 2)])  # 300 x 300 > PAIRS_MAX_WORK
@@ -158,14 +175,15 @@ def test_fused_rows_never_read_the_chains_they_do_not_use(calls):
     assert torch.isnan(got[0]).any() and torch.isnan(got[2]).any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("counts", [(12, 12, 12), (14, 9, 3), (30, 1, 1), (4, 9, 20), (2, 3, 30)],
                          ids=["12-12-12", "14-9-3", "30-1-1", "4-9-20", "2-3-30"])
-def test_fused_decode_of_many_rows_equals_the_python_loop(counts, calls, monkeypatch):
+def test_fused_decode_of_many_rows_equals_the_python_loop(counts, dtype, calls, monkeypatch):
     """Enough rows that chain blocks run on the tall kernel (>= cpu_kernels.F32_TALL_ROWS rows) next to
     few-row ones in the same product (4-9-20: chain 3 on 4 rows; 2-3-30: chains 2 and 3 on 5 and 2): rows at
     3, 2 and 1 chains in these counts."""
     cfg = small_config(chains=(2, 2, 2), head_dim=64)
-    model = random_model(cfg)
+    model = in_dtype(random_model(cfg), dtype)
     chains = [3] * counts[0] + [2] * counts[1] + [1] * counts[2]
     seqs = [(i, rand_ids(cfg, 5 + i % 7, seed=60 + i), k) for i, k in enumerate(chains)]
 

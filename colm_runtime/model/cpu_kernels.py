@@ -176,18 +176,20 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     return out
 
 
-# gemm_bf16w from 2 rows: at one row ATen's bf16 matrix-vector product (torch.mv, which linear_rows calls
-# then) reads W 1.4-1.6x faster than widening it; at 2 rows 0.96-1.19x, 3 1.3-1.6x, 8 2.5-3.1x, 32
-# 5.6-6.7x ATen's emulated bf16 GEMM (SmolLM2's gate_up and down shapes, 30 copies: cold weights).
-BF16_WIDEN_ROWS = 2
+# gemm_bf16w at every row count where it runs: below BF16_TALL_ROWS rows it widens W in registers (1.08-1.27x
+# ATen's bf16 matrix-vector product at one row, 1.1-2.1x widening W into scratch at 1-5 rows), from there
+# W block by block into L1 scratch for the tall kernel (5.6-6.7x ATen's emulated bf16 GEMM at 32 rows).
+# SmolLM2's shapes, 30 cold copies, interleaved: the in-register kernel against the tall one 0.61-0.80x
+# at 4-6 rows, 0.97-1.02 at 8, 0.93-0.98 at 10-12 for gate_up but 0.71-0.78 for down, 1.10 / 0.98 at 16.
+BF16_TALL_ROWS = 12
 GEMV_MAX_ROWS = 3  # csrc/gemv_bf16.c takes products of 1-3 rows (it handles up to 8; AMX wins from 4)
 AMX_ROWS = (4, 64)  # csrc/gemm_amx_bf16.c: products of 4-64 rows where the CPU has AMX (1.4-1.8x oneDNN)
 
 
 def rows_kernel(x: torch.Tensor, w: torch.Tensor) -> str | None:
     """Which of our bf16 product kernels takes x [M, K] @ w [N, K].T: "gemv" (1-3 rows, or up to 8
-    without AMX), "amx" (4-64 rows, K % 32 == 0, N % 16 == 0), "widen" (from BF16_WIDEN_ROWS rows, on a CPU
-    with neither: gemm_bf16w), or None (ATen's). bf16 CPU tensors with unit inner strides only."""
+    without AMX), "amx" (4-64 rows, K % 32 == 0, N % 16 == 0), "widen" (any rows, on a CPU with neither:
+    gemm_bf16w), or None (ATen's). bf16 CPU tensors with unit inner strides only."""
     if x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu" or w.device.type != "cpu":
         return None
     if x.dim() != 2 or x.stride(1) != 1 or w.stride(1) != 1:
@@ -200,7 +202,7 @@ def rows_kernel(x: torch.Tensor, w: torch.Tensor) -> str | None:
         return "amx"
     if lib.has_gemv and 1 <= M <= (GEMV_MAX_ROWS if lib.has_amx else 8):
         return "gemv"
-    if has_bf16_widen() and M >= BF16_WIDEN_ROWS:
+    if has_bf16_widen():
         return "widen"
     return None
 
@@ -301,8 +303,8 @@ def gemm_bf16w(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
     stride, may be a column block of a wider tensor) or a new bf16 tensor, on gemm_f32's kernels with
     both operands widened to fp32 (csrc/gemm_f32.c gemm_bf16w): gemm_f32's sums on x.float() and
     w.float(), bit for bit, rounded once to bf16 for a bf16 out, while W is read at half the bytes. row_k
-    and tall as in gemm_f32 (here the few-row kernel takes any number of rows). Call where
-    has_bf16_widen."""
+    as in gemm_f32; tall: the tall kernel from BF16_TALL_ROWS rows unless True or False says (the few-row
+    kernel, W widened in registers, takes any number of rows). Call where has_bf16_widen."""
     M, K = x.shape
     N = w.shape[0]
     if out is None:
@@ -311,7 +313,7 @@ def gemm_bf16w(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None
         raise ValueError("gemm_bf16w: out must be [M, N], bf16 or fp32, with unit inner stride")
     rc = library().gemm_bf16w(x.data_ptr(), M, x.stride(0), w.data_ptr(), N, K, w.stride(0), out.data_ptr(),
                               out.stride(0), int(out.dtype == torch.float32), _row_k(row_k, M, K),
-                              F32_TALL_ROWS if tall is None else 1 if tall else M + 1, torch.get_num_threads())
+                              BF16_TALL_ROWS if tall is None else 1 if tall else M + 1, torch.get_num_threads())
     assert rc == 0, "gemm_bf16w: no memory or no AVX2 (check has_bf16_widen first)"
     return out
 

@@ -291,15 +291,13 @@ class CoLMModel(nn.Module):
     def _layers_in_c(self, h: torch.Tensor, batch: ForwardBatch, cache: ChainKVCache, plan, cos: torch.Tensor,
                      sin: torch.Tensor) -> bool:
         """Run every layer of the step in one C call (cpu_kernels.layers_step) where it applies: fp32 on a
-        CPU where gemm_f32 runs, or bf16 where gemm_bf16w does and every chain's product has the
-        BF16_WIDEN_ROWS rows that put it there (one row goes to torch.mv); equal chains and FFN widths, and
-        every query row of the step attending through paged_decode as pairs. Same kernels, same order,
+        CPU where gemm_f32 runs, or bf16 where gemm_bf16w does; equal chains and FFN widths, and every
+        query row of the step attending through paged_decode as pairs. Same kernels, same order,
         bit-identical to the loop in forward_step; False (nothing done) elsewhere."""
         cfg = self.cfg
         if (plan is None or plan.decode is None or plan.groups or plan.kv_slots is None
                 or len(set(cfg.ffn_widths)) != 1 or not cpu_kernels.layers_ok(h, cache.k_all)
-                or not kernel_takes(cfg, cache)
-                or (h.dtype == torch.bfloat16 and min(batch.chain_rows) < cpu_kernels.BF16_WIDEN_ROWS)):
+                or not kernel_takes(cfg, cache)):
             return False
         wtab = self._layer_table(h.dtype)
         if wtab is None:
@@ -308,9 +306,10 @@ class CoLMModel(nn.Module):
         dims = dict(T=h.shape[0], kmax=batch.max_chains, NC=cfg.n_chains, cw=cfg.chain_widths[0], C=cfg.chains[0],
                     H=cfg.chain_kv_heads[0], hd=cfg.head_dim, F=cfg.ffn_widths[0], NP=d.block_idx.shape[0],
                     NB=d.block_idx.shape[1], BS=cache.block_size, max_len=d.kv_len, R=plan.kv_slots.shape[0],
-                    tall=cpu_kernels.F32_TALL_ROWS, layers=cfg.n_layers, kv_stride=cache.k_all.stride(0))
+                    tall=cpu_kernels.F32_TALL_ROWS if h.dtype == torch.float32 else cpu_kernels.BF16_TALL_ROWS,
+                    layers=cfg.n_layers, kv_stride=cache.k_all.stride(0))
         cpu_kernels.layers_step(h, dims, wtab, batch.chain_rows, cos, sin, plan.kv_slots, plan.kv_rows, d.q_idx,
-                               d.block_idx, d.lens, cache.k_all, cache.v_all, cfg.norm_eps, cfg.head_dim ** -0.5)
+                                d.block_idx, d.lens, cache.k_all, cache.v_all, cfg.norm_eps, cfg.head_dim ** -0.5)
         return True
 
     @torch.inference_mode()

@@ -391,11 +391,10 @@ def test_gemm_bf16w_takes_strided_operands_writes_column_blocks_and_ragged_rows(
 
 
 @needs_bf16_widen
-def test_bf16_products_route_to_the_widening_kernel_from_two_rows():
+def test_bf16_products_route_to_the_widening_kernel_at_every_row_count():
     g = torch.Generator().manual_seed(9)
     w, x = torch.randn(40, 96, generator=g).to(torch.bfloat16), torch.randn(70, 96, generator=g).to(torch.bfloat16)
-    assert cpu_kernels.rows_kernel(x[:1], w) is None  # one row: ATen's matrix-vector product reads W faster
-    for m in (cpu_kernels.BF16_WIDEN_ROWS, 9, 70):
+    for m in (1, 2, 9, cpu_kernels.BF16_TALL_ROWS, 70):
         assert cpu_kernels.rows_kernel(x[:m], w) == "widen"
         from colm_runtime.model.layers import linear_rows
 

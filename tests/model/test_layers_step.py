@@ -70,8 +70,7 @@ def assert_identical(got, want, fused: PagedRunner, loop: PagedRunner) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_steps_equal_the_python_loop_bit_for_bit(setting, dtype, calls, monkeypatch):
     """Prefills (short enough to attend as pairs), decode steps at every chain pattern (all full, mixed
-    with gaps, all at one chain), and a prefill chunk joining decode rows. In bf16 the last step (one row)
-    keeps the loop: a one-row bf16 product runs on torch.mv there."""
+    with gaps, all at one chain, one row), and a prefill chunk joining decode rows."""
     cfg = small_config(**setting)
     model = in_dtype(random_model(cfg), dtype)
     n = cfg.n_chains
@@ -91,7 +90,7 @@ def test_fused_steps_equal_the_python_loop_bit_for_bit(setting, dtype, calls, mo
 
     before = calls[0]
     got, want, fused, loop = run_both(model, monkeypatch, script)
-    assert calls[0] - before == (6 if dtype == torch.float32 else 5), "the steps the fused path takes"
+    assert calls[0] - before == 6, "every step of this script is one the fused path takes"
     assert_identical(got, want, fused, loop)
 
 
@@ -133,16 +132,13 @@ def test_the_fused_path_follows_weights_that_were_replaced_or_moved(calls, monke
 
 
 def test_steps_the_kernel_cannot_take_keep_the_python_loop(calls):
-    """Unequal chains and CoLM-Air (no plan of pairs), fp16, and bf16 with a chain on one row (torch.mv's
-    product) run the loop; a long prefill attends through SDPA groups, so its step does too."""
+    """Unequal chains and CoLM-Air (no plan of pairs) and fp16 run the loop; a long prefill attends
+    through SDPA groups, so its step does too."""
     for setting in (dict(chains=(1, 3)), dict(chains=(2, 2), kv_sharing=True)):
         cfg = small_config(**setting)
         PagedRunner(random_model(cfg)).step([(0, rand_ids(cfg, 6, seed=1), 0, cfg.n_chains)])
     cfg = small_config(chains=(2, 2))
     PagedRunner(random_model(cfg).to(torch.float16)).step([(0, rand_ids(cfg, 6, seed=1), 0, 2)])
-    run = PagedRunner(random_model(cfg).to(torch.bfloat16))
-    run.step([(0, rand_ids(cfg, 1, seed=1), 0, 2)])
-    run.step([(1, rand_ids(cfg, 1, seed=1), 0, 2), (2, rand_ids(cfg, 3, seed=2), 0, 1)])  # chain 2 on one row
     assert calls[0] == 0
     model = random_model(cfg)
     PagedRunner(model, blocks=512).step([(0, rand_ids(cfg, 300, seed=2), 0, 2)])  # 300 x 300 > PAIRS_MAX_WORK
@@ -179,9 +175,9 @@ def test_fused_rows_never_read_the_chains_they_do_not_use(calls):
 @pytest.mark.parametrize("counts", [(12, 12, 12), (14, 9, 3), (30, 1, 1), (4, 9, 20), (2, 3, 30)],
                          ids=["12-12-12", "14-9-3", "30-1-1", "4-9-20", "2-3-30"])
 def test_fused_decode_of_many_rows_equals_the_python_loop(counts, dtype, calls, monkeypatch):
-    """Enough rows that chain blocks run on the tall kernel (>= cpu_kernels.F32_TALL_ROWS rows) next to
-    few-row ones in the same product (4-9-20: chain 3 on 4 rows; 2-3-30: chains 2 and 3 on 5 and 2): rows at
-    3, 2 and 1 chains in these counts."""
+    """Enough rows that chain blocks run on the tall kernel (>= cpu_kernels.F32_TALL_ROWS rows, in bf16
+    BF16_TALL_ROWS) next to few-row ones in the same product (4-9-20: chain 3 on 4 rows; 2-3-30: chains 2
+    and 3 on 5 and 2): rows at 3, 2 and 1 chains in these counts."""
     cfg = small_config(chains=(2, 2, 2), head_dim=64)
     model = in_dtype(random_model(cfg), dtype)
     chains = [3] * counts[0] + [2] * counts[1] + [1] * counts[2]

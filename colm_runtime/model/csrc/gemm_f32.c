@@ -43,23 +43,37 @@ TGT static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* R x rows (m0..) against nb W rows (n0..) over all of K. Called with constant R and nb, so the loops
- * unroll and the R x nb accumulators stay in registers. */
+/* 8 bf16 values widened to fp32 in a register (exact: a bf16 is an fp32's high half). */
+TGT static inline __m256 widen8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* R x rows (m0..) against nb W rows (n0..) over all of K. Called with constant R, nb and w16, so the loops
+ * unroll and the R x nb accumulators stay in registers. w16: W is bf16 (Wv is uint16_t *), widened in
+ * registers as it is loaded: the sums are those on the widened W, bit for bit, with W read at half the
+ * bytes and nothing written to scratch. */
 TGT static inline __attribute__((always_inline)) void block(const float *x, int64_t ldx, int64_t m0, const int R,
-                                                            const float *W, int64_t ldw, int64_t n0, const int nb,
-                                                            int64_t K, float *y, int64_t ldy, const float *bias) {
+                                                            const void *Wv, int64_t ldw, int64_t n0, const int nb,
+                                                            int64_t K, float *y, int64_t ldy, const float *bias,
+                                                            const int w16) {
     __m256 acc[MR][NB];
     for (int m = 0; m < R; m++)
         for (int j = 0; j < nb; j++) acc[m][j] = _mm256_setzero_ps();
     const float *wr[NB], *xr[MR];
-    for (int j = 0; j < nb; j++) wr[j] = W + (n0 + j) * ldw;
+    const uint16_t *wh[NB];
+    for (int j = 0; j < nb; j++) {
+        wr[j] = (const float *)Wv + (n0 + j) * ldw;
+        wh[j] = (const uint16_t *)Wv + (n0 + j) * ldw;
+    }
     for (int m = 0; m < R; m++) xr[m] = x + (m0 + m) * ldx;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
         __m256 w[NB];
-        for (int j = 0; j < nb; j++) w[j] = _mm256_loadu_ps(wr[j] + k);
-        if ((k & 15) == 0)  /* one per 64-byte line: W's rows PF blocks ahead (past W's end: a no-op) */
-            for (int j = 0; j < nb; j++) _mm_prefetch((const char *)(wr[j] + PF * NB * ldw + k), _MM_HINT_T0);
+        for (int j = 0; j < nb; j++) w[j] = w16 ? widen8(wh[j] + k) : _mm256_loadu_ps(wr[j] + k);
+        if ((k & (w16 ? 31 : 15)) == 0)  /* one per 64-byte line: W's rows PF blocks ahead (past W's end: a no-op) */
+            for (int j = 0; j < nb; j++)
+                _mm_prefetch(w16 ? (const char *)(wh[j] + PF * NB * ldw + k) : (const char *)(wr[j] + PF * NB * ldw + k),
+                             _MM_HINT_T0);
         for (int m = 0; m < R; m++) {
             const __m256 xv = _mm256_loadu_ps(xr[m] + k);
             for (int j = 0; j < nb; j++) acc[m][j] = _mm256_fmadd_ps(xv, w[j], acc[m][j]);
@@ -69,7 +83,15 @@ TGT static inline __attribute__((always_inline)) void block(const float *x, int6
         const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
         const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(K - k)), idx);
         __m256 w[NB];
-        for (int j = 0; j < nb; j++) w[j] = _mm256_maskload_ps(wr[j] + k, mask);
+        for (int j = 0; j < nb; j++) {
+            if (w16) {
+                uint16_t t[8] = {0};
+                for (int64_t i = 0; i < K - k; i++) t[i] = wh[j][k + i];
+                w[j] = widen8(t);
+            } else {
+                w[j] = _mm256_maskload_ps(wr[j] + k, mask);
+            }
+        }
         for (int m = 0; m < R; m++) {
             const __m256 xv = _mm256_maskload_ps(xr[m] + k, mask);
             for (int j = 0; j < nb; j++) acc[m][j] = _mm256_fmadd_ps(xv, w[j], acc[m][j]);
@@ -85,7 +107,7 @@ TGT static inline __attribute__((always_inline)) void block(const float *x, int6
 
 /* Every x row against nb W rows from n0: groups of MR rows, then the rest; a group stops at its first
  * row's K. */
-#define GROUP(R) block(x, ldx, m, R, W, ldw, n0, nb_c, row_k ? row_k[m] : K, y, ldy, bias)
+#define GROUP(R) block(x, ldx, m, R, W, ldw, n0, nb_c, row_k ? row_k[m] : K, y, ldy, bias, W16)
 #define ROWS(NBC)                                                                      \
     do {                                                                               \
         const int nb_c = NBC;                                                          \
@@ -98,12 +120,23 @@ TGT static inline __attribute__((always_inline)) void block(const float *x, int6
         }                                                                              \
     } while (0)
 
+#define W16 0
 TGT static void rows_block(const float *x, int64_t ldx, int64_t M, const float *W, int64_t ldw, int64_t n0, int nb,
                            int64_t K, const int64_t *row_k, float *y, int64_t ldy, const float *bias) {
     if (nb == NB) ROWS(NB);
     else if (nb == 2) ROWS(2);
     else ROWS(1);
 }
+#undef W16
+#define W16 1
+/* The same with W in bf16, widened in registers (gemm_bf16w below its tall rows). */
+TGT static void rows_block16(const float *x, int64_t ldx, int64_t M, const uint16_t *W, int64_t ldw, int64_t n0,
+                             int nb, int64_t K, const int64_t *row_k, float *y, int64_t ldy, const float *bias) {
+    if (nb == NB) ROWS(NB);
+    else if (nb == 2) ROWS(2);
+    else ROWS(1);
+}
+#undef W16
 
 /* Returns 0, or -1 if M is outside 1..64 or the CPU lacks AVX2/FMA (nothing written). */
 TGT int gemm_f32(const float *x, int64_t M, int64_t ldx, const float *W, int64_t N, int64_t K, int64_t ldw,
@@ -291,11 +324,11 @@ TGT int gemm_bf16w(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t *W,
             for (int64_t b = 0; b < blocks; b++) {
                 const int64_t n0 = b * per;
                 const int nvalid = N - n0 < per ? (int)(N - n0) : per;
-                widen_rows(W, ldw, n0, nvalid, is_tall ? TR : nvalid, K, wf, K, PF * per);
-                if (!is_tall) {
-                    rows_block(xf, K, M, wf, K, 0, nvalid, K, row_k, yf + n0, ldy, NULL);
+                if (!is_tall) {  /* W widened in registers: no scratch */
+                    rows_block16(xf, K, M, W, ldw, n0, nvalid, K, row_k, yf, ldy, NULL);
                     continue;
                 }
+                widen_rows(W, ldw, n0, nvalid, TR, K, wf, K, PF * per);
                 const float *wr[TR];
                 for (int r = 0; r < TR; r++) wr[r] = wf + r * K;
                 for (int64_t p = 0; p < panels; p++) {
@@ -390,14 +423,14 @@ TGT static int chain_gemm(const float *x, int64_t ldx, const int64_t *lin, int64
                 const int nvalid = c->n - n0 < c->rows_per_block ? (int)(c->n - n0) : (int)c->rows_per_block;
                 const float *w = c->w;
                 int64_t ldw = c->ldw, n0w = n0;
-                if (w16) {  /* this block's rows widened, as gemm_bf16w widens them (padding rows: the last) */
-                    widen_rows(c->w, c->ldw, n0, nvalid, c->tall ? TR : nvalid, c->k, wf, c->k,
-                               PF * c->rows_per_block);
-                    w = wf, ldw = c->k, n0w = 0;
-                }
                 if (!c->tall) {
-                    rows_block(x, ldx, c->m, w, ldw, n0w, nvalid, c->k, NULL, y + c->col + n0 - n0w, ldy, c->bias);
+                    if (w16) rows_block16(x, ldx, c->m, c->w, ldw, n0, nvalid, c->k, NULL, y + c->col, ldy, NULL);
+                    else rows_block(x, ldx, c->m, w, ldw, n0, nvalid, c->k, NULL, y + c->col, ldy, c->bias);
                     continue;
+                }
+                if (w16) {  /* this block's rows widened, as gemm_bf16w widens them (padding rows: the last) */
+                    widen_rows(c->w, c->ldw, n0, nvalid, TR, c->k, wf, c->k, PF * c->rows_per_block);
+                    w = wf, ldw = c->k, n0w = 0;
                 }
                 const float *wr[TR], *wn[TR];
                 for (int r = 0; r < TR; r++) wr[r] = w + (n0w + (r < nvalid ? r : nvalid - 1)) * ldw;

@@ -1,5 +1,5 @@
 """Where a decode step's time goes, part by part, at all chains, at the equal mix and at one chain: the
-fp32 step whose layers run in one C call (csrc/layers_cpu.c) built with -DCOLM_LAYER_TIMING, so every
+step whose layers run in one C call (csrc/layers_cpu.c, fp32 or bf16) built with -DCOLM_LAYER_TIMING, so every
 part of every layer adds its wall time (norms, the four Chain-of-Linear maps, rope + K/V store,
 attention, SwiGLU and residual adds). What is left of the step is outside the layers: the embedding, the
 final norm, the LM head and the Python around them. Each part's time is also given as a share of the
@@ -8,8 +8,9 @@ attention: the chains its rows attend with).
 
   python benchmarks/layer_parts.py                       # random three-chain SmolLM2 shape, batch 32
   python benchmarks/layer_parts.py --batch 8 --rounds 20
+  python benchmarks/layer_parts.py --dtype bfloat16
 
-Needs a CPU where the fp32 one-call layers run (AVX2 + FMA without AVX-512) and gcc; the timing build is
+Needs a CPU where the one-call layers run (AVX2 + FMA without AVX-512) and gcc; the timing build is
 cached beside the normal one (another compile flag, another file).
 """
 import argparse
@@ -29,6 +30,7 @@ ap.add_argument("--batch", type=int, default=32)
 ap.add_argument("--context", type=int, default=128)
 ap.add_argument("--rounds", type=int, default=10)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
 a = ap.parse_args()
 
 cpu_kernels.COMPILE_FLAGS = [*cpu_kernels.COMPILE_FLAGS, "-DCOLM_LAYER_TIMING"]  # before the first library() call
@@ -40,7 +42,7 @@ lib.layer_parts.argtypes = [ctypes.c_void_p]
 from colm_runtime.bench.model import DecodeStep, equal_mix, random_model  # noqa: E402
 
 torch.set_num_threads(a.threads)
-model = random_model(a.random, "cpu", torch.float32)
+model = random_model(a.random, "cpu", getattr(torch, a.dtype))
 n = model.cfg.n_chains
 buf = (ctypes.c_double * len(PARTS))()
 all_chains = f"{n} chains"
@@ -74,7 +76,7 @@ def flop_share(ks: list[int], part: str) -> float:
 
 ms = {name: [v / a.rounds * 1000 for v in t] for name, t in totals.items()}
 full = ms[all_chains]
-print(f"{a.random}, fp32, batch {a.batch}, context {a.context}, {a.rounds} rounds; ms per step "
+print(f"{a.random}, {a.dtype}, batch {a.batch}, context {a.context}, {a.rounds} rounds; ms per step "
       f"(share of the {n}-chain step's part / FLOP share)")
 for name, t in ms.items():
     layers = sum(t[:-1])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from colm_runtime.config import ModelConfig
+from colm_runtime.model import cpu_kernels
 from colm_runtime.model.kv_cache import ChainKVCache
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -44,14 +45,19 @@ def cpu_has_amx() -> bool:
 
 def fastest_dtype(device: str) -> tuple[str, str]:
     """The fastest correct dtype on `device`, and why: bfloat16 on a CUDA device that supports it and
-    on a CPU with AMX (bf16 matmuls at several times the fp32 rate), else float32 (a CPU without AMX
-    computes bf16 through fp32 conversions: slower than fp32 itself)."""
+    on a CPU with AMX (bf16 matmuls at several times the fp32 rate), else float32. On AVX2 without
+    AVX-512 our kernels widen bf16 to fp32 (cpu_kernels.has_bf16_widen): that reads half the bytes and
+    decodes 1.5-1.7x faster than fp32 at 1-4 rows, but runs 5-12% slower from 16 rows and in prefill
+    (docs/performance.md, round 9), so a server under load is faster in fp32 there, and the reason says
+    that `--dtype bfloat16` suits one that serves few requests at a time."""
     if torch.device(device).type == "cuda":
         if torch.cuda.is_bf16_supported():
             return "bfloat16", "CUDA device with bf16"
         return "float32", "CUDA device without bf16"
     if cpu_has_amx():
         return "bfloat16", "CPU with AMX bf16"
+    if cpu_kernels.has_bf16_widen():
+        return "float32", "CPU without AMX; bf16 is faster here only at a few concurrent requests: --dtype bfloat16"
     return "float32", "CPU without AMX"
 
 

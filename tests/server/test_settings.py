@@ -38,6 +38,11 @@ def test_device_defaults_to_auto_and_dtype_auto_is_the_fastest_here(model_dir, m
     assert s.resolved_device == ("cuda" if torch.cuda.is_available() else "cpu")
     fast = torch.cuda.is_available() and torch.cuda.is_bf16_supported() or not torch.cuda.is_available() and cpu_has_amx()
     assert s.resolved_dtype[0] == ("bfloat16" if fast else "float32") and s.resolved_dtype[1].startswith("auto: ")
+    from colm_runtime.model import cpu_kernels
+
+    # where our kernels widen bf16 (AVX2, no bf16 dot product), fp32 is kept but the reason points to bf16
+    hint = not torch.cuda.is_available() and not cpu_has_amx() and cpu_kernels.has_bf16_widen()
+    assert ("--dtype bfloat16" in s.resolved_dtype[1]) == hint
     with open("/proc/cpuinfo") as f:  # the kernel's flags agree with torch's probe
         assert cpu_has_amx() == (" amx_bf16" in f.read())
     assert settings_from(["--model", str(model_dir), "--dtype", "checkpoint"]).resolved_dtype[0] is None

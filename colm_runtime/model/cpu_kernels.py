@@ -182,9 +182,9 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 # gemm_bf16w at every row count where it runs: below BF16_TALL_ROWS rows it widens W in registers (1.08-1.27x
 # ATen's bf16 matrix-vector product at one row, 1.1-2.1x widening W into scratch at 1-5 rows), from there
 # W block by block into L1 scratch for the tall kernel (5.6-6.7x ATen's emulated bf16 GEMM at 32 rows).
-# SmolLM2's shapes, 30 cold copies, interleaved: the in-register kernel against the tall one 0.61-0.80x
-# at 4-6 rows, 0.97-1.02 at 8, 0.93-0.98 at 10-12 for gate_up but 0.71-0.78 for down, 1.10 / 0.98 at 16.
-BF16_TALL_ROWS = 12
+# SmolLM2's shapes, 30 cold copies, interleaved (tall / in-register): 1.25-2.1 at 4-6 rows, 0.98-1.03 at 8,
+# 1.11-1.29 at 12 in two of three runs (0.98 for gate_up in the third), 0.88-1.01 at 14, 0.73-0.91 at 16.
+BF16_TALL_ROWS = 13
 GEMV_MAX_ROWS = 3  # csrc/gemv_bf16.c takes products of 1-3 rows (it handles up to 8; AMX wins from 4)
 AMX_ROWS = (4, 64)  # csrc/gemm_amx_bf16.c: products of 4-64 rows where the CPU has AMX (1.4-1.8x oneDNN)
 

@@ -403,11 +403,13 @@ def layers_step(h: torch.Tensor, dims: dict[str, int], wtab: torch.Tensor, rows:
                 scale: float) -> None:
     """Every layer of one step over h [T, kmax * cw] in place, in one C call (csrc/layers_cpu.c: the
     kernels of the Python path in its order, bit-identical), in h's dtype (weights, tables and K/V in the
-    same). dims: LAYERS_DIMS but "bf16" (filled in here); wtab: int64, per layer the two norm weights'
+    same). dims: LAYERS_DIMS but "tall" and "bf16" (filled in here from h's dtype, as the Python path's
+    products pick their kernels); wtab: int64, per layer the two norm weights'
     addresses, then per product (qkv, o, gate_up, down) and chain: weight, bias (0: none), rows, columns,
     row stride. Call only where layers_ok."""
     i64 = lambda t: None if t is None else t.to(torch.int64).contiguous()
-    dims = {**dims, "bf16": int(h.dtype == torch.bfloat16)}
+    bf16 = h.dtype == torch.bfloat16
+    dims = {**dims, "tall": BF16_TALL_ROWS if bf16 else F32_TALL_ROWS, "bf16": int(bf16)}
     d = torch.tensor([dims[k] for k in LAYERS_DIMS], dtype=torch.int64)
     r = torch.tensor(list(rows), dtype=torch.int64)
     slots, kv_rows, q_idx, block_idx, lens = map(i64, (slots, kv_rows, q_idx, block_idx, lens))

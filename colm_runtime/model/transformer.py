@@ -306,7 +306,6 @@ class CoLMModel(nn.Module):
         dims = dict(T=h.shape[0], kmax=batch.max_chains, NC=cfg.n_chains, cw=cfg.chain_widths[0], C=cfg.chains[0],
                     H=cfg.chain_kv_heads[0], hd=cfg.head_dim, F=cfg.ffn_widths[0], NP=d.block_idx.shape[0],
                     NB=d.block_idx.shape[1], BS=cache.block_size, max_len=d.kv_len, R=plan.kv_slots.shape[0],
-                    tall=cpu_kernels.F32_TALL_ROWS if h.dtype == torch.float32 else cpu_kernels.BF16_TALL_ROWS,
                     layers=cfg.n_layers, kv_stride=cache.k_all.stride(0))
         cpu_kernels.layers_step(h, dims, wtab, batch.chain_rows, cos, sin, plan.kv_slots, plan.kv_rows, d.q_idx,
                                 d.block_idx, d.lens, cache.k_all, cache.v_all, cfg.norm_eps, cfg.head_dim ** -0.5)

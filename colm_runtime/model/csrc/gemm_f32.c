@@ -378,7 +378,7 @@ TGT static int chain_gemm(const float *x, int64_t ldx, const int64_t *lin, int64
     enum { MAXC = 16 };
     if (chains < 1 || chains > MAXC || !gemm_f32_supported()) return -1;
     chain_op op[MAXC];
-    int64_t total = 0, kmax = 0, kall = 0, mmax = 0, col = 0;
+    int64_t total = 0, kmax = 0, mmax = 0, col = 0;
     for (int64_t j = 0; j < chains; j++) {
         const int64_t *f = lin + j * 5;
         chain_op *c = &op[j];
@@ -393,7 +393,6 @@ TGT static int chain_gemm(const float *x, int64_t ldx, const int64_t *lin, int64
         const int64_t mc = c->tall ? (c->m + 7) / 8 * 8 : (c->m > FEW_ROWS_COST ? c->m : FEW_ROWS_COST);
         c->cost = mc * c->k * c->rows_per_block;
         total += c->cost * c->blocks;
-        if (c->k > kall) kall = c->k;
         if (c->tall) {
             if (c->k > kmax) kmax = c->k;
             if (c->m > mmax) mmax = c->m;
@@ -407,8 +406,9 @@ TGT static int chain_gemm(const float *x, int64_t ldx, const int64_t *lin, int64
 #pragma omp parallel num_threads(threads)
     {
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
-        float *wf = w16 ? aligned_alloc(64, (size_t)((TR * kall * sizeof(float) + 63) / 64 * 64)) : NULL;
-        if (w16 && !wf) {
+        /* bf16: each tall block's W rows widened here (the few-row kernel widens in registers) */
+        float *wf = w16 && panels ? aligned_alloc(64, (size_t)((TR * kmax * sizeof(float) + 63) / 64 * 64)) : NULL;
+        if (w16 && panels && !wf) {
 #pragma omp atomic write
             rc = -1;
         }

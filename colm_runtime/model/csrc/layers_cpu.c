@@ -84,6 +84,19 @@ static void rms_norm(const void *x, int64_t rows, int64_t ldx, const void *w, in
     else rms_norm_f32(x, rows, ldx, w, n, c, eps, out, threads);
 }
 
+static void rope_store(const void *y, int64_t T, int64_t ldy, int64_t P, int64_t C, int64_t H, int64_t hd,
+                       const void *cos, const void *sin, void *q, void *kc, void *vc, const int64_t *slots,
+                       const int64_t *rows, int64_t R, int bf16, int threads) {
+    if (bf16) rope_store_bf16(y, T, ldy, P, C, H, hd, cos, sin, q, kc, vc, slots, rows, R, threads);
+    else rope_store_f32(y, T, ldy, P, C, H, hd, cos, sin, q, kc, vc, slots, rows, R, threads);
+}
+
+static void swiglu(const void *gu, int64_t rows, int64_t ldgu, int64_t chains, int64_t F, void *out, int bf16,
+                   int threads) {
+    if (bf16) swiglu_bf16(gu, rows, ldgu, chains, F, out, threads);
+    else swiglu_f32(gu, rows, ldgu, chains, F, out, threads);
+}
+
 /* h += d (bf16: the sum of the two in fp32, rounded to bf16, as torch's add_ rounds) */
 static void add_rows(void *h, const void *d, int64_t n, int bf16, int threads) {
     if (bf16) {
@@ -146,12 +159,7 @@ int layers_step(void *h, const int64_t *dims, const int64_t *wtab, const int64_t
         PART(P_NORM, rms_norm(h, T, D, attn_norm, kmax, cw, eps, xa, bf16, threads));
         PART(P_QKV, rc = chain_linear(xa, D, qkv, kmax, rows, tall, y, qkv_w, bf16, threads));
         if (rc) break;
-        if (bf16)
-            PART(P_ROPE, rope_store_bf16((const uint16_t *)y, T, qkv_w, kmax, C, H, hd, cos, sin, (uint16_t *)q,
-                                         (uint16_t *)kc, (uint16_t *)vc, slots, kv_rows, R, threads));
-        else
-            PART(P_ROPE, rope_store_f32((const float *)y, T, qkv_w, kmax, C, H, hd, cos, sin, (float *)q,
-                                        (float *)kc, (float *)vc, slots, kv_rows, R, threads));
+        PART(P_ROPE, rope_store(y, T, qkv_w, kmax, C, H, hd, cos, sin, q, kc, vc, slots, kv_rows, R, bf16, threads));
         PART(P_ATTN, rc = attend(q, kc, vc, att, qd, od, q_idx, NP, qw, block_idx, lens, NB, C, H, hd, BS, max_len,
                                  scale, bf16, threads));
         if (rc) break;
@@ -161,10 +169,7 @@ int layers_step(void *h, const int64_t *dims, const int64_t *wtab, const int64_t
         PART(P_NORM, rms_norm(h, T, D, ffn_norm, kmax, cw, eps, xa, bf16, threads));
         PART(P_GATE_UP, rc = chain_linear(xa, D, gate_up, kmax, rows, tall, gu, kmax * 2 * F, bf16, threads));
         if (rc) break;
-        if (bf16)
-            PART(P_SWIGLU_ADD, swiglu_bf16((const uint16_t *)gu, T, kmax * 2 * F, kmax, F, (uint16_t *)act, threads));
-        else
-            PART(P_SWIGLU_ADD, swiglu_f32((const float *)gu, T, kmax * 2 * F, kmax, F, (float *)act, threads));
+        PART(P_SWIGLU_ADD, swiglu(gu, T, kmax * 2 * F, kmax, F, act, bf16, threads));
         PART(P_DOWN, rc = chain_linear(act, kmax * F, down, kmax, rows, tall, tmp, D, bf16, threads));
         if (rc) break;
         PART(P_SWIGLU_ADD, add_rows(h, tmp, T * D, bf16, threads));

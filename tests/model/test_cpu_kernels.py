@@ -6,6 +6,7 @@ the same bf16 values."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,16 @@ def paged_case(pairs, q_heads, kv_heads, hd, bs, dtype, seed=0, blocks=64):
     return q, k, v, idx, lens
 
 
+@contextlib.contextmanager
+def torch_threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def torch_path(q, k, v, idx, lens):
     """What attention.py does without the kernel: gather, mask, SDPA (in fp32 here, as the reference)."""
     L = int(lens.max())
@@ -50,28 +61,32 @@ def torch_path(q, k, v, idx, lens):
                                                      (2, 2, 64, 8), (10, 1, 64, 16)],
                          ids=["gqa3-hd64", "mha-hd128", "gqa3-hd24", "bs1", "gqa4-hd64", "gqa8-hd64-bs5", "gqa8-hd128",
                               "gqa3-hd33", "mha-hd64", "gqa10-portable"])
-def test_kernel_equals_gather_and_sdpa(dtype, tol, q_heads, kv_heads, hd, bs):
+@pytest.mark.parametrize("pairs", [3, 24])
+def test_kernel_equals_gather_and_sdpa(dtype, tol, q_heads, kv_heads, hd, bs, pairs):
     # With AVX-512, groups of 1-8 query heads take code specialised for their size (head_dim 64 and 128
-    # apart, other head sizes with a masked last vector); 10 takes the portable path.
-    q, k, v, idx, lens = paged_case(7, q_heads, kv_heads, hd, bs, dtype)
+    # apart, other head sizes with a masked last vector); 10 takes the portable path. On AVX2, 24 pairs
+    # on 2 threads with several kv heads run one task per pair (attend_pair256), 3 one per (pair, head).
+    q, k, v, idx, lens = paged_case(pairs, q_heads, kv_heads, hd, bs, dtype)
     assert cpu_kernels.supports(q, k)
-    got = cpu_kernels.paged_decode(q, k, v, idx, lens, int(lens.max()))
+    with torch_threads(2):
+        got = cpu_kernels.paged_decode(q, k, v, idx, lens, int(lens.max()))
     assert got.dtype == dtype and got.shape == q.shape
     torch.testing.assert_close(got.float(), torch_path(q, k, v, idx, lens), rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_a_pair_does_not_depend_on_its_batch_or_the_thread_count(dtype):
-    q, k, v, idx, lens = paged_case(16, 9, 3, 64, 16, dtype, seed=1)
-    batched = cpu_kernels.paged_decode(q, k, v, idx, lens, int(lens.max()))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        for i in (0, 5, 15):
-            alone = cpu_kernels.paged_decode(q[i : i + 1], k, v, idx[i : i + 1], lens[i : i + 1], int(lens[i]))
-            assert torch.equal(alone[0], batched[i])
-    finally:
-        torch.set_num_threads(threads)
+@pytest.mark.parametrize("heads", [(9, 3, 64), (16, 2, 128), (8, 8, 64)], ids=["gqa3-hd64", "gqa8-hd128", "mha-hd64"])
+def test_a_pair_does_not_depend_on_its_batch_or_the_thread_count(dtype, heads):
+    # On AVX2 the batch of 16 on 2 threads runs one task per pair, every kv head at once; a pair alone runs
+    # a task per (pair, kv head), on 1 thread and on 2: the same sums, bit for bit.
+    q, k, v, idx, lens = paged_case(16, *heads, 16, dtype, seed=1)
+    with torch_threads(2):
+        batched = cpu_kernels.paged_decode(q, k, v, idx, lens, int(lens.max()))
+    for n in (1, 2):
+        with torch_threads(n):
+            for i in (0, 5, 15):
+                alone = cpu_kernels.paged_decode(q[i : i + 1], k, v, idx[i : i + 1], lens[i : i + 1], int(lens[i]))
+                assert torch.equal(alone[0], batched[i])
 
 
 def test_unsupported_inputs_keep_the_torch_path():

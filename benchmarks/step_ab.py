@@ -1,5 +1,5 @@
-"""A/B of one decode step (`forward_step`, 128 cached tokens per sequence) between a clone of another
-commit ("before") and this tree ("after"), interleaved round by round in one process so machine noise
+"""A/B of one decode step (`forward_step`, 128 cached tokens per sequence, or --context) between a clone of
+another commit ("before") and this tree ("after"), interleaved round by round in one process so machine noise
 hits both alike. Prints the median of each side and before/after (> 1: this tree is faster).
 
   git clone -q . /tmp/before-14 && git -C /tmp/before-14 checkout -q <before-commit>
@@ -8,6 +8,7 @@ hits both alike. Prints the median of each side and before/after (> 1: this tree
   python benchmarks/step_ab.py bfloat16 32 --random smollm2-3chain --chains mix   # a mixed batch
   python benchmarks/step_ab.py float32 128 512 --prefill   # one fresh prompt of 128, then 512 tokens
   python benchmarks/step_ab.py float32 32 --before-loop    # this tree: layers in one C call vs the Python loop
+  python benchmarks/step_ab.py float32 8 32 --context 512  # longer contexts: attention's share grows
 """
 import argparse
 import os
@@ -24,6 +25,7 @@ ap.add_argument("--model", default="/work/peers/smollm2-colm")
 ap.add_argument("--random", default=None, help="a random model of this shape (colm bench model --random)")
 ap.add_argument("--rounds", type=int, default=12)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--context", type=int, default=128, help="cached tokens per sequence of a decode step")
 ap.add_argument("--chains", default="1", help="chain count of every row, or 'mix' (equal split over 1..n)")
 ap.add_argument("--before", default="/tmp/before-14", help="checkout of the 'before' commit")
 ap.add_argument("--before-dtype", default=None, help="dtype of the 'before' side (default: DTYPE)")
@@ -49,7 +51,7 @@ def steps(root: str, dtype: torch.dtype, loop: bool = False) -> dict:
         m._layers_in_c = lambda *args: False
     if a.prefill:
         return {b: prefill_step(m, b) for b in a.batch}
-    return {b: DecodeStep(m, equal_mix(m.cfg.n_chains, b) if a.chains == "mix" else int(a.chains), b, 128)
+    return {b: DecodeStep(m, equal_mix(m.cfg.n_chains, b) if a.chains == "mix" else int(a.chains), b, a.context)
             for b in a.batch}
 
 
@@ -80,6 +82,6 @@ for _ in range(a.rounds):
             t[s, b].append(time.perf_counter() - start)
 for b in a.batch:
     bm, am = statistics.median(t["before", b]), statistics.median(t["after", b])
-    what = f"prefill of {b} tokens" if a.prefill else f"batch {b}"
+    what = f"prefill of {b} tokens" if a.prefill else f"batch {b}, context {a.context}"
     print(f"{a.before_dtype or a.dtype} -> {a.dtype}, {what}, chains {a.chains}: before {bm * 1e3:.1f} ms, "
           f"after {am * 1e3:.1f} ms, before/after {bm / am:.2f}")

@@ -5,6 +5,7 @@ so W comes from memory as in a step (30 layers of SmolLM2's shape do not fit in 
 
   python benchmarks/chain_map_parts.py                   # gate_up of the three-chain SmolLM2 shape, batch 32
   python benchmarks/chain_map_parts.py --map down --rounds 20
+  python benchmarks/chain_map_parts.py --hot             # W from the L3 cache: what is left without the reads
 
 Prints ms per layer, median over rounds, the cases interleaved in each round. Needs a CPU where gemm_f32
 runs (AVX2 + FMA without AVX-512) and gcc.
@@ -25,6 +26,8 @@ ap.add_argument("--map", default="gate_up", choices=["qkv", "o", "gate_up", "dow
 ap.add_argument("--batch", type=int, default=32)
 ap.add_argument("--rounds", type=int, default=15)
 ap.add_argument("--threads", type=int, default=2)
+ap.add_argument("--hot", action="store_true", help="walk the first 3 layers' weights 10 times instead of all 30 "
+                                                   "once, so W comes from the L3 cache (where it fits)")
 a = ap.parse_args()
 
 if not cpu_kernels.has_f32_rows():
@@ -39,6 +42,8 @@ maps = [getattr(blk.attn if a.map in ("qkv", "o") else blk.ffn, a.map) for blk i
 # per layer and chain: weight address, bias (none), out rows, in width, row stride (layers_cpu.c's table)
 tables = [torch.tensor([[lin.weight.data_ptr(), 0, *lin.weight.shape, lin.weight.stride(0)] for lin in cl._lins],
                        dtype=torch.int64) for cl in maps]
+if a.hot:
+    tables = tables[:3] * 10
 x = torch.randn(a.batch, maps[0].in_offsets[n])
 y = torch.zeros(a.batch, maps[0].out_offsets[n])
 mix = equal_mix(n, a.batch)
@@ -70,7 +75,8 @@ for _ in range(a.rounds):
     for k, (rows, first) in cases.items():
         times[k].append(run(rows, first))
 med = {k: statistics.median(v) for k, v in times.items()}
-print(f"{a.random}, {a.map}, batch {a.batch}, {a.threads} threads, {len(tables)} layers walked; ms per layer:")
+print(f"{a.random}, {a.map}, batch {a.batch}, {a.threads} threads, {len(tables)} layers walked"
+      f"{' (3 layers, 10 times: W in L3)' if a.hot else ''}; ms per layer:")
 for k, v in med.items():
     print(f"  {k:45s} {v:7.3f}")
 keys = list(med)

@@ -146,6 +146,10 @@ static void attend_portable(const void *q, const void *k, const void *v, void *o
 #if (defined(__AVX512F__) && defined(__AVX512BW__)) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 
+/* Where block b of a pair's list starts in one layer's K or V (base: that tensor, offset to the task's
+ * head where it reads one): the vector paths' walks, with their blocks, block_size and stride_bytes. */
+#define BLOCK(base, b) ((const char *)(base) + blocks[b] * block_size * stride_bytes)
+
 /* Software prefetch, one block ahead, one row per token read: a pair's blocks are scattered over the
  * cache, so the hardware prefetchers cannot guess the next one. (Measured on AVX-512: prefetching the whole next
  * block at once stalls on the fill buffers; two blocks ahead, or into L2 only, is no better; on the AVX2 EPYC the distance made no difference.) */
@@ -229,7 +233,6 @@ static inline __attribute__((always_inline)) void attend512(
     /* the score is (q.k) scale log2(e), so that the softmax's exp is a 2^x */
     const __m512 sc = _mm512_set1_ps(scale * 1.4426950408889634f);
     const char *kc = (const char *)k + h * row_bytes, *vc = (const char *)v + h * row_bytes;
-#define BLOCK(base, b) ((base) + blocks[b] * block_size * stride_bytes)
 
     __m512 qf[VEC_G][MAX_U];
     for (int g = 0; g < G; g++) load_vecs((const char *)q + (i * q_heads + h * G + g) * row_bytes, hd, bf16, qf[g]);
@@ -298,7 +301,6 @@ static inline __attribute__((always_inline)) void attend512(
             }
         }
     }
-#undef BLOCK
 
     for (int g = 0; g < G; g++) {
         float o[MAX_HD + 32] __attribute__((aligned(64)));
@@ -438,7 +440,6 @@ static inline __attribute__((always_inline)) void attend256(
     const int64_t nblk = (L + block_size - 1) / block_size, row_bytes = hd * esz, stride_bytes = tok_stride * esz;
     const __m256 sc = _mm256_set1_ps(scale * 1.4426950408889634f); /* scores in log2 units: 2^x below */
     const char *kc = (const char *)k + h * row_bytes, *vc = (const char *)v + h * row_bytes;
-#define BLOCK8(base, b) ((base) + blocks[b] * block_size * stride_bytes)
     __m256 qf[VEC_G][MAX_U8];
     for (int g = 0; g < G; g++)
         for (int64_t u = 0; u < NV; u++) qf[g][u] = load8((const char *)q + (i * q_heads + h * G + g) * row_bytes + 8 * u * esz, bf16);
@@ -449,7 +450,7 @@ static inline __attribute__((always_inline)) void attend256(
     int n = 0;
     int64_t t = 0;
     for (int64_t b = 0; b < nblk; b++) {
-        const char *base = BLOCK8(kc, b), *next = b + 1 < nblk ? BLOCK8(kc, b + 1) : BLOCK8(vc, 0);
+        const char *base = BLOCK(kc, b), *next = b + 1 < nblk ? BLOCK(kc, b + 1) : BLOCK(vc, 0);
         const int64_t jn = L - t < block_size ? L - t : block_size;
         for (int64_t j = 0; j < jn; j++, t++) {
             prefetch_row(next + j * stride_bytes, row_bytes);
@@ -478,8 +479,8 @@ static inline __attribute__((always_inline)) void attend256(
             for (int64_t u = 0; u < nu; u++) acc[g][u] = _mm256_setzero_ps();
         t = 0;
         for (int64_t b = 0; b < nblk; b++) {
-            const char *base = BLOCK8(vc, b) + 8 * u0 * esz;
-            const char *next = u0 == 0 && b + 1 < nblk ? BLOCK8(vc, b + 1) : NULL;
+            const char *base = BLOCK(vc, b) + 8 * u0 * esz;
+            const char *next = u0 == 0 && b + 1 < nblk ? BLOCK(vc, b + 1) : NULL;
             const int64_t jn = L - t < block_size ? L - t : block_size;
             for (int64_t j = 0; j < jn; j++, t++) {
                 prefetch_row(next ? next + j * stride_bytes : NULL, row_bytes);
@@ -494,7 +495,6 @@ static inline __attribute__((always_inline)) void attend256(
         for (int g = 0; g < G; g++)
             for (int64_t u = 0; u < nu; u++) _mm256_store_ps(o[g] + 8 * (u0 + u), acc[g][u]);
     }
-#undef BLOCK8
     for (int g = 0; g < G; g++) store_row(out, (i * q_heads + h * G + g) * hd, bf16, hd, o[g], inv[g]);
 }
 
@@ -512,18 +512,16 @@ static inline __attribute__((always_inline)) void attend_pair256(
         const int64_t hd, float *restrict s, __m256 *restrict qb, float *restrict ob, __m256 *restrict part) {
     const int64_t NV = hd / 8, esz = bf16 ? 2 : 4, Lp = (L + 7) & ~(int64_t)7, HG = H * G;
     const int64_t nblk = (L + block_size - 1) / block_size, row_bytes = hd * esz, stride_bytes = H * row_bytes;
-    const int64_t blk_bytes = block_size * stride_bytes;
     const __m256 sc = _mm256_set1_ps(scale * 1.4426950408889634f);
     __m256 *mx = part + 8 * HG;
     for (int64_t hg = 0; hg < HG; hg++) {
         for (int64_t u = 0; u < NV; u++) qb[hg * NV + u] = load8((const char *)q + (i * q_heads + hg) * row_bytes + 8 * u * esz, bf16);
         mx[hg] = _mm256_set1_ps(-FLT_MAX);
     }
-#define PBLOCK(base, b) ((const char *)(base) + blocks[b] * blk_bytes)
     int n = 0;
     int64_t t = 0;
     for (int64_t b = 0; b < nblk; b++) {
-        const char *base = PBLOCK(k, b), *next = b + 1 < nblk ? PBLOCK(k, b + 1) : PBLOCK(v, 0);
+        const char *base = BLOCK(k, b), *next = b + 1 < nblk ? BLOCK(k, b + 1) : BLOCK(v, 0);
         const int64_t jn = L - t < block_size ? L - t : block_size;
         for (int64_t j = 0; j < jn; j++, t++) {
             prefetch_row(next + j * stride_bytes, stride_bytes);
@@ -546,7 +544,7 @@ static inline __attribute__((always_inline)) void attend_pair256(
     const int64_t UC = G == 1 ? 8 : G <= 3 ? 4 : G <= 6 ? 2 : 1, nu = UC;
     t = 0;
     for (int64_t b = 0; b < nblk; b++) {
-        const char *base = PBLOCK(v, b), *next = b + 1 < nblk ? PBLOCK(v, b + 1) : NULL;
+        const char *base = BLOCK(v, b), *next = b + 1 < nblk ? BLOCK(v, b + 1) : NULL;
         const int64_t jn = L - t < block_size ? L - t : block_size;
         for (int64_t h = 0; h < H; h++)
             for (int64_t u0 = 0; u0 < NV; u0 += UC) {
@@ -569,7 +567,6 @@ static inline __attribute__((always_inline)) void attend_pair256(
             }
         t += jn;
     }
-#undef PBLOCK
     for (int64_t hg = 0; hg < HG; hg++) store_row(out, (i * q_heads + hg) * hd, bf16, hd, ob + hg * hd, inv[hg]);
 }
 
